@@ -1,0 +1,220 @@
+#!/bin/sh
+# Parvis L2 test-guest /init (busybox sh). Packed by build-images.sh into
+# l2-initramfs.cpio. Contract with the Rust tests: see README.md next to this file.
+# Every marker is printed on its own line to /dev/console (ttyS0).
+# This script must never exit: it always ends in `poweroff -f`.
+
+# Benchmark marker first: /dev/console is packed into the cpio, so stdout is
+# already the console when the kernel runs us.
+echo PARVIS-L2-USERSPACE
+
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+export HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+# Defensive: if the kernel could not give us a console, take it now.
+[ -t 1 ] || exec </dev/console >/dev/console 2>&1
+
+read -r cmdline </proc/cmdline
+tests=shell
+for w in $cmdline; do
+	case "$w" in
+	parvis.test=*) tests=${w#parvis.test=} ;;
+	parvis.quiet) echo 1 >/proc/sys/kernel/printk ;;
+	esac
+done
+
+disk_waited=
+
+load() { # load(module...): modprobe each, ignore failures (built-in or absent).
+	for m in "$@"; do modprobe -q "$m" 2>/dev/null; done
+	return 0
+}
+
+# coldplug: load the modules matching every device's modalias (no udev/mdev
+# here). Two passes: hv_vmbus (ACPI) must probe before VMBus children appear.
+coldplug() {
+	for _ in 1 2; do
+		find /sys/devices -name modalias -type f 2>/dev/null | while read -r f; do
+			a=$(cat "$f" 2>/dev/null) && [ -n "$a" ] && modprobe -q "$a" 2>/dev/null
+		done
+	done
+	return 0
+}
+
+wait_for() { # wait_for(path, tenths): wait up to tenths*0.1 s for path to exist.
+	n=0
+	while [ ! -e "$1" ]; do
+		[ "$n" -ge "$2" ] && return 1
+		sleep 0.1
+		n=$((n + 1))
+	done
+	return 0
+}
+
+disk_ready() { # waits only once: a later disk action fails at once
+	[ -b /dev/vda ] && return 0
+	if [ -z "$disk_waited" ]; then
+		disk_waited=1
+		load virtio_mmio virtio_pci virtio_blk
+		wait_for /dev/vda 300 && return 0
+	fi
+	echo "PARVIS-DISK-ERROR=no /dev/vda after 30s"
+	return 1
+}
+
+act_nproc() {
+	n=$(nproc 2>/dev/null)
+	if [ -z "$n" ]; then
+		n=0
+		for r in $(tr ',' ' ' </sys/devices/system/cpu/online); do
+			case "$r" in
+			*-*) n=$((n + ${r#*-} - ${r%-*} + 1)) ;;
+			*) n=$((n + 1)) ;;
+			esac
+		done
+	fi
+	echo "PARVIS-NPROC=$n"
+}
+
+act_disk() {
+	disk_ready || return 0
+	echo "PARVIS-DISK-LBS=$(cat /sys/block/vda/queue/logical_block_size)"
+	echo "PARVIS-DISK-SIZE=$(($(cat /sys/block/vda/size) * 512))"
+	sum=$(sha256sum /dev/vda) || { echo "PARVIS-DISK-ERROR=read failed"; return 0; }
+	echo "PARVIS-DISK-SHA256=${sum%% *}"
+}
+
+act_diskwrite() {
+	disk_ready || return 0
+	if printf 'PARVIS-GUEST-WROTE-THIS' |
+		dd of=/dev/vda bs=1 seek=1048576 count=23 conv=notrunc 2>/dev/null &&
+		sync; then
+		echo PARVIS-DISK-WRITTEN
+	else
+		echo "PARVIS-DISK-ERROR=write failed"
+	fi
+}
+
+act_fb() {
+	if [ ! -e /dev/fb0 ]; then
+		load hyperv_drm
+		coldplug
+	fi
+	if ! wait_for /dev/fb0 100; then
+		echo "PARVIS-FB-ERROR=no /dev/fb0 after 10s"
+		return 0
+	fi
+	s=/sys/class/graphics/fb0
+	size=$(cat $s/virtual_size) || size=
+	bpp=$(cat $s/bits_per_pixel) || bpp=
+	stride=$(cat $s/stride) || stride=
+	w=${size%%,*}
+	h=${size##*,}
+	case "$w$h$bpp$stride" in '' | *[!0-9]*)
+		echo "PARVIS-FB-ERROR=unreadable fb0 attributes size=$size bpp=$bpp stride=$stride"
+		return 0
+		;;
+	esac
+	if [ "$bpp" != 32 ]; then
+		echo "PARVIS-FB-ERROR=unsupported bpp $bpp"
+		return 0
+	fi
+	if [ "$w" -lt 1 ] || [ "$h" -lt 4 ] || [ "$stride" -lt $((w * 4)) ]; then
+		echo "PARVIS-FB-ERROR=bad geometry ${w}x${h} stride $stride"
+		return 0
+	fi
+	# Keep fbcon (cursor blink, console text) off the framebuffer.
+	for v in /sys/class/vtconsole/vtcon*; do
+		grep -q 'frame buffer' "$v/name" 2>/dev/null && echo 0 >"$v/bind" 2>/dev/null
+	done
+	t=/tmp/parvis-fb
+	mkdir -p $t
+	band=$((h / 4))
+	i=0
+	ok=1
+	# XRGB8888 little-endian: red, green, blue, white. The last band also
+	# takes the remainder rows when h is not a multiple of 4.
+	for px in '\000\000\377\000' '\000\377\000\000' '\377\000\000\000' '\377\377\377\000'; do
+		rows=$band
+		[ $i -eq 3 ] && rows=$((h - 3 * band))
+		# shellcheck disable=SC2059 # $px is a format of octal escapes
+		printf "$px" >$t/row
+		while [ "$(wc -c <$t/row)" -lt "$stride" ]; do
+			cat $t/row $t/row >$t/tmp && mv $t/tmp $t/row
+		done
+		head -c "$stride" $t/row >$t/line
+		cp $t/line $t/band
+		n=1
+		while [ $n -lt "$rows" ]; do
+			cat $t/band $t/band >$t/tmp && mv $t/tmp $t/band
+			n=$((n * 2))
+		done
+		dd if=$t/band of=/dev/fb0 bs="$stride" count="$rows" seek=$((i * band)) conv=notrunc 2>/dev/null || ok=0
+		rm -f $t/row $t/line $t/band $t/tmp
+		i=$((i + 1))
+	done
+	rm -rf $t
+	if [ $ok = 1 ]; then
+		echo "PARVIS-FB-DRAWN=${w}x${h}x${bpp}"
+	else
+		echo "PARVIS-FB-ERROR=write to /dev/fb0 failed"
+	fi
+}
+
+act_ticks() {
+	n=1
+	while [ $n -le 50 ]; do
+		echo "PARVIS-TICK=$n"
+		sleep 0.2
+		n=$((n + 1))
+	done
+}
+
+act_panic() {
+	load pvpanic-mmio pvpanic-pci
+	sync
+	echo c >/proc/sysrq-trigger
+}
+
+act_shell() {
+	echo "PARVIS L2 guest shell on the serial console: type 'poweroff -f' (or exit) to end the VM."
+	setsid cttyhack sh -l
+}
+
+act_hold() {
+	while :; do sleep 3600; done
+}
+
+act_coldplug() { # extra: load drivers for all present devices, list what is loaded
+	coldplug
+	echo "PARVIS-MODULES=$(cut -d' ' -f1 /proc/modules | tr '\n' ',' | sed 's/,$//')"
+}
+
+IFS_SAVED=$IFS
+IFS=,
+# shellcheck disable=SC2086 # split on commas on purpose
+set -- $tests
+IFS=$IFS_SAVED
+for a in "$@"; do
+	case "$a" in
+	nproc) act_nproc ;;
+	disk) act_disk ;;
+	diskwrite) act_diskwrite ;;
+	fb) act_fb ;;
+	ticks) act_ticks ;;
+	panic) act_panic ;;
+	shell) act_shell ;;
+	hold) act_hold ;;
+	coldplug) act_coldplug ;;
+	'') ;;
+	*) echo "PARVIS-UNKNOWN-ACTION=$a" ;;
+	esac
+done
+
+echo PARVIS-POWEROFF
+sync
+poweroff -f
+# poweroff -f does not return on success; never let init exit.
+while :; do sleep 3600; done

@@ -1,0 +1,160 @@
+//! Disk image backends for Parvis.
+//!
+//! Every image format (raw files today; VHD and VHDX later) implements [`BlockDevice`], a
+//! positional, thread-safe interface: all methods take `&self`, so one image can be shared by
+//! several queues or threads behind an `Arc<dyn BlockDevice>`.
+//!
+//! Offsets and lengths are in bytes. Callers (the virtio-blk device) only issue requests that
+//! are multiples of 512 bytes at 512-byte aligned offsets; a backend may reject anything else
+//! with [`DiskError::Misaligned`], and must reject anything past [`BlockDevice::size`] with
+//! [`DiskError::OutOfRange`].
+
+#![forbid(unsafe_code)]
+
+mod raw;
+
+use std::io;
+
+pub use raw::{RawFile, RawFileOptions};
+
+/// The smallest logical sector size, and the unit of virtio-blk sector numbers.
+pub const SECTOR_SIZE: u32 = 512;
+
+/// Errors from a disk backend. Each carries enough context (offset, length) to be logged
+/// without the caller adding more.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The request reaches past the end of the virtual disk (or its end overflows `u64`).
+    #[error("request at offset {offset:#x} of {len:#x} bytes is outside the {size:#x}-byte disk")]
+    OutOfRange {
+        /// Byte offset of the request.
+        offset: u64,
+        /// Length of the request in bytes.
+        len: u64,
+        /// Virtual size of the disk in bytes.
+        size: u64,
+    },
+    /// A write or discard on a read-only disk.
+    #[error("disk is read-only")]
+    ReadOnly,
+    /// The request is not aligned the way the backend requires.
+    #[error("request at offset {offset:#x} of {len:#x} bytes is not aligned to {align} bytes")]
+    Misaligned {
+        /// Byte offset of the request.
+        offset: u64,
+        /// Length of the request in bytes.
+        len: u64,
+        /// Required alignment in bytes.
+        align: u32,
+    },
+    /// A sector size other than 512 or 4096, or a physical sector smaller than the logical one.
+    #[error("unsupported sector sizes: logical {logical}, physical {physical}")]
+    InvalidSectorSize {
+        /// Requested logical sector size.
+        logical: u32,
+        /// Requested physical sector size.
+        physical: u32,
+    },
+    /// The image size is not a whole number of logical sectors.
+    #[error("disk size {size:#x} is not a multiple of the {sector_size}-byte sector size")]
+    UnalignedSize {
+        /// Size of the image in bytes.
+        size: u64,
+        /// Logical sector size in bytes.
+        sector_size: u32,
+    },
+    /// An I/O error from the host.
+    #[error("{op} at offset {offset:#x} failed: {source}")]
+    Io {
+        /// What was being done ("read", "write", "flush", "open", ...).
+        op: &'static str,
+        /// Byte offset of the request (0 where it does not apply).
+        offset: u64,
+        /// The host error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What backs a range of the virtual disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllocationState {
+    /// Stored data (which may happen to be zeros).
+    Data,
+    /// Known to read as zeros, with storage allocated.
+    Zero,
+    /// Not allocated; reads as zeros (or from a parent image, for differencing formats).
+    Unallocated,
+}
+
+/// The status of one extent of the virtual disk, as returned by
+/// [`BlockDevice::allocation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocation {
+    /// What backs the extent.
+    pub state: AllocationState,
+    /// Length of the extent in bytes, starting at the queried offset; never 0 for a
+    /// non-empty query, never more than the queried length.
+    pub len: u64,
+}
+
+/// A virtual disk. Implementations must be usable from several threads at once.
+pub trait BlockDevice: Send + Sync {
+    /// Virtual size in bytes (a multiple of [`BlockDevice::logical_sector_size`]).
+    fn size(&self) -> u64;
+
+    /// Logical sector size in bytes: 512 or 4096.
+    fn logical_sector_size(&self) -> u32;
+
+    /// Physical sector size in bytes: at least the logical sector size.
+    fn physical_sector_size(&self) -> u32;
+
+    /// Whether writes and discards are refused.
+    fn read_only(&self) -> bool;
+
+    /// Fill all of `buf` from the disk at `offset`. A request past the end is an error; a short
+    /// read never happens.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError>;
+
+    /// Write all of `buf` to the disk at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError>;
+
+    /// Make every completed write durable.
+    fn flush(&self) -> Result<(), DiskError>;
+
+    /// Tell the backend that `len` bytes at `offset` are no longer needed. The contents of the
+    /// range are unspecified afterwards. Backends that cannot free space treat this as a
+    /// successful no-op.
+    fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError>;
+
+    /// The allocation status of the first extent starting at `offset`, at most `len` bytes long.
+    fn allocation(&self, offset: u64, len: u64) -> Result<Allocation, DiskError>;
+}
+
+/// Check that `len` bytes at `offset` lie within a disk of `size` bytes.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), DiskError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(DiskError::OutOfRange { offset, len, size }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_checks() {
+        assert!(check_range(0, 512, 512).is_ok());
+        assert!(check_range(512, 0, 512).is_ok());
+        assert!(matches!(
+            check_range(1, 512, 512),
+            Err(DiskError::OutOfRange {
+                offset: 1,
+                len: 512,
+                size: 512
+            })
+        ));
+        assert!(check_range(u64::MAX, 2, u64::MAX).is_err());
+    }
+}
