@@ -16,8 +16,6 @@ const EFER_LMA: u64 = 1 << 10;
 
 /// MSR indices set at boot.
 pub mod msr {
-    /// IA32_TSC.
-    pub const TSC: u32 = 0x10;
     /// IA32_SYSENTER_CS.
     pub const SYSENTER_CS: u32 = 0x174;
     /// IA32_SYSENTER_ESP.
@@ -41,7 +39,8 @@ pub mod msr {
 }
 
 /// MSR values every vCPU starts with, as firmware would leave them: MTRRs enabled with
-/// write-back default (otherwise Linux maps RAM uncached), fast strings on.
+/// write-back default (otherwise Linux maps RAM uncached), fast strings on. The TSC is left
+/// alone: KVM synchronises new vCPUs' TSCs, and writing it per vCPU makes them drift apart.
 pub fn boot_msrs() -> Vec<(u32, u64)> {
     const MTRR_ENABLE: u64 = 1 << 11;
     const MEM_TYPE_WB: u64 = 6;
@@ -54,7 +53,6 @@ pub fn boot_msrs() -> Vec<(u32, u64)> {
         (msr::KERNEL_GS_BASE, 0),
         (msr::SYSCALL_MASK, 0),
         (msr::LSTAR, 0),
-        (msr::TSC, 0),
         (msr::MISC_ENABLE, 1),
         (msr::MTRR_DEF_TYPE, MTRR_ENABLE | MEM_TYPE_WB),
     ]

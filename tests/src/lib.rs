@@ -1,1 +1,15 @@
-//! tmp
+//! Test-host harness: builds what the guests need, then runs scenarios either inside the
+//! emulated test host (an L1 QEMU/TCG machine with nested KVM, see `shared/TEST-HOST.md`)
+//! or directly on this machine when its KVM can run unmodified guests.
+//!
+//! A scenario is a POSIX shell script. It finds the worker in `$BIN`, the guest images in
+//! `$IMAGES` and a writable folder shared with the host in `$SHARE`; whatever it writes to
+//! `$SHARE` is visible to the test afterwards.
+
+pub mod build;
+pub mod markers;
+pub mod testhost;
+
+pub use build::{Artifacts, artifacts};
+pub use markers::{marker, marker_all};
+pub use testhost::{Mode, Outcome, Scenario};

@@ -23,6 +23,26 @@ mod term;
 #[derive(Debug, Parser)]
 #[command(name = "parvis-worker", version, about = "Run one Parvis child partition (VM)")]
 struct Cli {
+    #[command(subcommand)]
+    tool: Option<Tool>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Tool {
+    /// Send commands to a running worker's control socket and print the replies.
+    Ctl {
+        /// The worker's --control socket.
+        socket: PathBuf,
+        /// Commands: pause, resume, reset, stop, power-button, state, "screenshot PATH".
+        #[arg(required = true)]
+        commands: Vec<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
     /// TOML file with the same settings as the flags (flags win).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -81,6 +101,17 @@ fn parse_reboot(s: &str) -> Result<RebootAction, String> {
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(Tool::Ctl { socket, commands }) = &cli.tool {
+        std::process::exit(match ctl(socket, commands) {
+            Ok(true) => 0,
+            Ok(false) => 1,
+            Err(e) => {
+                eprintln!("parvis-worker: error: {e:#}");
+                1
+            }
+        });
+    }
+    let cli = cli.run;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -107,7 +138,7 @@ fn main() {
     std::process::exit(code);
 }
 
-fn run(cli: Cli) -> Result<GuestExit> {
+fn run(cli: RunArgs) -> Result<GuestExit> {
     let file = match &cli.config {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -342,4 +373,23 @@ fn control_command(line: &str, h: &PartitionHandle) -> String {
         },
         _ => format!("error: unknown command '{line}'"),
     }
+}
+
+/// Client side of the control socket. Returns whether every command succeeded.
+fn ctl(socket: &Path, commands: &[String]) -> Result<bool> {
+    let conn = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    let mut out = conn.try_clone().context("cannot use the control socket")?;
+    let mut replies = BufReader::new(conn).lines();
+    let mut all_ok = true;
+    for c in commands {
+        writeln!(out, "{c}").context("cannot send to the worker")?;
+        let reply = replies
+            .next()
+            .context("the worker closed the control socket")?
+            .context("cannot read the worker's reply")?;
+        all_ok &= reply.starts_with("ok");
+        println!("{reply}");
+    }
+    Ok(all_ok)
 }

@@ -1,0 +1,282 @@
+//! Running a scenario in the emulated test host (L1) or directly.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::build::artifacts;
+use crate::markers::marker;
+
+/// Where guests run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Inside the emulated L1 test host (QEMU TCG with SVM, KVM inside).
+    Emulated,
+    /// On this machine's KVM (hardware virtualisation, not a paravirtual KVM).
+    Direct,
+}
+
+impl Mode {
+    /// `PARVIS_TEST_HOST=emulated|direct` forces a mode; otherwise guests run directly only
+    /// when the CPU has VMX/SVM and `/dev/kvm` is a hardware KVM (not kvm_pvm, which cannot
+    /// run an unmodified guest).
+    pub fn detect() -> Mode {
+        match std::env::var("PARVIS_TEST_HOST").as_deref() {
+            Ok("emulated") => return Mode::Emulated,
+            Ok("direct") => return Mode::Direct,
+            _ => {}
+        }
+        let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let hw = cpu
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+        let pvm = Path::new("/sys/module/kvm_pvm").exists();
+        if hw && !pvm && Path::new("/dev/kvm").exists() {
+            Mode::Direct
+        } else {
+            Mode::Emulated
+        }
+    }
+}
+
+/// A scenario to run.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    name: String,
+    script: String,
+    timeout: Duration,
+    l1_memory_mib: u32,
+    extra_share: Vec<(PathBuf, String)>,
+}
+
+/// What a scenario left behind.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Every console line (L1's serial console, or the script's output when direct), with the
+    /// time it arrived relative to the launch.
+    pub lines: Vec<(Duration, String)>,
+    /// The scenario script's exit status.
+    pub status: i32,
+    /// The shared folder, with whatever the scenario wrote.
+    pub share: tempfile::TempDir,
+    /// How the scenario ran.
+    pub mode: Mode,
+}
+
+impl Outcome {
+    /// The console output as one string.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        for (_, l) in &self.lines {
+            s.push_str(l);
+            s.push('\n');
+        }
+        s
+    }
+
+    /// Read a file the scenario wrote into the share.
+    pub fn file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.share.path().join(name)).unwrap_or_default()
+    }
+
+    /// A path in the share.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.share.path().join(name)
+    }
+}
+
+const HEADER: &str = r#"set -u
+export PATH="$BIN:$PATH"
+cd "$SHARE"
+# run NAME ARGS...: run a worker with a watchdog; serial output to NAME.out, stderr to
+# NAME.err, exit status to NAME.rc.
+run() {
+    name=$1; shift
+    timeout "${WORKER_TIMEOUT:-240}" parvis-worker "$@" </dev/null >"$name.out" 2>"$name.err"
+    echo $? >"$name.rc"
+    echo "SCENARIO: $name exited $(cat "$name.rc")"
+}
+# wait_for PATTERN FILE [SECONDS]
+wait_for() {
+    n=0
+    limit=$(( ${3:-120} * 5 ))
+    while ! grep -q "$1" "$2" 2>/dev/null; do
+        n=$((n + 1))
+        [ "$n" -gt "$limit" ] && { echo "SCENARIO: timed out waiting for $1 in $2"; return 1; }
+        sleep 0.2
+    done
+}
+"#;
+
+impl Scenario {
+    /// A scenario named `name` running `script` (see the module docs for the environment).
+    pub fn new(name: &str, script: &str) -> Self {
+        Self {
+            name: name.into(),
+            script: script.into(),
+            timeout: Duration::from_secs(900),
+            l1_memory_mib: 2048,
+            extra_share: Vec::new(),
+        }
+    }
+
+    /// Hard limit for the whole scenario (the test host is killed after it).
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Copy a host file into the share under `name` before the run.
+    pub fn share_file(mut self, src: PathBuf, name: &str) -> Self {
+        self.extra_share.push((src, name.into()));
+        self
+    }
+
+    /// Run the scenario. `prepare` may write input files into the share first.
+    pub fn run(self, prepare: impl FnOnce(&Path) -> Result<()>) -> Result<Outcome> {
+        let art = artifacts()?;
+        let mode = Mode::detect();
+        let share = tempfile::Builder::new()
+            .prefix(&format!("parvis-{}-", self.name))
+            .tempdir()
+            .context("cannot create the shared folder")?;
+        prepare(share.path())?;
+        for (src, name) in &self.extra_share {
+            std::fs::copy(src, share.path().join(name))
+                .with_context(|| format!("cannot copy {} into the share", src.display()))?;
+        }
+        let script = format!("{HEADER}\n{}\n", self.script);
+        std::fs::write(share.path().join("scenario.sh"), script)?;
+        match mode {
+            Mode::Emulated => self.run_emulated(art, share),
+            Mode::Direct => self.run_direct(art, share),
+        }
+    }
+
+    fn run_emulated(self, art: &crate::Artifacts, share: tempfile::TempDir) -> Result<Outcome> {
+        let bin = share.path().join("bin");
+        std::fs::create_dir_all(&bin)?;
+        std::fs::copy(art.bin.join("parvis-worker"), bin.join("parvis-worker"))
+            .context("cannot copy parvis-worker into the share")?;
+        let header = "export BIN=/host/bin IMAGES=/images SHARE=/host\n";
+        let path = share.path().join("scenario.sh");
+        let body = std::fs::read_to_string(&path)?;
+        std::fs::write(&path, format!("{header}{body}"))?;
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "1"])
+            .args(["-m", &format!("{}M", self.l1_memory_mib)])
+            .args(["-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"])
+            .arg("-kernel")
+            .arg(art.images.join("vmlinux"))
+            .arg("-initrd")
+            .arg(art.images.join("l1-initramfs.cpio"))
+            .arg("-virtfs")
+            .arg(format!(
+                "local,path={},mount_tag=host0,security_model=none",
+                share.path().display()
+            ))
+            .args([
+                "-append",
+                "console=ttyS0 reboot=t panic=-1 quiet parvis.scenario=/host/scenario.sh",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd
+            .spawn()
+            .context("cannot start qemu-system-x86_64 (install Debian's qemu-system-x86)")?;
+        let (lines, _) = collect(child, self.timeout, &self.name)?;
+        let log = join(&lines);
+        if marker(&log, "PARVIS-L1-KVM") != Some("ok") {
+            bail!("the test host has no usable /dev/kvm:\n{}", tail(&log, 40));
+        }
+        let Some(status) = marker(&log, "PARVIS-L1-SCENARIO-EXIT") else {
+            bail!("the test host did not finish scenario {}:\n{}", self.name, tail(&log, 60));
+        };
+        Ok(Outcome {
+            status: status.trim().parse().unwrap_or(-1),
+            lines,
+            share,
+            mode: Mode::Emulated,
+        })
+    }
+
+    fn run_direct(self, art: &crate::Artifacts, share: tempfile::TempDir) -> Result<Outcome> {
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg("exec 2>&1; . ./scenario.sh")
+            .current_dir(share.path())
+            .env("BIN", &art.bin)
+            .env("IMAGES", &art.images)
+            .env("SHARE", share.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start sh")?;
+        let (lines, status) = collect(child, self.timeout, &self.name)?;
+        Ok(Outcome {
+            status: status.unwrap_or(-1),
+            lines,
+            share,
+            mode: Mode::Direct,
+        })
+    }
+}
+
+type Lines = Vec<(Duration, String)>;
+
+/// Read the child's stdout line by line with arrival times until it exits or `timeout`
+/// passes (then it is killed and the run is an error).
+fn collect(mut child: Child, timeout: Duration, name: &str) -> Result<(Lines, Option<i32>)> {
+    let start = Instant::now();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let stdout = child.stdout.take().context("no stdout")?;
+    let reader = {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+                let l = String::from_utf8_lossy(&l).trim_end_matches('\r').to_string();
+                if std::env::var_os("PARVIS_TEST_ECHO").is_some() {
+                    eprintln!("{l}");
+                }
+                lines.lock().unwrap().push((start.elapsed(), l));
+            }
+        })
+    };
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = reader.join();
+            let log = join(&lines.lock().unwrap());
+            bail!(
+                "scenario {name} did not finish within {} s; last output:\n{}",
+                timeout.as_secs(),
+                tail(&log, 60)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = reader.join();
+    let lines = std::mem::take(&mut *lines.lock().unwrap());
+    Ok((lines, status.code()))
+}
+
+fn join(lines: &[(Duration, String)]) -> String {
+    lines.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
+}
+
+/// The last `n` lines of `log`.
+pub fn tail(log: &str, n: usize) -> String {
+    let v: Vec<&str> = log.lines().collect();
+    v[v.len().saturating_sub(n)..].join("\n")
+}
