@@ -113,7 +113,11 @@ impl Table {
     }
     /// Generic Address Structure for an I/O port register.
     fn gas_io(&mut self, port: u16, bit_width: u8, access_size: u8) -> &mut Self {
-        self.u8(1).u8(bit_width).u8(0).u8(access_size).u64(u64::from(port))
+        self.u8(1)
+            .u8(bit_width)
+            .u8(0)
+            .u8(access_size)
+            .u64(u64::from(port))
     }
     fn gas_none(&mut self) -> &mut Self {
         self.bytes(&[0; 12])
@@ -304,8 +308,11 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
             ],
         ));
     }
-    aml::Scope::new("\\_SB_".into(), devices.iter().map(|d| d as &dyn Aml).collect())
-        .to_aml_bytes(&mut body);
+    aml::Scope::new(
+        "\\_SB_".into(),
+        devices.iter().map(|d| d as &dyn Aml).collect(),
+    )
+    .to_aml_bytes(&mut body);
 
     let mut t = Table::new(b"DSDT", 2);
     t.bytes(&body);
@@ -413,8 +420,14 @@ mod tests {
         let (_, rsdp) = t.find(b"RSD PTR ").unwrap();
         let (xsdt_addr, xsdt) = t.find(b"XSDT").unwrap();
         assert_eq!(u64_at(rsdp, 24), xsdt_addr);
-        let entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|o| u64_at(xsdt, o)).collect();
-        assert_eq!(entries, vec![t.find(b"FACP").unwrap().0, t.find(b"APIC").unwrap().0]);
+        let entries: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| u64_at(xsdt, o))
+            .collect();
+        assert_eq!(
+            entries,
+            vec![t.find(b"FACP").unwrap().0, t.find(b"APIC").unwrap().0]
+        );
         let (_, fadt) = t.find(b"FACP").unwrap();
         assert_eq!(fadt.len(), 276);
         assert_eq!(u64_at(fadt, 140), t.find(b"DSDT").unwrap().0);
@@ -422,7 +435,11 @@ mod tests {
         assert_eq!(u32_at(fadt, 56), u32::from(PM1A_EVT_PORT));
         assert_eq!(u32_at(fadt, 64), u32::from(PM1A_CNT_PORT));
         // Tables do not overlap and stay in the BIOS area.
-        let mut spans: Vec<(u64, u64)> = t.blobs.iter().map(|(a, b)| (*a, *a + b.len() as u64)).collect();
+        let mut spans: Vec<(u64, u64)> = t
+            .blobs
+            .iter()
+            .map(|(a, b)| (*a, *a + b.len() as u64))
+            .collect();
         spans.sort();
         for w in spans.windows(2) {
             assert!(w[0].1 <= w[1].0);
@@ -473,16 +490,34 @@ mod tests {
             .arg(&path)
             .current_dir(dir.path())
             .output()
-            .expect("iasl (Debian package acpica-tools) is needed for this test; .ci/run installs it");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            .expect(
+                "iasl (Debian package acpica-tools) is needed for this test; .ci/run installs it",
+            );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let dsl = std::fs::read_to_string(dir.path().join("dsdt.dsl")).unwrap();
         assert!(dsl.contains("Name (_S5, Package"), "{dsl}");
         assert!(dsl.contains("\"LNRO0005\""), "{dsl}");
-        assert!(dsl.contains("Device (V000)") && dsl.contains("Device (V001)"), "{dsl}");
-        assert!(dsl.contains("0xD0000000") && dsl.contains("0xD0001000"), "{dsl}");
+        assert!(
+            dsl.contains("Device (V000)") && dsl.contains("Device (V001)"),
+            "{dsl}"
+        );
+        assert!(
+            dsl.contains("0xD0000000") && dsl.contains("0xD0001000"),
+            "{dsl}"
+        );
         assert!(dsl.contains("EisaId (\"PNP0501\")"), "{dsl}");
-        assert!(dsl.contains("0x00000005") && dsl.contains("0x00000006"), "{dsl}");
-        assert!(dsl.contains("\"QEMU0001\"") && dsl.contains("0x0505"), "{dsl}");
+        assert!(
+            dsl.contains("0x00000005") && dsl.contains("0x00000006"),
+            "{dsl}"
+        );
+        assert!(
+            dsl.contains("\"QEMU0001\"") && dsl.contains("0x0505"),
+            "{dsl}"
+        );
     }
 
     #[test]

@@ -113,8 +113,12 @@ pub fn load(
     let path = spec.kernel;
     let mut kernel = File::open(path).map_err(read_err("kernel", path))?;
     let mut magic = [0u8; 4];
-    kernel.read_exact(&mut magic).map_err(read_err("kernel", path))?;
-    kernel.seek(SeekFrom::Start(0)).map_err(read_err("kernel", path))?;
+    kernel
+        .read_exact(&mut magic)
+        .map_err(read_err("kernel", path))?;
+    kernel
+        .seek(SeekFrom::Start(0))
+        .map_err(read_err("kernel", path))?;
     let himem = Some(GuestAddress(layout::HIMEM_START));
     let load_err = |source| BootError::LoadKernel {
         path: path.to_owned(),
@@ -138,16 +142,20 @@ pub fn load(
             }
             Err(e) => return Err(load_err(e)),
         };
-        let hdr: setup_header = r.setup_header.ok_or_else(|| BootError::UnknownKernelFormat {
-            path: path.to_owned(),
-        })?;
+        let hdr: setup_header = r
+            .setup_header
+            .ok_or_else(|| BootError::UnknownKernelFormat {
+                path: path.to_owned(),
+            })?;
         if hdr.xloadflags & XLF_KERNEL_64 == 0 {
             return Err(BootError::No64BitEntry {
                 path: path.to_owned(),
             });
         }
-        let mut params = boot_params::default();
-        params.hdr = hdr;
+        let params = boot_params {
+            hdr,
+            ..Default::default()
+        };
         // The 64-bit entry point sits 0x200 bytes into the protected-mode code.
         (r.kernel_load.0 + 0x200, r.kernel_end, params)
     };
@@ -210,10 +218,8 @@ fn load_initrd(
     let mut file = File::open(path).map_err(read_err("initramfs", path))?;
     let size = file.metadata().map_err(read_err("initramfs", path))?.len();
     let top = layout.low_ram_end().min(addr_max.saturating_add(1));
-    let addr = initrd_address(top, size, kernel_end).ok_or(BootError::InitrdTooLarge {
-        size,
-        limit: top,
-    })?;
+    let addr = initrd_address(top, size, kernel_end)
+        .ok_or(BootError::InitrdTooLarge { size, limit: top })?;
     let len = usize::try_from(size).map_err(|_| BootError::InitrdTooLarge { size, limit: top })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
         .map_err(|_| BootError::GuestWrite {
@@ -290,12 +296,18 @@ mod tests {
         assert_eq!({ e[1].r#type }, 2);
         assert_eq!((e[2].addr, e[2].r#type), (0x100000, 1));
         assert_eq!(e[2].addr + e[2].size, layout::MMIO_HOLE_START);
-        assert_eq!((e[3].addr, e[3].size), (layout::FOUR_GIB, (5 << 30) - layout::MMIO_HOLE_START));
+        assert_eq!(
+            (e[3].addr, e[3].size),
+            (layout::FOUR_GIB, (5 << 30) - layout::MMIO_HOLE_START)
+        );
         assert_eq!({ p.acpi_rsdp_addr }, layout::ACPI_START);
         let si = p.screen_info;
         assert_eq!(si.orig_video_isVGA, VIDEO_TYPE_EFI);
         assert_eq!({ si.lfb_base }, layout::VRAM_ADDR as u32);
-        assert_eq!(({ si.lfb_width }, { si.lfb_height }, { si.lfb_linelength }), (1024, 768, 4096));
+        assert_eq!(
+            ({ si.lfb_width }, { si.lfb_height }, { si.lfb_linelength }),
+            (1024, 768, 4096)
+        );
         assert_eq!((si.red_pos, si.green_pos, si.blue_pos), (16, 8, 0));
     }
 
@@ -309,8 +321,14 @@ mod tests {
 
     #[test]
     fn initrd_goes_high_and_aligned_but_never_over_the_kernel() {
-        assert_eq!(initrd_address(0x2000_0000, 0x1234, 0x200_0000), Some(0x1fff_e000));
-        assert_eq!(initrd_address(0x2000_0000, 0x1000, 0x200_0000), Some(0x1fff_f000));
+        assert_eq!(
+            initrd_address(0x2000_0000, 0x1234, 0x200_0000),
+            Some(0x1fff_e000)
+        );
+        assert_eq!(
+            initrd_address(0x2000_0000, 0x1000, 0x200_0000),
+            Some(0x1fff_f000)
+        );
         assert_eq!(initrd_address(0x300_0000, 0x200_0000, 0x200_0000), None);
         assert_eq!(initrd_address(0x1000, 0x2000, 0), None);
     }
@@ -353,7 +371,10 @@ mod tests {
         let k = dir.path().join("vmlinux");
         std::fs::write(&k, tiny_elf()).unwrap();
         let i = dir.path().join("initrd");
-        std::fs::File::create(&i).unwrap().write_all(&[0xab; 5000]).unwrap();
+        std::fs::File::create(&i)
+            .unwrap()
+            .write_all(&[0xab; 5000])
+            .unwrap();
         let (mem, l) = guest(64 << 20);
         let spec = BootSpec {
             kernel: &k,
@@ -374,9 +395,14 @@ mod tests {
         assert_eq!(rs, 5000);
         assert_eq!(rd % 4096, 0);
         assert!(u64::from(rd) + 5000 <= 64 << 20);
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(u64::from(rd) + 4999)).unwrap(), 0xab);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(u64::from(rd) + 4999))
+                .unwrap(),
+            0xab
+        );
         let mut cl = [0u8; 20];
-        mem.read_slice(&mut cl, GuestAddress({ p.hdr.cmd_line_ptr }.into())).unwrap();
+        mem.read_slice(&mut cl, GuestAddress({ p.hdr.cmd_line_ptr }.into()))
+            .unwrap();
         assert_eq!(&cl, b"console=ttyS0 quiet\0");
         assert_eq!({ p.hdr.cmdline_size }, 19);
     }
@@ -405,7 +431,10 @@ mod tests {
         spec.kernel = &elf;
         let long = "x".repeat(layout::CMDLINE_MAX);
         spec.cmdline = &long;
-        assert!(matches!(load(&mem, &l, &spec), Err(BootError::CmdlineTooLong { .. })));
+        assert!(matches!(
+            load(&mem, &l, &spec),
+            Err(BootError::CmdlineTooLong { .. })
+        ));
         spec.cmdline = "a\0b";
         assert!(matches!(load(&mem, &l, &spec), Err(BootError::CmdlineNul)));
     }

@@ -84,7 +84,10 @@ impl FromStr for DiskSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
-        let path = parts.next().filter(|p| !p.is_empty()).ok_or("empty disk path")?;
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or("empty disk path")?;
         let mut d = DiskSpec {
             path: path.into(),
             read_only: false,
@@ -98,7 +101,11 @@ impl FromStr for DiskSpec {
                     let n: u32 = v.parse().map_err(|_| format!("bad sector size '{v}'"))?;
                     d.sector_size = Some(n);
                 }
-                _ => return Err(format!("unknown disk option '{opt}' (use ro, sector-size=N)")),
+                _ => {
+                    return Err(format!(
+                        "unknown disk option '{opt}' (use ro, sector-size=N)"
+                    ));
+                }
             }
         }
         Ok(d)
@@ -115,14 +122,20 @@ impl FromStr for Resolution {
         let (w, h) = s
             .split_once(['x', 'X'])
             .ok_or_else(|| format!("'{s}' is not WIDTHxHEIGHT"))?;
-        let p = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("'{s}' is not WIDTHxHEIGHT"));
+        let p = |v: &str| {
+            v.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("'{s}' is not WIDTHxHEIGHT"))
+        };
         Ok(Resolution(p(w)?, p(h)?))
     }
 }
 
 impl<'de> serde::Deserialize<'de> for Resolution {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -183,29 +196,48 @@ impl WorkerSettings {
 
     /// Validate and resolve defaults. Disks are opened by the caller.
     pub fn resolve(&self) -> Result<Resolved, ConfigError> {
-        let kernel = self.kernel.clone().ok_or_else(|| bad("kernel", "no kernel given (--kernel PATH)"))?;
+        let kernel = self
+            .kernel
+            .clone()
+            .ok_or_else(|| bad("kernel", "no kernel given (--kernel PATH)"))?;
         if !kernel.is_file() {
-            return Err(bad("kernel", format!("{} is not a readable file", kernel.display())));
+            return Err(bad(
+                "kernel",
+                format!("{} is not a readable file", kernel.display()),
+            ));
         }
         if let Some(i) = &self.initrd
             && !i.is_file()
         {
-            return Err(bad("initrd", format!("{} is not a readable file", i.display())));
+            return Err(bad(
+                "initrd",
+                format!("{} is not a readable file", i.display()),
+            ));
         }
         let cpus = self.cpus.unwrap_or(1);
         if cpus == 0 || cpus > u32::from(crate::partition::MAX_CPUS) {
-            return Err(bad("cpus", format!("must be between 1 and {}", crate::partition::MAX_CPUS)));
+            return Err(bad(
+                "cpus",
+                format!("must be between 1 and {}", crate::partition::MAX_CPUS),
+            ));
         }
         let memory = self.memory.map_or(DEFAULT_MEMORY, |m| m.0);
         if memory < crate::layout::MIN_MEMORY {
-            return Err(bad("memory", format!("must be at least {} MiB", crate::layout::MIN_MEMORY >> 20)));
+            return Err(bad(
+                "memory",
+                format!("must be at least {} MiB", crate::layout::MIN_MEMORY >> 20),
+            ));
         }
         if let Some(host) = host_memory()
             && memory > host
         {
             return Err(bad(
                 "memory",
-                format!("{} MiB is more than this host has ({} MiB)", memory >> 20, host >> 20),
+                format!(
+                    "{} MiB is more than this host has ({} MiB)",
+                    memory >> 20,
+                    host >> 20
+                ),
             ));
         }
         for d in &self.disks {
@@ -213,7 +245,10 @@ impl WorkerSettings {
                 && s != 512
                 && s != 4096
             {
-                return Err(bad("disk", format!("sector size must be 512 or 4096, not {s}")));
+                return Err(bad(
+                    "disk",
+                    format!("sector size must be 512 or 4096, not {s}"),
+                ));
             }
         }
         let framebuffer = if self.no_framebuffer {
@@ -221,13 +256,17 @@ impl WorkerSettings {
         } else {
             let Resolution(w, h) = self.framebuffer.unwrap_or(DEFAULT_FB);
             let f = FbFormat::xrgb(w, h);
-            f.validate(crate::layout::VRAM_SIZE).map_err(|e| bad("framebuffer", e.to_string()))?;
+            f.validate(crate::layout::VRAM_SIZE)
+                .map_err(|e| bad("framebuffer", e.to_string()))?;
             Some(f)
         };
         Ok(Resolved {
             kernel,
             initrd: self.initrd.clone(),
-            cmdline: self.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.into()),
+            cmdline: self
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CMDLINE.into()),
             memory,
             cpus: cpus as u8,
             disks: self.disks.clone(),
@@ -332,20 +371,78 @@ mod tests {
             ..Default::default()
         };
         let r = base.resolve().unwrap();
-        assert_eq!((r.cpus, r.memory, r.cmdline.as_str()), (1, DEFAULT_MEMORY, DEFAULT_CMDLINE));
+        assert_eq!(
+            (r.cpus, r.memory, r.cmdline.as_str()),
+            (1, DEFAULT_MEMORY, DEFAULT_CMDLINE)
+        );
         assert_eq!(r.framebuffer, Some(FbFormat::xrgb(1024, 768)));
         let e = |s: WorkerSettings| s.resolve().unwrap_err().setting;
         assert_eq!(e(WorkerSettings::default()), "kernel");
-        assert_eq!(e(WorkerSettings { kernel: Some(dir.path().join("nope")), ..Default::default() }), "kernel");
-        assert_eq!(e(WorkerSettings { cpus: Some(0), ..base.clone() }), "cpus");
-        assert_eq!(e(WorkerSettings { cpus: Some(300), ..base.clone() }), "cpus");
-        assert_eq!(e(WorkerSettings { memory: Some(ByteSize(1 << 20)), ..base.clone() }), "memory");
-        assert_eq!(e(WorkerSettings { memory: Some(ByteSize(1 << 50)), ..base.clone() }), "memory");
-        assert_eq!(e(WorkerSettings { framebuffer: Some(Resolution(9000, 9000)), ..base.clone() }), "framebuffer");
-        assert_eq!(e(WorkerSettings { initrd: Some(dir.path().join("nope")), ..base.clone() }), "initrd");
-        let bad_disk = DiskSpec { path: k, read_only: false, sector_size: Some(1024) };
-        assert_eq!(e(WorkerSettings { disks: vec![bad_disk], ..base.clone() }), "disk");
-        let nofb = WorkerSettings { no_framebuffer: true, ..base };
+        assert_eq!(
+            e(WorkerSettings {
+                kernel: Some(dir.path().join("nope")),
+                ..Default::default()
+            }),
+            "kernel"
+        );
+        assert_eq!(
+            e(WorkerSettings {
+                cpus: Some(0),
+                ..base.clone()
+            }),
+            "cpus"
+        );
+        assert_eq!(
+            e(WorkerSettings {
+                cpus: Some(300),
+                ..base.clone()
+            }),
+            "cpus"
+        );
+        assert_eq!(
+            e(WorkerSettings {
+                memory: Some(ByteSize(1 << 20)),
+                ..base.clone()
+            }),
+            "memory"
+        );
+        assert_eq!(
+            e(WorkerSettings {
+                memory: Some(ByteSize(1 << 50)),
+                ..base.clone()
+            }),
+            "memory"
+        );
+        assert_eq!(
+            e(WorkerSettings {
+                framebuffer: Some(Resolution(9000, 9000)),
+                ..base.clone()
+            }),
+            "framebuffer"
+        );
+        assert_eq!(
+            e(WorkerSettings {
+                initrd: Some(dir.path().join("nope")),
+                ..base.clone()
+            }),
+            "initrd"
+        );
+        let bad_disk = DiskSpec {
+            path: k,
+            read_only: false,
+            sector_size: Some(1024),
+        };
+        assert_eq!(
+            e(WorkerSettings {
+                disks: vec![bad_disk],
+                ..base.clone()
+            }),
+            "disk"
+        );
+        let nofb = WorkerSettings {
+            no_framebuffer: true,
+            ..base
+        };
         assert_eq!(nofb.resolve().unwrap().framebuffer, None);
     }
 }

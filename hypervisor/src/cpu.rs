@@ -60,7 +60,11 @@ pub fn boot_msrs() -> Vec<(u32, u64)> {
 
 /// Bits needed to number `n` items (ceil(log2(n))).
 fn id_bits(n: u32) -> u32 {
-    if n <= 1 { 0 } else { 32 - (n - 1).leading_zeros() }
+    if n <= 1 {
+        0
+    } else {
+        32 - (n - 1).leading_zeros()
+    }
 }
 
 /// Adjust the host-supported CPUID for vCPU `index` of a `cpus`-vCPU partition: one package
@@ -103,10 +107,8 @@ pub fn patch_cpuid(entries: &mut [kvm_cpuid_entry2], index: u32, cpus: u32) {
                     }
                 }
             }
-            0x8000_0001 => {
-                if cpus > 1 {
-                    e.ecx |= 1 << 1; // CmpLegacy
-                }
+            0x8000_0001 if cpus > 1 => {
+                e.ecx |= 1 << 1; // CmpLegacy
             }
             0x8000_0008 => {
                 // AMD: number of cores and APIC-id bits for cores.
@@ -143,7 +145,7 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// The KVM segment for GDT entry `index`.
 pub fn segment(index: u16) -> kvm_segment {
     let e = GDT[usize::from(index)];
-    let base = (((e >> 16) & 0x00ff_ffff) | ((e >> 32) & 0xff00_0000)) as u64;
+    let base = ((e >> 16) & 0x00ff_ffff) | ((e >> 32) & 0xff00_0000);
     let mut limit = ((e & 0xffff) | ((e >> 32) & 0xf_0000)) as u32;
     let flags = (e >> 40) & 0xf0ff;
     let g = ((flags >> 15) & 1) as u8;
@@ -266,7 +268,13 @@ mod tests {
     #[test]
     fn cpuid_gives_each_vcpu_its_apic_id_and_the_hypervisor_bit() {
         for (index, cpus) in [(0u32, 1u32), (1, 2), (5, 8), (3, 4)] {
-            let mut e = vec![leaf(1, 0), leaf(0xb, 0), leaf(0xb, 1), leaf(0xb, 2), leaf(0x8000_001e, 0)];
+            let mut e = vec![
+                leaf(1, 0),
+                leaf(0xb, 0),
+                leaf(0xb, 1),
+                leaf(0xb, 2),
+                leaf(0x8000_001e, 0),
+            ];
             patch_cpuid(&mut e, index, cpus);
             assert_eq!(e[0].ecx >> 31, 1);
             assert_eq!(e[0].ebx >> 24, index);
@@ -276,7 +284,7 @@ mod tests {
                 assert_eq!(x.edx, index);
             }
             assert_eq!(e[2].ebx, cpus);
-            assert_eq!(1u32 << e[2].eax >= cpus, true);
+            assert!(1u32 << e[2].eax >= cpus);
             assert_eq!((e[3].ecx >> 8) & 0xff, 0, "invalid level ends enumeration");
             assert_eq!(e[4].eax, index);
         }
@@ -304,13 +312,26 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_boot_structures(&mem).unwrap();
         let walk = |va: u64| -> u64 {
-            let pml4: u64 = mem.read_obj(GuestAddress(layout::PML4_ADDR + ((va >> 39) & 511) * 8)).unwrap();
-            let pdpt: u64 = mem.read_obj(GuestAddress((pml4 & !0xfff) + ((va >> 30) & 511) * 8)).unwrap();
-            let pde: u64 = mem.read_obj(GuestAddress((pdpt & !0xfff) + ((va >> 21) & 511) * 8)).unwrap();
+            let pml4: u64 = mem
+                .read_obj(GuestAddress(layout::PML4_ADDR + ((va >> 39) & 511) * 8))
+                .unwrap();
+            let pdpt: u64 = mem
+                .read_obj(GuestAddress((pml4 & !0xfff) + ((va >> 30) & 511) * 8))
+                .unwrap();
+            let pde: u64 = mem
+                .read_obj(GuestAddress((pdpt & !0xfff) + ((va >> 21) & 511) * 8))
+                .unwrap();
             assert_eq!(pde & 0x81, 0x81, "present 2 MiB page at {va:#x}");
             (pde & !0x1f_ffff & !(1 << 63) & 0x000f_ffff_ffff_f000) | (va & 0x1f_ffff)
         };
-        for va in [0u64, 0x7000, 0x100_0000, 0x3fff_ffff, 0xbfff_f000, 0xffff_ffff] {
+        for va in [
+            0u64,
+            0x7000,
+            0x100_0000,
+            0x3fff_ffff,
+            0xbfff_f000,
+            0xffff_ffff,
+        ] {
             assert_eq!(walk(va), va);
         }
         let gdt1: u64 = mem.read_obj(GuestAddress(layout::GDT_ADDR + 8)).unwrap();
@@ -326,9 +347,16 @@ mod tests {
         assert_eq!(s.cr3, layout::PML4_ADDR);
         assert_eq!(s.cs.l, 1);
         let r = boot_regs(0x100_0200, layout::ZERO_PAGE_ADDR);
-        assert_eq!((r.rip, r.rsi, r.rflags), (0x100_0200, layout::ZERO_PAGE_ADDR, 2));
+        assert_eq!(
+            (r.rip, r.rsi, r.rflags),
+            (0x100_0200, layout::ZERO_PAGE_ADDR, 2)
+        );
         let msrs = boot_msrs();
-        let mtrr = msrs.iter().find(|(i, _)| *i == msr::MTRR_DEF_TYPE).unwrap().1;
+        let mtrr = msrs
+            .iter()
+            .find(|(i, _)| *i == msr::MTRR_DEF_TYPE)
+            .unwrap()
+            .1;
         assert_eq!(mtrr, 0x806);
     }
 
@@ -337,8 +365,14 @@ mod tests {
         let mut regs = vec![0u8; 0x400];
         regs[0x350..0x354].copy_from_slice(&0x0001_0700u32.to_le_bytes());
         set_lint(&mut regs);
-        assert_eq!(u32::from_le_bytes(regs[0x350..0x354].try_into().unwrap()), 0x0001_0700);
-        assert_eq!(u32::from_le_bytes(regs[0x360..0x364].try_into().unwrap()), 0x400);
+        assert_eq!(
+            u32::from_le_bytes(regs[0x350..0x354].try_into().unwrap()),
+            0x0001_0700
+        );
+        assert_eq!(
+            u32::from_le_bytes(regs[0x360..0x364].try_into().unwrap()),
+            0x400
+        );
         set_lint(&mut [0u8; 4]);
     }
 }

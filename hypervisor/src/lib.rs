@@ -9,7 +9,10 @@
 //! punching (`memory`), memory slot registration (`partition`), and the worker's terminal
 //! handling; each block carries a `// SAFETY:` comment.
 
-#![allow(unsafe_code, reason = "KVM memory slots and memfd need unsafe; each use is documented")]
+#![allow(
+    unsafe_code,
+    reason = "KVM memory slots and memfd need unsafe; each use is documented"
+)]
 
 pub mod acpi;
 pub mod boot;

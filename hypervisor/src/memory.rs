@@ -133,9 +133,8 @@ impl GuestRam {
 /// Create a sealed-size-free memfd of `size` bytes.
 fn memfd(name: &str, size: u64) -> Result<File, MemoryError> {
     let err = |source| MemoryError::CreateFile { size, source };
-    let cname = std::ffi::CString::new(name).map_err(|_| {
-        err(std::io::Error::from(std::io::ErrorKind::InvalidInput))
-    })?;
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
     // SAFETY: `cname` is a valid NUL-terminated string that outlives the call.
     let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -157,8 +156,12 @@ mod tests {
         let ram = GuestRam::new(MemoryLayout::new(64 << 20)).unwrap();
         let mem = ram.memory();
         assert_eq!(mem.num_regions(), 1);
-        mem.write_obj(0xdead_beef_u32, GuestAddress(0x100000)).unwrap();
-        ram.vram().as_volatile_slice().write_obj(0x55aa_u16, 0).unwrap();
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x100000))
+            .unwrap();
+        ram.vram()
+            .as_volatile_slice()
+            .write_obj(0x55aa_u16, 0)
+            .unwrap();
         // The VRAM lives after RAM in the same file.
         let meta = ram.file().metadata().unwrap();
         assert_eq!(meta.len(), (64 << 20) + VRAM_SIZE);
@@ -167,6 +170,9 @@ mod tests {
         assert_eq!(u16::from_le_bytes(buf), 0x55aa);
         ram.clear().unwrap();
         assert_eq!(mem.read_obj::<u32>(GuestAddress(0x100000)).unwrap(), 0);
-        assert_eq!(ram.vram().as_volatile_slice().read_obj::<u16>(0).unwrap(), 0);
+        assert_eq!(
+            ram.vram().as_volatile_slice().read_obj::<u16>(0).unwrap(),
+            0
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, CpuId, kvm_pit_config};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use parvis_disk::BlockDevice;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory};
@@ -317,7 +317,10 @@ impl Partition {
         }
         let kvm = Kvm::new().map_err(PartitionError::KvmUnavailable)?;
         for (cap, name) in [
-            (Cap::Irqchip, "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)"),
+            (
+                Cap::Irqchip,
+                "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)",
+            ),
             (Cap::UserMemory, "user memory regions (KVM_CAP_USER_MEMORY)"),
             (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
             (Cap::ExtCpuid, "extended CPUID (KVM_CAP_EXT_CPUID)"),
@@ -356,12 +359,12 @@ impl Partition {
                 })
                 .collect(),
         })?;
-        let serial_irq = Arc::new(EventIrq(
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| PartitionError::Io {
+        let serial_irq = Arc::new(EventIrq(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
+            PartitionError::Io {
                 op: "the serial interrupt eventfd",
                 source: e,
-            })?,
-        ));
+            }
+        })?));
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             serial_irq.clone() as Irq,
             serial_out,
@@ -415,7 +418,8 @@ impl Partition {
             vm.set_identity_map_address(layout::KVM_TSS_ADDR - 0x1000)
                 .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
         }
-        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         vm.create_pit2(kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -512,14 +516,19 @@ impl Partition {
                     ..Default::default()
                 })
                 .collect();
-            let msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|_| {
-                PartitionError::Config("too many boot MSRs".into())
-            })?;
+            let msrs = kvm_bindings::Msrs::from_entries(&entries)
+                .map_err(|_| PartitionError::Config("too many boot MSRs".into()))?;
             let set = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
             if set != entries.len() {
-                tracing::warn!(vcpu = i, set, wanted = entries.len(), "KVM accepted only some boot MSRs");
+                tracing::warn!(
+                    vcpu = i,
+                    set,
+                    wanted = entries.len(),
+                    "KVM accepted only some boot MSRs"
+                );
             }
-            vcpu.set_fpu(&cpu::boot_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
+            vcpu.set_fpu(&cpu::boot_fpu())
+                .map_err(kvm_err("KVM_SET_FPU"))?;
             let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
             let mut regs: Vec<u8> = lapic.regs.iter().map(|b| *b as u8).collect();
             cpu::set_lint(&mut regs);
@@ -550,7 +559,6 @@ impl Partition {
     }
 
     fn map_memory(&self, vm: &VmFd) -> Result<(), PartitionError> {
-        let mut slot = 0u32;
         let mut regions: Vec<(u64, u64, u64)> = self
             .ram
             .memory()
@@ -559,7 +567,7 @@ impl Partition {
             .collect();
         let vram = self.ram.vram();
         regions.push((layout::VRAM_ADDR, vram.size() as u64, vram.as_ptr() as u64));
-        for (gpa, size, host) in regions {
+        for (slot, (gpa, size, host)) in (0u32..).zip(regions) {
             let region = kvm_bindings::kvm_userspace_memory_region {
                 slot,
                 flags: 0,
@@ -572,7 +580,6 @@ impl Partition {
             // partition), and the slots do not overlap (see layout.rs).
             unsafe { vm.set_user_memory_region(region) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-            slot += 1;
         }
         Ok(())
     }
@@ -614,7 +621,10 @@ impl Partition {
         let m = self.machine();
         m.control.set(RunState::Stopping);
         let n = m.threads.len();
-        if !m.control.kick_until(n, || Self::kick_all(&m.threads), Duration::from_secs(10)) {
+        if !m
+            .control
+            .kick_until(n, || Self::kick_all(&m.threads), Duration::from_secs(10))
+        {
             tracing::error!("vCPUs did not stop within 10 s");
         }
         for t in m.threads.drain(..) {
@@ -632,7 +642,10 @@ impl Partition {
         }
         m.control.set(RunState::Paused);
         let n = m.threads.len();
-        if !m.control.kick_until(n, || Self::kick_all(&m.threads), Duration::from_secs(10)) {
+        if !m
+            .control
+            .kick_until(n, || Self::kick_all(&m.threads), Duration::from_secs(10))
+        {
             tracing::warn!("not every vCPU acknowledged the pause within 10 s");
         }
     }
@@ -677,7 +690,10 @@ impl Partition {
 
     /// Like [`Partition::run`], calling `at_exit` after the vCPUs have stopped and before
     /// the partition's memory goes away (for a final screenshot).
-    pub fn run_with(mut self, at_exit: impl FnOnce(&Partition)) -> Result<GuestExit, PartitionError> {
+    pub fn run_with(
+        mut self,
+        at_exit: impl FnOnce(&Partition),
+    ) -> Result<GuestExit, PartitionError> {
         self.start_vcpus()?;
         tracing::info!(
             cpus = self.config.cpus,

@@ -213,8 +213,7 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     static ONCE: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> =
         std::sync::OnceLock::new();
-    ONCE.get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick))
-        .clone()
+    *ONCE.get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick))
 }
 
 #[cfg(test)]
@@ -241,7 +240,13 @@ mod tests {
     fn kick_until_times_out_when_nobody_parks() {
         let c = VcpuControl::default();
         let kicks = AtomicUsize::new(0);
-        assert!(!c.kick_until(1, || { kicks.fetch_add(1, Ordering::SeqCst); }, Duration::from_millis(20)));
+        assert!(!c.kick_until(
+            1,
+            || {
+                kicks.fetch_add(1, Ordering::SeqCst);
+            },
+            Duration::from_millis(20)
+        ));
         assert!(kicks.load(Ordering::SeqCst) > 1);
     }
 
@@ -249,6 +254,6 @@ mod tests {
     fn log_limit_thins_out() {
         let mut l = LogLimit::default();
         let n = (0..10_000).filter(|_| l.allow()).count();
-        assert!(n < 30 && n >= 10);
+        assert!((10..30).contains(&n));
     }
 }

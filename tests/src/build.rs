@@ -56,7 +56,12 @@ fn build_images() -> Result<PathBuf> {
     }
     let dir = String::from_utf8(out.stdout).context("images path is not UTF-8")?;
     let dir = PathBuf::from(dir.trim());
-    for f in ["vmlinux", "vmlinuz", "l2-initramfs.cpio", "l1-initramfs.cpio"] {
+    for f in [
+        "vmlinux",
+        "vmlinuz",
+        "l2-initramfs.cpio",
+        "l1-initramfs.cpio",
+    ] {
         if !dir.join(f).is_file() {
             bail!("the image build did not produce {}", dir.join(f).display());
         }
@@ -96,7 +101,10 @@ fn build_static_worker() -> Result<PathBuf> {
     }
     let bin = target.join("x86_64-unknown-linux-gnu/release");
     if !bin.join("parvis-worker").is_file() {
-        bail!("{} is missing after the build", bin.join("parvis-worker").display());
+        bail!(
+            "{} is missing after the build",
+            bin.join("parvis-worker").display()
+        );
     }
     Ok(bin)
 }

@@ -170,7 +170,15 @@ impl Scenario {
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "1"])
             .args(["-m", &format!("{}M", self.l1_memory_mib)])
-            .args(["-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"])
+            .args([
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-monitor",
+                "none",
+                "-no-reboot",
+            ])
             .arg("-kernel")
             .arg(art.images.join("vmlinux"))
             .arg("-initrd")
@@ -196,7 +204,11 @@ impl Scenario {
             bail!("the test host has no usable /dev/kvm:\n{}", tail(&log, 40));
         }
         let Some(status) = marker(&log, "PARVIS-L1-SCENARIO-EXIT") else {
-            bail!("the test host did not finish scenario {}:\n{}", self.name, tail(&log, 60));
+            bail!(
+                "the test host did not finish scenario {}:\n{}",
+                self.name,
+                tail(&log, 60)
+            );
         };
         Ok(Outcome {
             status: status.trim().parse().unwrap_or(-1),
@@ -241,7 +253,9 @@ fn collect(mut child: Child, timeout: Duration, name: &str) -> Result<(Lines, Op
         let lines = lines.clone();
         std::thread::spawn(move || {
             for l in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
-                let l = String::from_utf8_lossy(&l).trim_end_matches('\r').to_string();
+                let l = String::from_utf8_lossy(&l)
+                    .trim_end_matches('\r')
+                    .to_string();
                 if std::env::var_os("PARVIS_TEST_ECHO").is_some() {
                     eprintln!("{l}");
                 }
@@ -272,11 +286,89 @@ fn collect(mut child: Child, timeout: Duration, name: &str) -> Result<(Lines, Op
 }
 
 fn join(lines: &[(Duration, String)]) -> String {
-    lines.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
+    lines
+        .iter()
+        .map(|(_, l)| l.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The last `n` lines of `log`.
 pub fn tail(log: &str, n: usize) -> String {
     let v: Vec<&str> = log.lines().collect();
     v[v.len().saturating_sub(n)..].join("\n")
+}
+
+/// Run `script` with the terminal attached (the README demo): in the test host, L1's serial
+/// console is this terminal, and the script's stdin is that console. Returns the exit status
+/// of QEMU (emulated) or of the script (direct).
+pub fn run_interactive(script: &str) -> Result<i32> {
+    let art = artifacts()?;
+    let share = tempfile::Builder::new()
+        .prefix("parvis-demo-")
+        .tempdir()
+        .context("cannot create the shared folder")?;
+    let body = format!("{HEADER}\n{script}\n");
+    let status = match Mode::detect() {
+        Mode::Emulated => {
+            let bin = share.path().join("bin");
+            std::fs::create_dir_all(&bin)?;
+            std::fs::copy(art.bin.join("parvis-worker"), bin.join("parvis-worker"))
+                .context("cannot copy parvis-worker into the share")?;
+            std::fs::write(
+                share.path().join("scenario.sh"),
+                format!("export BIN=/host/bin IMAGES=/images SHARE=/host\n{body}"),
+            )?;
+            eprintln!(
+                "parvis demo: this machine's KVM cannot run an unmodified guest, so the demo \
+                 runs inside the emulated test host (QEMU TCG with nested KVM); it takes a few \
+                 seconds to start."
+            );
+            Command::new("qemu-system-x86_64")
+                .args([
+                    "-accel",
+                    "tcg,thread=multi",
+                    "-cpu",
+                    "EPYC",
+                    "-smp",
+                    "1",
+                    "-m",
+                    "2048M",
+                ])
+                .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+                .args([
+                    "-chardev",
+                    "stdio,id=con,signal=off",
+                    "-serial",
+                    "chardev:con",
+                ])
+                .arg("-kernel")
+                .arg(art.images.join("vmlinux"))
+                .arg("-initrd")
+                .arg(art.images.join("l1-initramfs.cpio"))
+                .arg("-virtfs")
+                .arg(format!(
+                    "local,path={},mount_tag=host0,security_model=none",
+                    share.path().display()
+                ))
+                .args([
+                    "-append",
+                    "console=ttyS0 reboot=t panic=-1 quiet parvis.scenario=/host/scenario.sh",
+                ])
+                .status()
+                .context("cannot start qemu-system-x86_64 (run tests/setup-host.sh)")?
+        }
+        Mode::Direct => {
+            std::fs::write(share.path().join("scenario.sh"), body)?;
+            Command::new("sh")
+                .arg("./scenario.sh")
+                .current_dir(share.path())
+                .env("BIN", &art.bin)
+                .env("IMAGES", &art.images)
+                .env("SHARE", share.path())
+                .status()
+                .context("cannot start sh")?
+        }
+    };
+    Ok(status.code().unwrap_or(-1))
 }

@@ -109,7 +109,10 @@ fn ud2_elf() -> Vec<u8> {
 
 fn prepare(share: &Path) -> anyhow::Result<()> {
     std::fs::write(share.join("disk.img"), disk_bytes(DISK_SIZE, 0x1234_5678))?;
-    std::fs::write(share.join("disk4k.img"), disk_bytes(DISK4K_SIZE, 0x9abc_def0))?;
+    std::fs::write(
+        share.join("disk4k.img"),
+        disk_bytes(DISK4K_SIZE, 0x9abc_def0),
+    )?;
     std::fs::write(share.join("ud2.elf"), ud2_elf())?;
     Ok(())
 }
@@ -147,7 +150,12 @@ fn run(name: &str) -> Run {
             )
         }),
     };
-    eprintln!("--- {name}: rc={} stderr:\n{}\n--- serial (tail):\n{}", run.rc, run.err, parvis_tests::testhost::tail(&run.out, 30));
+    eprintln!(
+        "--- {name}: rc={} stderr:\n{}\n--- serial (tail):\n{}",
+        run.rc,
+        run.err,
+        parvis_tests::testhost::tail(&run.out, 30)
+    );
     run
 }
 
@@ -158,7 +166,10 @@ fn sha256_hex(b: &[u8]) -> String {
 #[test]
 fn debian_guest_reaches_userspace_and_powers_off_cleanly() {
     let r = run("main");
-    assert!(has_line(&r.out, "PARVIS-L2-USERSPACE"), "no userspace marker");
+    assert!(
+        has_line(&r.out, "PARVIS-L2-USERSPACE"),
+        "no userspace marker"
+    );
     assert!(has_line(&r.out, "PARVIS-POWEROFF"));
     assert_eq!(r.rc, 0, "power-off must exit 0");
 }
@@ -180,15 +191,24 @@ fn bzimage_boots_too() {
 fn guest_reads_the_virtio_disk_byte_for_byte() {
     let r = run("main");
     let expected = sha256_hex(&disk_bytes(DISK_SIZE, 0x1234_5678));
-    assert_eq!(marker(&r.out, "PARVIS-DISK-SIZE"), Some(DISK_SIZE.to_string().as_str()));
+    assert_eq!(
+        marker(&r.out, "PARVIS-DISK-SIZE"),
+        Some(DISK_SIZE.to_string().as_str())
+    );
     assert_eq!(marker(&r.out, "PARVIS-DISK-LBS"), Some("512"));
-    assert_eq!(marker(&r.out, "PARVIS-DISK-SHA256"), Some(expected.as_str()));
+    assert_eq!(
+        marker(&r.out, "PARVIS-DISK-SHA256"),
+        Some(expected.as_str())
+    );
 }
 
 #[test]
 fn guest_write_reaches_the_host_file() {
     let r = run("main");
-    assert!(has_line(&r.out, "PARVIS-DISK-WRITTEN"), "guest did not report the write");
+    assert!(
+        has_line(&r.out, "PARVIS-DISK-WRITTEN"),
+        "guest did not report the write"
+    );
     let disk = std::fs::read(outcome().path("disk.img")).unwrap();
     assert_eq!(&disk[1 << 20..(1 << 20) + WROTE.len()], WROTE);
     // Nothing else changed.
@@ -202,14 +222,22 @@ fn guest_sees_4096_byte_sectors() {
     let r = run("sector4k");
     assert_eq!(marker(&r.out, "PARVIS-DISK-LBS"), Some("4096"), "{}", r.out);
     let expected = sha256_hex(&disk_bytes(DISK4K_SIZE, 0x9abc_def0));
-    assert_eq!(marker(&r.out, "PARVIS-DISK-SHA256"), Some(expected.as_str()));
+    assert_eq!(
+        marker(&r.out, "PARVIS-DISK-SHA256"),
+        Some(expected.as_str())
+    );
     assert_eq!(r.rc, 0);
 }
 
 #[test]
 fn framebuffer_pattern_appears_in_the_png_dump() {
     let r = run("main");
-    assert_eq!(marker(&r.out, "PARVIS-FB-DRAWN"), Some("1024x768x32"), "{}", r.out);
+    assert_eq!(
+        marker(&r.out, "PARVIS-FB-DRAWN"),
+        Some("1024x768x32"),
+        "{}",
+        r.out
+    );
     let img = image::open(outcome().path("main.png"))
         .expect("the worker wrote main.png")
         .to_rgb8();
@@ -219,7 +247,11 @@ fn framebuffer_pattern_appears_in_the_png_dump() {
         let (y0, y1) = (i as u32 * 192, i as u32 * 192 + 191);
         for y in [y0, (y0 + y1) / 2, y1] {
             for x in [0, 511, 1023] {
-                assert_eq!(img.get_pixel(x, y).0, *colour, "pixel ({x},{y}) of band {i}");
+                assert_eq!(
+                    img.get_pixel(x, y).0,
+                    *colour,
+                    "pixel ({x},{y}) of band {i}"
+                );
             }
         }
     }
@@ -229,15 +261,27 @@ fn framebuffer_pattern_appears_in_the_png_dump() {
 fn guest_panic_is_a_crash_with_a_clear_message() {
     let r = run("panic");
     assert_eq!(r.rc, 3, "a guest panic must exit 3");
-    assert!(r.err.contains("guest crashed: the guest kernel panicked (pvpanic)"), "{}", r.err);
-    assert!(r.out.contains("Kernel panic"), "the guest's panic message is on the console");
+    assert!(
+        r.err
+            .contains("guest crashed: the guest kernel panicked (pvpanic)"),
+        "{}",
+        r.err
+    );
+    assert!(
+        r.out.contains("Kernel panic"),
+        "the guest's panic message is on the console"
+    );
 }
 
 #[test]
 fn triple_fault_is_a_crash_with_a_clear_message() {
     let r = run("triplefault");
     assert_eq!(r.rc, 3);
-    assert!(r.err.contains("guest crashed: triple fault on vCPU 0"), "{}", r.err);
+    assert!(
+        r.err.contains("guest crashed: triple fault on vCPU 0"),
+        "{}",
+        r.err
+    );
 }
 
 #[test]
@@ -245,21 +289,41 @@ fn bad_configuration_is_one_clear_line() {
     let r = run("nokernel");
     assert_eq!(r.rc, 1);
     assert_eq!(r.err.trim().lines().count(), 1, "{}", r.err);
-    assert!(r.err.contains("kernel:") && r.err.contains("does-not-exist"), "{}", r.err);
+    assert!(
+        r.err.contains("kernel:") && r.err.contains("does-not-exist"),
+        "{}",
+        r.err
+    );
     let r = run("badcpus");
     assert_eq!(r.rc, 1);
-    assert!(r.err.contains("cpus: must be between 1 and 254"), "{}", r.err);
+    assert!(
+        r.err.contains("cpus: must be between 1 and 254"),
+        "{}",
+        r.err
+    );
 }
 
 #[test]
 fn pause_stops_the_guest_and_resume_continues_it() {
     let o = outcome();
     let paused = o.file("ctl.paused");
-    let counts: Vec<u32> = paused.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-    assert_eq!(counts.len(), 2, "no pause measurement; ctl.out:\n{}", o.file("ctl.out"));
+    let counts: Vec<u32> = paused
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    assert_eq!(
+        counts.len(),
+        2,
+        "no pause measurement; ctl.out:\n{}",
+        o.file("ctl.out")
+    );
     assert!(counts[0] >= 3);
     assert_eq!(counts[0], counts[1], "ticks advanced while paused");
-    assert_eq!(o.file("ctl.resumed").trim(), "resumed", "ticks did not resume");
+    assert_eq!(
+        o.file("ctl.resumed").trim(),
+        "resumed",
+        "ticks did not resume"
+    );
     let replies = o.file("ctl.replies");
     assert!(replies.lines().any(|l| l == "ok paused"), "{replies}");
 }
@@ -269,13 +333,26 @@ fn reset_boots_again_and_stop_exits_zero() {
     let o = outcome();
     let out = o.file("ctl.out");
     assert_eq!(
-        out.lines().filter(|l| l.trim_end() == "PARVIS-L2-USERSPACE").count(),
+        out.lines()
+            .filter(|l| l.trim_end() == "PARVIS-L2-USERSPACE")
+            .count(),
         2,
         "the guest did not boot a second time after reset:\n{out}"
     );
     // After the reset the ticks start again from 1.
     let ticks = marker_all(&out, "PARVIS-TICK");
-    assert!(ticks.iter().filter(|t| **t == "1").count() >= 2, "{ticks:?}");
-    assert_eq!(o.file("ctl.rc").trim(), "0", "stop must exit 0: {}", o.file("ctl.err"));
-    assert!(image::open(o.path("ctl.png")).is_ok(), "screenshot over the control socket");
+    assert!(
+        ticks.iter().filter(|t| **t == "1").count() >= 2,
+        "{ticks:?}"
+    );
+    assert_eq!(
+        o.file("ctl.rc").trim(),
+        "0",
+        "stop must exit 0: {}",
+        o.file("ctl.err")
+    );
+    assert!(
+        image::open(o.path("ctl.png")).is_ok(),
+        "screenshot over the control socket"
+    );
 }

@@ -251,7 +251,11 @@ mod tests {
         disk.read_at(&mut buf, 3584).unwrap();
         assert!(matches!(
             disk.read_at(&mut buf, 3585),
-            Err(DiskError::OutOfRange { offset: 3585, len: 512, size: 4096 })
+            Err(DiskError::OutOfRange {
+                offset: 3585,
+                len: 512,
+                size: 4096
+            })
         ));
         assert!(matches!(
             disk.write_at(&buf, 4096),
@@ -280,7 +284,10 @@ mod tests {
         drop(disk);
         let disk = RawFile::open(&path, true).unwrap();
         assert!(disk.read_only());
-        assert!(matches!(disk.write_at(&[0; 512], 0), Err(DiskError::ReadOnly)));
+        assert!(matches!(
+            disk.write_at(&[0; 512], 0),
+            Err(DiskError::ReadOnly)
+        ));
         assert!(matches!(disk.discard(0, 512), Err(DiskError::ReadOnly)));
         disk.flush().unwrap();
         let mut buf = [0u8; 512];

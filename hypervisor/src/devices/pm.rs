@@ -55,7 +55,8 @@ impl PmDevice {
     }
 
     fn update_sci(&self) {
-        self.sci.set_level(self.status & self.enable & PWRBTN_STS != 0);
+        self.sci
+            .set_level(self.status & self.enable & PWRBTN_STS != 0);
     }
 
     fn bytes(&self) -> [u8; 6] {
@@ -199,7 +200,10 @@ mod tests {
         assert!(line.0.load(Ordering::SeqCst));
         let mut b = [0u8; 4];
         pm.read(0, &mut b);
-        assert_eq!(u32::from_le_bytes(b), u32::from(PWRBTN_STS) | (u32::from(PWRBTN_STS) << 16));
+        assert_eq!(
+            u32::from_le_bytes(b),
+            u32::from(PWRBTN_STS) | (u32::from(PWRBTN_STS) << 16)
+        );
         let mut past = [0u8; 4];
         pm.read(4, &mut past);
         assert_eq!(past[2..], [0xff, 0xff]);

@@ -109,7 +109,9 @@ impl<'a> Cursor<'a> {
 
     /// Copy `buf` into guest memory.
     fn write(&mut self, mem: &GuestMemory, buf: &[u8]) -> Result<(), ()> {
-        self.step(buf.len(), |addr, r| mem.write_slice(&buf[r], addr).map_err(drop))
+        self.step(buf.len(), |addr, r| {
+            mem.write_slice(&buf[r], addr).map_err(drop)
+        })
     }
 }
 
@@ -267,8 +269,8 @@ impl VirtioBlk {
         let mut sector = [0u8; 8];
         sector.copy_from_slice(&header[8..16]);
         let sector = u64::from_le_bytes(sector);
-        let data_out: u64 = self.readable.iter().map(|s| u64::from(s.len)).sum::<u64>()
-            - HEADER_LEN as u64;
+        let data_out: u64 =
+            self.readable.iter().map(|s| u64::from(s.len)).sum::<u64>() - HEADER_LEN as u64;
         let data_in: u64 = self.writable.iter().map(|s| u64::from(s.len)).sum();
         match kind {
             VIRTIO_BLK_T_IN => self.read_request(mem, sector, data_in),
@@ -409,11 +411,14 @@ impl VirtioDevice for VirtioBlk {
         let mut used = false;
         // Bound the work per notification against a driver that keeps refilling the ring.
         let mut budget = 4 * usize::from(queue.size());
+        let mut empty_rounds = 0;
         'outer: loop {
             if queue.disable_notification(mem).is_err() {
                 break;
             }
+            let mut popped = false;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                popped = true;
                 let head = chain.head_index();
                 let len = self.handle_chain(chain, mem);
                 if queue.add_used(mem, head, len).is_ok() {
@@ -426,8 +431,15 @@ impl VirtioDevice for VirtioBlk {
                     break 'outer;
                 }
             }
+            // More buffers may have arrived while notifications were off: go round again.
+            // A ring whose available index is corrupt reports "more" without ever yielding a
+            // chain; give up after a second empty round, or a hostile guest could spin this
+            // vCPU forever.
+            if !popped {
+                empty_rounds += 1;
+            }
             match queue.enable_notification(mem) {
-                Ok(true) => continue,
+                Ok(true) if empty_rounds < 2 => continue,
                 _ => break,
             }
         }
@@ -436,5 +448,422 @@ impl VirtioDevice for VirtioBlk {
 
     fn reset(&mut self) {
         self.acked_features = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use parvis_disk::{RawFile, RawFileOptions};
+    use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+    use virtio_queue::mock::MockSplitQueue;
+
+    use super::*;
+    use crate::devices::BusDevice;
+    use crate::devices::virtio_mmio::VirtioMmio;
+    use crate::devices::virtio_mmio::tests::{
+        CountingIrq, bring_up, guest_memory_of, notify, set_status, used_entry, used_ring,
+    };
+
+    const HDR: u64 = 0x1_0000;
+    const STATUS: u64 = 0x1_f000;
+    const DATA: u64 = 0x2_0000;
+    const MEM_SIZE: usize = 0x40_0000;
+    const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+
+    struct Env {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        mem: Arc<GuestMemory>,
+        irq: Arc<CountingIrq>,
+        dev: VirtioMmio<VirtioBlk>,
+        slot: u16,
+    }
+
+    /// A `size`-byte raw disk behind a virtio-blk device with queue 0 at guest address 0.
+    fn env(size: u64, options: RawFileOptions) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        drop(RawFile::create(&path, size).unwrap());
+        let disk = Arc::new(RawFile::open_with(&path, &options).unwrap());
+        let mem = guest_memory_of(MEM_SIZE);
+        let irq = Arc::new(CountingIrq::default());
+        let mut dev = VirtioMmio::new(VirtioBlk::new(disk), mem.clone(), irq.clone());
+        let q = MockSplitQueue::create(&*mem, GuestAddress(0), QUEUE_SIZE);
+        bring_up(&mut dev, FEATURES, 0, &q, QUEUE_SIZE);
+        Env {
+            _dir: dir,
+            path,
+            mem,
+            irq,
+            dev,
+            slot: 0,
+        }
+    }
+
+    fn rw() -> RawFileOptions {
+        RawFileOptions::default()
+    }
+
+    impl Env {
+        /// Submit one chain of (address, length, device-writable) buffers, notify, and return
+        /// the used length of the completion.
+        fn submit(&mut self, bufs: &[(u64, u32, bool)]) -> u32 {
+            let q = MockSplitQueue::create(&*self.mem, GuestAddress(0), QUEUE_SIZE);
+            // `create` zeroes the avail index; restore it.
+            q.avail().idx().store(self.slot);
+            let n = bufs.len() as u16;
+            let descs: Vec<_> = bufs
+                .iter()
+                .enumerate()
+                .map(|(i, &(addr, len, write))| {
+                    let i = i as u16;
+                    let flags = if write { WRITE } else { 0 } | if i + 1 < n { NEXT } else { 0 };
+                    let next = (self.slot + i + 1) % QUEUE_SIZE;
+                    RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+                })
+                .collect();
+            q.add_desc_chains(&descs, self.slot).unwrap();
+            let head = self.slot;
+            self.slot += n;
+            notify(&mut self.dev, 0);
+            let used = used_ring(&q, QUEUE_SIZE);
+            let (_, _, idx) = used_entry(&self.mem, used, 0);
+            let (id, len, _) = used_entry(&self.mem, used, idx.wrapping_sub(1) % QUEUE_SIZE);
+            assert_eq!(id, u32::from(head));
+            len
+        }
+
+        /// Submit header + data + status; returns (status, used length).
+        fn request(&mut self, kind: u32, sector: u64, data: &[(u64, u32, bool)]) -> (u8, u32) {
+            let mut header = [0u8; 16];
+            header[..4].copy_from_slice(&kind.to_le_bytes());
+            header[8..].copy_from_slice(&sector.to_le_bytes());
+            self.mem.write_slice(&header, GuestAddress(HDR)).unwrap();
+            self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            let mut bufs = vec![(HDR, 16, false)];
+            bufs.extend_from_slice(data);
+            bufs.push((STATUS, 1, true));
+            let len = self.submit(&bufs);
+            (self.mem.read_obj(GuestAddress(STATUS)).unwrap(), len)
+        }
+
+        fn config(&mut self, offset: u64, len: usize) -> u64 {
+            let mut data = [0u8; 8];
+            self.dev.read(0x100 + offset, &mut data[..len]);
+            u64::from_le_bytes(data)
+        }
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    #[test]
+    fn write_then_read_round_trip() {
+        let mut e = env(1 << 20, rw());
+        let data = pattern(1024, 7);
+        e.mem.write_slice(&data[..512], GuestAddress(DATA)).unwrap();
+        e.mem
+            .write_slice(&data[512..], GuestAddress(DATA + 0x1000))
+            .unwrap();
+        let out = [(DATA, 512, false), (DATA + 0x1000, 512, false)];
+        assert_eq!(e.request(VIRTIO_BLK_T_OUT, 8, &out), (VIRTIO_BLK_S_OK, 1));
+        assert_eq!(
+            &std::fs::read(&e.path).unwrap()[4096..4096 + 1024],
+            &data[..]
+        );
+        assert!(e.irq.count() >= 1);
+
+        // Read it back with the header split over two descriptors and data over three.
+        let mut header = [0u8; 16];
+        header[8..].copy_from_slice(&8u64.to_le_bytes());
+        e.mem.write_slice(&header[..5], GuestAddress(HDR)).unwrap();
+        e.mem
+            .write_slice(&header[5..], GuestAddress(HDR + 0x100))
+            .unwrap();
+        let bufs = [
+            (HDR, 5, false),
+            (HDR + 0x100, 11, false),
+            (DATA + 0x4000, 100, true),
+            (DATA + 0x5000, 924, true),
+            (STATUS, 1, true),
+        ];
+        assert_eq!(e.submit(&bufs), 1025);
+        assert_eq!(e.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+        let mut back = vec![0u8; 1024];
+        e.mem
+            .read_slice(&mut back[..100], GuestAddress(DATA + 0x4000))
+            .unwrap();
+        e.mem
+            .read_slice(&mut back[100..], GuestAddress(DATA + 0x5000))
+            .unwrap();
+        assert_eq!(back, data);
+
+        // The status byte may share the last data descriptor.
+        let buf = [(DATA + 0x8000, 513, true)];
+        let mut header = [0u8; 16];
+        header[8..].copy_from_slice(&9u64.to_le_bytes());
+        e.mem.write_slice(&header, GuestAddress(HDR)).unwrap();
+        assert_eq!(e.submit(&[(HDR, 16, false), buf[0]]), 513);
+        e.mem
+            .read_slice(&mut back[..512], GuestAddress(DATA + 0x8000))
+            .unwrap();
+        assert_eq!(back[..512], data[512..]);
+        assert_eq!(
+            e.mem.read_obj::<u8>(GuestAddress(DATA + 0x8200)).unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn requests_larger_than_a_chunk() {
+        let len = MAX_CHUNK + MAX_CHUNK / 2;
+        let mut e = env(4 << 20, rw());
+        let data = pattern(len, 3);
+        e.mem.write_slice(&data, GuestAddress(0x10_0000)).unwrap();
+        let out = [(0x10_0000, len as u32, false)];
+        assert_eq!(e.request(VIRTIO_BLK_T_OUT, 16, &out), (VIRTIO_BLK_S_OK, 1));
+        assert_eq!(
+            &std::fs::read(&e.path).unwrap()[8192..8192 + len],
+            &data[..]
+        );
+        let into = [(0x28_0000, len as u32, true)];
+        let (status, used) = e.request(VIRTIO_BLK_T_IN, 16, &into);
+        assert_eq!((status, used as usize), (VIRTIO_BLK_S_OK, len + 1));
+        let mut back = vec![0u8; len];
+        e.mem
+            .read_slice(&mut back, GuestAddress(0x28_0000))
+            .unwrap();
+        assert!(back == data);
+    }
+
+    #[test]
+    fn flush_get_id_and_unsupported() {
+        let mut e = env(1 << 20, rw());
+        assert_eq!(e.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (VIRTIO_BLK_S_OK, 1));
+        e.mem.write_slice(&[0xee; 20], GuestAddress(DATA)).unwrap();
+        let id = [(DATA, 20, true)];
+        assert_eq!(
+            e.request(VIRTIO_BLK_T_GET_ID, 0, &id),
+            (VIRTIO_BLK_S_OK, 21)
+        );
+        let mut serial = [0u8; 20];
+        e.mem.read_slice(&mut serial, GuestAddress(DATA)).unwrap();
+        assert_eq!(&serial[..11], b"parvis-disk");
+        assert_eq!(serial[11..], [0; 9]);
+        for kind in [2, 7, 11, 13, 0xffff_ffff] {
+            assert_eq!(e.request(kind, 0, &id), (VIRTIO_BLK_S_UNSUPP, 1));
+        }
+    }
+
+    #[test]
+    fn bad_requests_fail_cleanly() {
+        let mut e = env(64 * 1024, rw());
+        let data = [(DATA, 512, true)];
+        // Out of range, straddling the end, sector overflow.
+        assert_eq!(
+            e.request(VIRTIO_BLK_T_IN, 128, &data),
+            (VIRTIO_BLK_S_IOERR, 1)
+        );
+        let two = [(DATA, 1024, true)];
+        assert_eq!(
+            e.request(VIRTIO_BLK_T_IN, 127, &two),
+            (VIRTIO_BLK_S_IOERR, 1)
+        );
+        let out = [(DATA, 512, false)];
+        let huge = u64::MAX / 256;
+        assert_eq!(
+            e.request(VIRTIO_BLK_T_OUT, huge, &out),
+            (VIRTIO_BLK_S_IOERR, 1)
+        );
+        assert_eq!(
+            e.request(VIRTIO_BLK_T_IN, 127, &data),
+            (VIRTIO_BLK_S_OK, 513)
+        );
+        // Lengths that are not whole sectors.
+        let odd = [(DATA, 100, true)];
+        assert_eq!(e.request(VIRTIO_BLK_T_IN, 0, &odd), (VIRTIO_BLK_S_IOERR, 1));
+        // Data outside guest memory.
+        let outside = [(MEM_SIZE as u64 - 256, 512, true)];
+        assert_eq!(
+            e.request(VIRTIO_BLK_T_IN, 0, &outside).0,
+            VIRTIO_BLK_S_IOERR
+        );
+        let outside = [(u64::MAX - 100, 512, false)];
+        assert_eq!(
+            e.request(VIRTIO_BLK_T_OUT, 0, &outside).0,
+            VIRTIO_BLK_S_IOERR
+        );
+        // Header too short.
+        assert_eq!(e.submit(&[(HDR, 8, false), (STATUS, 1, true)]), 1);
+        assert_eq!(e.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 1);
+        // Readable after writable.
+        let bufs = [
+            (HDR, 16, false),
+            (DATA, 512, true),
+            (DATA, 512, false),
+            (STATUS, 1, true),
+        ];
+        assert_eq!(e.submit(&bufs), 1);
+        // No status byte at all: dropped with length 0.
+        assert_eq!(e.submit(&[(HDR, 16, false)]), 0);
+        assert_eq!(e.submit(&[(HDR, 16, false), (STATUS, 0, true)]), 0);
+        // Status byte outside guest memory.
+        assert_eq!(e.submit(&[(HDR, 16, false), (u64::MAX, 1, true)]), 0);
+        // The device still works.
+        assert_eq!(e.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (VIRTIO_BLK_S_OK, 1));
+    }
+
+    #[test]
+    fn read_only_disk() {
+        let ro = RawFileOptions {
+            read_only: true,
+            ..rw()
+        };
+        let mut e = env(1 << 20, ro);
+        assert_ne!(e.dev.device().features() & VIRTIO_BLK_F_RO, 0);
+        e.mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+        let out = [(DATA, 512, false)];
+        assert_eq!(
+            e.request(VIRTIO_BLK_T_OUT, 0, &out),
+            (VIRTIO_BLK_S_IOERR, 1)
+        );
+        assert!(std::fs::read(&e.path).unwrap().iter().all(|&b| b == 0));
+        let into = [(DATA, 512, true)];
+        assert_eq!(e.request(VIRTIO_BLK_T_IN, 0, &into), (VIRTIO_BLK_S_OK, 513));
+        assert_eq!(e.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (VIRTIO_BLK_S_OK, 1));
+    }
+
+    #[test]
+    fn config_space() {
+        let mut e = env(1 << 20, rw());
+        assert_eq!(e.dev.device().device_type(), 2);
+        assert_eq!(e.config(0, 8), 2048);
+        assert_eq!(e.config(0, 4), 2048);
+        assert_eq!(e.config(12, 4), u64::from(SEG_MAX));
+        assert_eq!(e.config(20, 4), 512);
+        assert_eq!(e.config(0x1000, 8), 0);
+        let features = e.dev.device().features();
+        let expected = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH;
+        assert_eq!(features, expected);
+        assert_eq!(e.dev.device().acked_features(), FEATURES);
+        set_status(&mut e.dev, 0);
+        assert_eq!(e.dev.device().acked_features(), 0);
+
+        let native = RawFileOptions {
+            logical_sector_size: 4096,
+            ..rw()
+        };
+        let mut e = env(1 << 20, native);
+        assert_eq!(e.config(0, 8), 2048);
+        assert_eq!(e.config(20, 4), 4096);
+        assert_eq!(e.dev.device().features() & VIRTIO_BLK_F_TOPOLOGY, 0);
+
+        let emulated = RawFileOptions {
+            physical_sector_size: Some(4096),
+            ..rw()
+        };
+        let mut e = env(1 << 20, emulated);
+        assert_eq!(e.config(20, 4), 512);
+        assert_ne!(e.dev.device().features() & VIRTIO_BLK_F_TOPOLOGY, 0);
+        assert_eq!(e.config(24, 1), 3);
+        assert_eq!(e.config(26, 2), 8);
+    }
+
+    /// xorshift64*: deterministic, no extra crates.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    #[test]
+    fn hostile_descriptor_tables() {
+        let mut e = env(64 * 1024, rw());
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let avail = 0x1000u64;
+        for round in 0..400 {
+            // Random request headers and data in the data area.
+            for i in 0..64u64 {
+                let kind = [0u32, 1, 4, 8, 2, rng.next() as u32][rng.below(6) as usize];
+                let mut header = [0u8; 16];
+                header[..4].copy_from_slice(&kind.to_le_bytes());
+                header[8..].copy_from_slice(&rng.below(160).to_le_bytes());
+                e.mem
+                    .write_slice(&header, GuestAddress(HDR + i * 16))
+                    .unwrap();
+            }
+            // A random descriptor table.
+            for i in 0..u64::from(QUEUE_SIZE) {
+                let addr = match rng.below(5) {
+                    0 => rng.next(),
+                    1 => MEM_SIZE as u64 - rng.below(4096),
+                    2 => rng.below(0x3000),
+                    _ => HDR + 16 * rng.below(64) + rng.below(2) * rng.below(0x4_0000),
+                };
+                let len = match rng.below(5) {
+                    0 => rng.next() as u32,
+                    1 => rng.below(32) as u32,
+                    2 => 16,
+                    _ => 512 * rng.below(8) as u32 + rng.below(2) as u32,
+                };
+                let flags = (rng.next() & 7) as u16;
+                let next = if rng.below(4) == 0 {
+                    rng.next() as u16
+                } else {
+                    rng.below(u64::from(QUEUE_SIZE)) as u16
+                };
+                let desc = RawDescriptor::from(Descriptor::new(addr, len, flags, next));
+                e.mem.write_obj(desc, GuestAddress(i * 16)).unwrap();
+            }
+            // Random avail entries and index, sometimes more than the queue holds.
+            let old: u16 = e.mem.read_obj(GuestAddress(avail + 2)).unwrap();
+            for i in 0..u64::from(QUEUE_SIZE) {
+                let head = rng.below(u64::from(QUEUE_SIZE) + 8) as u16;
+                e.mem
+                    .write_obj(head, GuestAddress(avail + 4 + 2 * i))
+                    .unwrap();
+            }
+            let added = match rng.below(8) {
+                0 => rng.next() as u16,
+                _ => rng.below(32) as u16,
+            };
+            let used_event = GuestAddress(avail + 4 + 2 * u64::from(QUEUE_SIZE));
+            e.mem.write_obj(rng.next() as u16, used_event).unwrap();
+            e.mem
+                .write_obj(old.wrapping_add(added), GuestAddress(avail + 2))
+                .unwrap();
+            notify(&mut e.dev, 0);
+            if round % 50 == 49 {
+                // Reset and bring the device back up on the same rings.
+                set_status(&mut e.dev, 0);
+                let q = MockSplitQueue::create(&*e.mem, GuestAddress(0), QUEUE_SIZE);
+                bring_up(&mut e.dev, FEATURES, 0, &q, QUEUE_SIZE);
+            }
+        }
+        // Still serves honest requests afterwards.
+        set_status(&mut e.dev, 0);
+        let q = MockSplitQueue::create(&*e.mem, GuestAddress(0), QUEUE_SIZE);
+        bring_up(&mut e.dev, FEATURES, 0, &q, QUEUE_SIZE);
+        e.slot = 0;
+        assert_eq!(e.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (VIRTIO_BLK_S_OK, 1));
     }
 }

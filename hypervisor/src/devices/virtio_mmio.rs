@@ -184,7 +184,10 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         let sel = self.queue_sel;
         match self.queues.get(sel as usize).map(|q| q.queue.ready()) {
             None => {
-                self.warn(Mistake::QueueSel, format_args!("queue {sel} does not exist"));
+                self.warn(
+                    Mistake::QueueSel,
+                    format_args!("queue {sel} does not exist"),
+                );
                 None
             }
             Some(true) => {
@@ -249,10 +252,12 @@ impl<D: VirtioDevice> VirtioMmio<D> {
                 }
             }
             REG_QUEUE_READY => self.write_queue_ready(value),
-            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH | REG_QUEUE_DRIVER_LOW
-            | REG_QUEUE_DRIVER_HIGH | REG_QUEUE_DEVICE_LOW | REG_QUEUE_DEVICE_HIGH => {
-                self.write_queue_address(offset, value)
-            }
+            REG_QUEUE_DESC_LOW
+            | REG_QUEUE_DESC_HIGH
+            | REG_QUEUE_DRIVER_LOW
+            | REG_QUEUE_DRIVER_HIGH
+            | REG_QUEUE_DEVICE_LOW
+            | REG_QUEUE_DEVICE_HIGH => self.write_queue_address(offset, value),
             REG_QUEUE_NOTIFY => self.notify(value),
             REG_INTERRUPT_ACK => self.interrupt_status &= !value,
             REG_STATUS => self.write_status(value),
@@ -311,7 +316,10 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         let sel = self.queue_sel;
         let mem = self.mem.clone();
         let Some(slot) = self.selected() else {
-            self.warn(Mistake::QueueSel, format_args!("queue {sel} does not exist"));
+            self.warn(
+                Mistake::QueueSel,
+                format_args!("queue {sel} does not exist"),
+            );
             return;
         };
         if value == 0 {
@@ -423,7 +431,7 @@ impl<D: VirtioDevice> BusDevice for VirtioMmio<D> {
             return;
         }
         data.fill(0);
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             self.warn(
                 Mistake::AccessWidth,
                 format_args!("{}-byte read at {offset:#x}", data.len()),
@@ -446,7 +454,7 @@ impl<D: VirtioDevice> BusDevice for VirtioMmio<D> {
             );
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             self.warn(
                 Mistake::AccessWidth,
                 format_args!("unaligned write at {offset:#x}"),
@@ -485,7 +493,21 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn guest_memory() -> Arc<GuestMemory> {
-        Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap())
+        guest_memory_of(0x10_0000)
+    }
+
+    pub(crate) fn guest_memory_of(size: usize) -> Arc<GuestMemory> {
+        Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), size)]).unwrap())
+    }
+
+    /// Guest write of `QueueNotify`.
+    pub(crate) fn notify<D: VirtioDevice>(dev: &mut VirtioMmio<D>, index: u32) {
+        write32(dev, REG_QUEUE_NOTIFY, index);
+    }
+
+    /// Guest write of `Status`.
+    pub(crate) fn set_status<D: VirtioDevice>(dev: &mut VirtioMmio<D>, status: u32) {
+        write32(dev, REG_STATUS, status);
     }
 
     pub(crate) fn read32<D: VirtioDevice>(dev: &mut VirtioMmio<D>, offset: u64) -> u32 {
@@ -543,16 +565,24 @@ pub(crate) mod tests {
         assert_eq!(read32(dev, REG_STATUS), 1 | 2 | STATUS_FEATURES_OK);
         write32(dev, REG_QUEUE_SEL, index);
         write32(dev, REG_QUEUE_NUM, u32::from(size));
-        for (low, addr) in [REG_QUEUE_DESC_LOW, REG_QUEUE_DRIVER_LOW, REG_QUEUE_DEVICE_LOW]
-            .into_iter()
-            .zip(rings)
+        for (low, addr) in [
+            REG_QUEUE_DESC_LOW,
+            REG_QUEUE_DRIVER_LOW,
+            REG_QUEUE_DEVICE_LOW,
+        ]
+        .into_iter()
+        .zip(rings)
         {
             write32(dev, low, addr.0 as u32);
             write32(dev, low + 4, (addr.0 >> 32) as u32);
         }
         write32(dev, REG_QUEUE_READY, 1);
         assert_eq!(read32(dev, REG_QUEUE_READY), 1);
-        write32(dev, REG_STATUS, 1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        write32(
+            dev,
+            REG_STATUS,
+            1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
         assert_eq!(
             read32(dev, REG_STATUS),
             1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK
@@ -619,7 +649,8 @@ pub(crate) mod tests {
 
     fn add_request(q: &MockSplitQueue<'_, GuestMemory>, slot: u16) {
         let desc = Descriptor::new(0x8_0000, 16, 0, 0);
-        q.add_desc_chains(&[RawDescriptor::from(desc)], slot).unwrap();
+        q.add_desc_chains(&[RawDescriptor::from(desc)], slot)
+            .unwrap();
     }
 
     #[test]
@@ -684,7 +715,11 @@ pub(crate) mod tests {
         // Clearing bits is ignored.
         write32(&mut dev, REG_STATUS, 1);
         assert_eq!(read32(&mut dev, REG_STATUS), 3 | STATUS_FEATURES_OK);
-        write32(&mut dev, REG_STATUS, 3 | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        write32(
+            &mut dev,
+            REG_STATUS,
+            3 | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
         assert_eq!(dev.device().activated, Some((1 << 32) | 1));
     }
 

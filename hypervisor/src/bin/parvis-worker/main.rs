@@ -21,7 +21,11 @@ use parvis_disk::{RawFile, RawFileOptions};
 mod term;
 
 #[derive(Debug, Parser)]
-#[command(name = "parvis-worker", version, about = "Run one Parvis child partition (VM)")]
+#[command(
+    name = "parvis-worker",
+    version,
+    about = "Run one Parvis child partition (VM)"
+)]
 struct Cli {
     #[command(subcommand)]
     tool: Option<Tool>,
@@ -223,9 +227,12 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
         spawn("serial-in", move || {
             let input = std::io::stdin();
             if raw {
-                pump_input(&serial, term::EscapeFilter::new(input, move || {
-                    let _ = escape_handle.send(Command::Stop);
-                }));
+                pump_input(
+                    &serial,
+                    term::EscapeFilter::new(input, move || {
+                        let _ = escape_handle.send(Command::Stop);
+                    }),
+                );
             } else {
                 pump_input(&serial, input);
             }
@@ -235,7 +242,9 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
         }
     } else if let Some((path, sink)) = socket {
         let listener = bind(&path)?;
-        spawn("serial-socket", move || serve_serial(listener, sink, serial))?;
+        spawn("serial-socket", move || {
+            serve_serial(listener, sink, serial)
+        })?;
     }
     if let Some(path) = &cli.control {
         let listener = bind(path)?;
@@ -246,9 +255,16 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
     let shot = cli.screenshot_on_exit.clone();
     let framebuffer = partition.config().framebuffer.is_some();
     let exit = run_and_capture(partition, shot.as_deref(), framebuffer)?;
-    for p in [cli.control.as_ref(), cli.serial.strip_prefix("unix:").map(Path::new).map(|p| p.to_path_buf()).as_ref()]
-        .into_iter()
-        .flatten()
+    for p in [
+        cli.control.as_ref(),
+        cli.serial
+            .strip_prefix("unix:")
+            .map(Path::new)
+            .map(|p| p.to_path_buf())
+            .as_ref(),
+    ]
+    .into_iter()
+    .flatten()
     {
         let _ = std::fs::remove_file(p);
     }
@@ -256,7 +272,11 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
 }
 
 /// Run the partition; when it ends, write the requested screenshot of its last frame.
-fn run_and_capture(partition: Partition, shot: Option<&Path>, framebuffer: bool) -> Result<GuestExit> {
+fn run_and_capture(
+    partition: Partition,
+    shot: Option<&Path>,
+    framebuffer: bool,
+) -> Result<GuestExit> {
     if shot.is_some() && !framebuffer {
         anyhow::bail!("--screenshot-on-exit needs a framebuffer");
     }
@@ -323,7 +343,9 @@ fn serve_serial(
     serial: Arc<Mutex<hypervisor::devices::serial::SerialDevice>>,
 ) {
     for conn in listener.incoming().flatten() {
-        let Ok(reader) = conn.try_clone() else { continue };
+        let Ok(reader) = conn.try_clone() else {
+            continue;
+        };
         *sink.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
         pump_input(&serial, reader);
     }
@@ -339,7 +361,9 @@ fn serve_control(listener: UnixListener, handle: PartitionHandle) {
 }
 
 fn control_session(conn: UnixStream, handle: PartitionHandle) {
-    let Ok(mut out) = conn.try_clone() else { return };
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
     for line in BufReader::new(conn).lines() {
         let Ok(line) = line else { return };
         let reply = control_command(line.trim(), &handle);

@@ -49,6 +49,7 @@ pub struct EscapeFilter<R, F> {
     inner: R,
     on_stop: F,
     pending_escape: bool,
+    stopped: bool,
 }
 
 impl<R: Read, F: FnMut()> EscapeFilter<R, F> {
@@ -58,6 +59,7 @@ impl<R: Read, F: FnMut()> EscapeFilter<R, F> {
             inner,
             on_stop,
             pending_escape: false,
+            stopped: false,
         }
     }
 }
@@ -65,6 +67,9 @@ impl<R: Read, F: FnMut()> EscapeFilter<R, F> {
 impl<R: Read, F: FnMut()> Read for EscapeFilter<R, F> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         loop {
+            if self.stopped {
+                return Ok(0);
+            }
             let n = self.inner.read(buf)?;
             if n == 0 {
                 return Ok(0);
@@ -77,7 +82,9 @@ impl<R: Read, F: FnMut()> Read for EscapeFilter<R, F> {
                     match b {
                         b'x' | b'X' => {
                             (self.on_stop)();
-                            return Ok(0);
+                            // Deliver what came before the escape; then end of input.
+                            self.stopped = true;
+                            return Ok(out);
                         }
                         CTRL_A => {
                             buf[out] = CTRL_A;

@@ -1,0 +1,153 @@
+//! The dependency rules of DESIGN.md, checked against `cargo metadata`:
+//! - console-gui depends on `proto` and portable crates only (it must build for Windows);
+//! - the agent never links the VMM or kvm-ioctls;
+//! - the disk-format crate stays pure (no KVM, no unsafe-needing system crates of the VMM).
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::Command;
+
+use serde_json::Value;
+
+struct Graph {
+    /// package id -> (name, normal/build dependency ids)
+    nodes: HashMap<String, (String, Vec<String>)>,
+    workspace: Vec<String>,
+}
+
+fn graph() -> Graph {
+    let out = Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--locked"])
+        .current_dir(parvis_tests::build::workspace())
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: HashMap<String, String> = v["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["id"].as_str().unwrap().to_string(),
+                p["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let mut nodes = HashMap::new();
+    for n in v["resolve"]["nodes"].as_array().unwrap() {
+        let id = n["id"].as_str().unwrap().to_string();
+        let deps = n["deps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| {
+                // Only what ships: normal and build dependencies, not dev-dependencies.
+                d["dep_kinds"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|k| k["kind"].is_null() || k["kind"] == "build")
+            })
+            .map(|d| d["pkg"].as_str().unwrap().to_string())
+            .collect();
+        nodes.insert(id.clone(), (names[&id].clone(), deps));
+    }
+    let workspace = v["workspace_members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_string())
+        .collect();
+    Graph { nodes, workspace }
+}
+
+impl Graph {
+    fn id(&self, name: &str) -> String {
+        self.workspace
+            .iter()
+            .find(|id| self.nodes[*id].0 == name)
+            .unwrap_or_else(|| panic!("workspace member {name} not found"))
+            .clone()
+    }
+
+    /// Names of every crate `name` pulls in (transitively).
+    fn closure(&self, name: &str) -> BTreeSet<String> {
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![self.id(name)];
+        let mut out = BTreeSet::new();
+        while let Some(id) = stack.pop() {
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            for d in &self.nodes[&id].1 {
+                out.insert(self.nodes[d].0.clone());
+                stack.push(d.clone());
+            }
+        }
+        out
+    }
+
+    fn workspace_names(&self) -> BTreeSet<String> {
+        self.workspace
+            .iter()
+            .map(|id| self.nodes[id].0.clone())
+            .collect()
+    }
+}
+
+const VMM_CRATES: &[&str] = &[
+    "hypervisor",
+    "kvm-ioctls",
+    "kvm-bindings",
+    "vm-superio",
+    "linux-loader",
+    "virtio-queue",
+    "vmm-sys-util",
+];
+
+#[test]
+fn console_gui_depends_on_proto_and_portable_crates_only() {
+    let g = graph();
+    let deps = g.closure("console_gui");
+    let ours: BTreeSet<_> = deps.intersection(&g.workspace_names()).cloned().collect();
+    assert_eq!(ours, BTreeSet::from(["proto".to_string()]));
+    for bad in VMM_CRATES.iter().chain(&["parvis_disk", "agent"]) {
+        assert!(!deps.contains(*bad), "console-gui must not depend on {bad}");
+    }
+}
+
+#[test]
+fn agent_never_links_the_vmm() {
+    let g = graph();
+    let deps = g.closure("agent");
+    for bad in VMM_CRATES {
+        assert!(!deps.contains(*bad), "agent must not depend on {bad}");
+    }
+    assert!(deps.contains("proto"));
+}
+
+#[test]
+fn disk_formats_are_a_pure_leaf() {
+    let g = graph();
+    let deps = g.closure("parvis_disk");
+    let ours: BTreeSet<_> = deps.intersection(&g.workspace_names()).cloned().collect();
+    assert!(
+        ours.is_empty(),
+        "parvis_disk depends on workspace crates {ours:?}"
+    );
+    for bad in VMM_CRATES {
+        assert!(!deps.contains(*bad), "parvis_disk must not depend on {bad}");
+    }
+}
+
+#[test]
+fn proto_depends_on_no_workspace_crate() {
+    let g = graph();
+    let deps = g.closure("proto");
+    let ours: BTreeSet<_> = deps.intersection(&g.workspace_names()).cloned().collect();
+    assert!(ours.is_empty(), "{ours:?}");
+}
