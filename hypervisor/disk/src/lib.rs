@@ -12,10 +12,58 @@
 #![forbid(unsafe_code)]
 
 mod raw;
+pub mod storage;
+pub mod vhd;
+pub mod vhdx;
 
 use std::io;
 
 pub use raw::{RawFile, RawFileOptions};
+
+/// An image container format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ImageFormat {
+    /// The file is the disk.
+    Raw,
+    /// VHD (Virtual PC / Hyper-V generation 1).
+    Vhd,
+    /// VHDX.
+    Vhdx,
+}
+
+/// What `parvis disk info` shows about an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Container format.
+    pub format: ImageFormat,
+    /// "fixed", "dynamic" or "differencing" (raw: "raw").
+    pub variant: &'static str,
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Size of the image file in bytes.
+    pub file_size: u64,
+    /// Bytes of the virtual disk backed by data in this file (not counting parents).
+    pub allocated: u64,
+    /// Block size of dynamic/differencing images.
+    pub block_size: Option<u32>,
+    /// Logical sector size.
+    pub logical_sector_size: u32,
+    /// Physical sector size.
+    pub physical_sector_size: u32,
+    /// Parent path of a differencing image, as resolved.
+    pub parent: Option<std::path::PathBuf>,
+    /// Format-specific facts (creator, disk id, log state, ...), for display.
+    pub details: Vec<(String, String)>,
+}
+
+/// The result of a consistency check.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Problems that make (parts of) the image unreadable or wrong.
+    pub errors: Vec<String>,
+    /// Harmless oddities (leaked clusters, unusual but valid values).
+    pub warnings: Vec<String>,
+}
 
 /// The smallest logical sector size, and the unit of virtio-blk sector numbers.
 pub const SECTOR_SIZE: u32 = 512;
@@ -62,6 +110,42 @@ pub enum DiskError {
         size: u64,
         /// Logical sector size in bytes.
         sector_size: u32,
+    },
+    /// An image structure is damaged or hostile: names the structure and where it is.
+    #[error("corrupt {structure} at offset {offset:#x}: {reason}")]
+    Corrupt {
+        /// The structure ("VHD footer", "VHDX BAT entry 12", ...).
+        structure: String,
+        /// Byte offset of the structure in the image file.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A valid image using a feature Parvis does not implement.
+    #[error("unsupported {what}")]
+    Unsupported {
+        /// The feature.
+        what: String,
+    },
+    /// The image needs its log replayed and the caller did not allow writing to it.
+    #[error("the image has an unreplayed log; open it writable (or replay on a copy) to use it")]
+    NeedsLogReplay,
+    /// A differencing image's parent could not be opened.
+    #[error("parent image {path} of a differencing disk")]
+    Parent {
+        /// The parent path that was tried.
+        path: String,
+        /// Why it failed.
+        #[source]
+        source: Box<DiskError>,
+    },
+    /// A differencing chain refers back to itself or is deeper than the limit.
+    #[error("differencing chain loops or is deeper than {limit} images at {path}")]
+    ParentChain {
+        /// Where the loop was detected.
+        path: String,
+        /// The depth limit.
+        limit: usize,
     },
     /// An I/O error from the host.
     #[error("{op} at offset {offset:#x} failed: {source}")]

@@ -1,0 +1,1 @@
+//! VHD (Virtual PC / VHD1): fixed, dynamic and differencing images.

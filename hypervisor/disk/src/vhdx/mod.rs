@@ -1,0 +1,1 @@
+//! VHDX: fixed, dynamic and differencing images, with log replay.
