@@ -46,9 +46,8 @@ impl RawFileOptions {
 /// A raw image file. Reads and writes are positional (`pread`/`pwrite`), so the file can be
 /// shared by several threads without locking.
 ///
-/// Limitations (no `unsafe`/libc in this crate): [`BlockDevice::discard`] is a successful
-/// no-op (holes are never punched), and [`BlockDevice::allocation`] reports every range as
-/// [`AllocationState::Data`] (no `SEEK_DATA`/`SEEK_HOLE`).
+/// Sparse-aware: [`BlockDevice::allocation`] reports holes, [`BlockDevice::discard`] punches
+/// them.
 #[derive(Debug)]
 pub struct RawFile {
     file: File,
@@ -189,22 +188,54 @@ impl BlockDevice for RawFile {
             .map_err(|source| io_err("flush", 0, source))
     }
 
-    /// A no-op: punching holes needs `fallocate`, which this crate cannot call without libc.
+    /// Punches a hole (the range then reads as zeros and uses no space) in a regular file;
+    /// a no-op where the file system or device cannot.
     fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         if self.read_only {
             return Err(DiskError::ReadOnly);
         }
-        check_range(offset, len, self.size)
+        check_range(offset, len, self.size)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        match rustix::fs::fallocate(&self.file, flags, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NODEV => Ok(()),
+            Err(e) => Err(io_err("discard", offset, e.into())),
+        }
     }
 
-    /// Always [`AllocationState::Data`] for the whole (clipped) range: detecting holes needs
-    /// `SEEK_DATA`/`SEEK_HOLE`, which this crate cannot use without libc.
+    /// Holes in a sparse file are [`AllocationState::Unallocated`], found with
+    /// `SEEK_DATA`/`SEEK_HOLE`; where those are not supported, everything is data.
     fn allocation(&self, offset: u64, len: u64) -> Result<Allocation, DiskError> {
+        use rustix::fs::{SeekFrom, seek};
         check_range(offset, len, self.size)?;
-        Ok(Allocation {
-            state: AllocationState::Data,
-            len,
-        })
+        let data = |len| {
+            Ok(Allocation {
+                state: AllocationState::Data,
+                len,
+            })
+        };
+        let hole = |len| {
+            Ok(Allocation {
+                state: AllocationState::Unallocated,
+                len,
+            })
+        };
+        if len == 0 {
+            return data(0);
+        }
+        match seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(start) if start > offset => hole((start - offset).min(len)),
+            Ok(_) => match seek(&self.file, SeekFrom::Hole(offset)) {
+                Ok(end) if end > offset => data((end - offset).min(len)),
+                _ => data(len),
+            },
+            // No data at or after `offset`.
+            Err(e) if e == rustix::io::Errno::NXIO => hole(len),
+            Err(_) => data(len),
+        }
     }
 }
 
@@ -267,14 +298,34 @@ mod tests {
         ));
         assert!(disk.discard(4096, 512).is_err());
         assert!(disk.allocation(0, 8192).is_err());
-        assert_eq!(
-            disk.allocation(512, 1024).unwrap(),
-            Allocation {
-                state: AllocationState::Data,
-                len: 1024
-            }
-        );
+        assert_eq!(disk.allocation(512, 1024).unwrap().len, 1024);
         disk.discard(0, 4096).unwrap();
+    }
+
+    #[test]
+    fn allocation_follows_holes_and_discard_punches_them() {
+        let (_dir, _path, disk) = new_disk(4 << 20);
+        let hole = |len| Allocation {
+            state: AllocationState::Unallocated,
+            len,
+        };
+        let data = |len| Allocation {
+            state: AllocationState::Data,
+            len,
+        };
+        assert_eq!(disk.allocation(0, 4 << 20).unwrap(), hole(4 << 20));
+        disk.write_at(&[0x11; 1 << 20], 1 << 20).unwrap();
+        disk.flush().unwrap();
+        assert_eq!(disk.allocation(0, 4 << 20).unwrap(), hole(1 << 20));
+        assert_eq!(disk.allocation(1 << 20, 3 << 20).unwrap(), data(1 << 20));
+        assert_eq!(disk.allocation(2 << 20, 2 << 20).unwrap(), hole(2 << 20));
+        // Clipped to the query.
+        assert_eq!(disk.allocation(1 << 20, 4096).unwrap(), data(4096));
+        disk.discard(1 << 20, 1 << 20).unwrap();
+        assert_eq!(disk.allocation(0, 4 << 20).unwrap(), hole(4 << 20));
+        let mut buf = vec![0xffu8; 4096];
+        disk.read_at(&mut buf, 1 << 20).unwrap();
+        assert!(buf.iter().all(|b| *b == 0));
     }
 
     #[test]
