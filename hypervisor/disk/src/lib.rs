@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod convert;
 mod raw;
 pub mod storage;
 pub mod vhd;
