@@ -86,6 +86,26 @@ act_disk() {
 	echo "PARVIS-DISK-SHA256=${sum%% *}"
 }
 
+# Boot userspace from the virtio disk: mount its ext4 file system and switch_root to its
+# /init (the disk's own userland then runs as PID 1).
+act_rootdisk() {
+	disk_ready || return 0
+	load ext4
+	mkdir -p /newroot
+	if ! mount -t ext4 /dev/vda /newroot; then
+		echo "PARVIS-ROOTDISK-ERROR=mount failed"
+		return 0
+	fi
+	if [ ! -x /newroot/init ]; then
+		echo "PARVIS-ROOTDISK-ERROR=no /init on the disk"
+		umount /newroot
+		return 0
+	fi
+	echo "PARVIS-ROOTDISK-MOUNTED"
+	umount /proc /sys 2>/dev/null
+	exec switch_root /newroot /init
+}
+
 act_diskwrite() {
 	disk_ready || return 0
 	if printf 'PARVIS-GUEST-WROTE-THIS' |
@@ -202,6 +222,7 @@ for a in "$@"; do
 	nproc) act_nproc ;;
 	disk) act_disk ;;
 	diskwrite) act_diskwrite ;;
+	rootdisk) act_rootdisk ;;
 	fb) act_fb ;;
 	ticks) act_ticks ;;
 	panic) act_panic ;;
