@@ -166,7 +166,11 @@ fn write_nonzero(
     off: u64,
     stats: &mut ConvertStats,
 ) -> Result<(), ConvertError> {
-    let piece = if off % 4096 == 0 && data.len() % 4096 == 0 { 4096 } else { 512 };
+    let piece = if off.is_multiple_of(4096) && data.len().is_multiple_of(4096) {
+        4096
+    } else {
+        512
+    };
     let mut run_start: Option<usize> = None;
     let flush_run = |from: usize, to: usize, stats: &mut ConvertStats| {
         stats.written += (to - from) as u64;

@@ -218,7 +218,10 @@ impl VirtioBlk {
                 misordered = true;
             }
             if self.readable.len() + self.writable.len() >= MAX_SEGMENTS {
+                // Stop here rather than walk a 65535-entry indirect table; without the rest
+                // of the chain the status byte is unknown, so the chain is dropped.
                 too_many = true;
+                break;
             } else if desc.is_write_only() {
                 self.writable.push(seg);
             } else {
@@ -226,8 +229,8 @@ impl VirtioBlk {
             }
         }
         // The status is the last byte of the last device-writable buffer.
-        let Some(status_seg) = status_seg else {
-            self.warn("no device-writable status byte");
+        let Some(status_seg) = status_seg.filter(|_| !too_many) else {
+            self.warn("no device-writable status byte, or too many descriptors");
             return 0;
         };
         let status_addr = status_seg
@@ -235,8 +238,8 @@ impl VirtioBlk {
             .0
             .checked_add(u64::from(status_seg.len) - 1)
             .map(GuestAddress);
-        let outcome = if too_many || misordered {
-            self.warn("too many or misordered descriptors");
+        let outcome = if misordered {
+            self.warn("device-readable descriptor after a device-writable one");
             Outcome::status(VIRTIO_BLK_S_IOERR)
         } else {
             // Everything writable but the status byte is data-in space.
@@ -473,6 +476,7 @@ mod tests {
     const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
+    const INDIRECT: u16 = 4;
 
     struct Env {
         _dir: tempfile::TempDir,
@@ -480,7 +484,10 @@ mod tests {
         mem: Arc<GuestMemory>,
         irq: Arc<CountingIrq>,
         dev: VirtioMmio<VirtioBlk>,
+        /// Next free descriptor (every chain completes synchronously, so slots are reused).
         slot: u16,
+        /// Chains made available so far: the avail index.
+        chains: u16,
     }
 
     /// A `size`-byte raw disk behind a virtio-blk device with queue 0 at guest address 0.
@@ -501,6 +508,7 @@ mod tests {
             irq,
             dev,
             slot: 0,
+            chains: 0,
         }
     }
 
@@ -512,26 +520,40 @@ mod tests {
         /// Submit one chain of (address, length, device-writable) buffers, notify, and return
         /// the used length of the completion.
         fn submit(&mut self, bufs: &[(u64, u32, bool)]) -> u32 {
+            if usize::from(self.slot) + bufs.len() > usize::from(QUEUE_SIZE) {
+                self.slot = 0;
+            }
+            let descs = chain(bufs, self.slot);
+            self.submit_descs(&descs)
+        }
+
+        /// Submit one indirect descriptor whose table, at `table`, holds `bufs`.
+        fn submit_indirect(&mut self, table: u64, bufs: &[(u64, u32, bool)]) -> u32 {
+            for (i, desc) in chain(bufs, 0).into_iter().enumerate() {
+                let at = GuestAddress(table + 16 * i as u64);
+                self.mem.write_obj(desc, at).unwrap();
+            }
+            let len = 16 * bufs.len() as u32;
+            self.slot %= QUEUE_SIZE;
+            self.submit_descs(&[RawDescriptor::from(Descriptor::new(
+                table, len, INDIRECT, 0,
+            ))])
+        }
+
+        /// Put a chain, laid out from descriptor `self.slot` on, in the avail ring and notify.
+        fn submit_descs(&mut self, descs: &[RawDescriptor]) -> u32 {
             let q = MockSplitQueue::create(&*self.mem, GuestAddress(0), QUEUE_SIZE);
             // `create` zeroes the avail index; restore it.
-            q.avail().idx().store(self.slot);
-            let n = bufs.len() as u16;
-            let descs: Vec<_> = bufs
-                .iter()
-                .enumerate()
-                .map(|(i, &(addr, len, write))| {
-                    let i = i as u16;
-                    let flags = if write { WRITE } else { 0 } | if i + 1 < n { NEXT } else { 0 };
-                    let next = (self.slot + i + 1) % QUEUE_SIZE;
-                    RawDescriptor::from(Descriptor::new(addr, len, flags, next))
-                })
-                .collect();
-            q.add_desc_chains(&descs, self.slot).unwrap();
+            q.avail().idx().store(self.chains);
+            let n = descs.len() as u16;
+            q.add_desc_chains(descs, self.slot).unwrap();
             let head = self.slot;
             self.slot += n;
+            self.chains = self.chains.wrapping_add(1);
             notify(&mut self.dev, 0);
             let used = used_ring(&q, QUEUE_SIZE);
             let (_, _, idx) = used_entry(&self.mem, used, 0);
+            assert_eq!(idx, self.chains, "exactly one completion per chain");
             let (id, len, _) = used_entry(&self.mem, used, idx.wrapping_sub(1) % QUEUE_SIZE);
             assert_eq!(id, u32::from(head));
             len
@@ -556,6 +578,18 @@ mod tests {
             self.dev.read(0x100 + offset, &mut data[..len]);
             u64::from_le_bytes(data)
         }
+    }
+
+    /// Descriptors for `bufs` chained from index `first` on.
+    fn chain(bufs: &[(u64, u32, bool)], first: u16) -> Vec<RawDescriptor> {
+        let n = bufs.len() as u16;
+        let descs = bufs.iter().enumerate().map(|(i, &(addr, len, write))| {
+            let i = i as u16;
+            let flags = if write { WRITE } else { 0 } | if i + 1 < n { NEXT } else { 0 };
+            let next = first.wrapping_add(i + 1);
+            RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+        });
+        descs.collect()
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -721,6 +755,29 @@ mod tests {
     }
 
     #[test]
+    fn indirect_chains() {
+        let mut e = env(1 << 20, rw());
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        header[8..].copy_from_slice(&3u64.to_le_bytes());
+        e.mem.write_slice(&header, GuestAddress(HDR)).unwrap();
+        let data = pattern(512, 9);
+        e.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+        let table = 0x30_0000;
+        let bufs = [(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)];
+        assert_eq!(e.submit_indirect(table, &bufs), 1);
+        assert_eq!(&std::fs::read(&e.path).unwrap()[1536..2048], &data[..]);
+        // More descriptors than a request may have: dropped without walking the whole table.
+        let mut many = vec![(HDR, 16, false)];
+        many.extend((0..MAX_SEGMENTS).map(|_| (DATA, 512, true)));
+        many.push((STATUS, 1, true));
+        e.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        assert_eq!(e.submit_indirect(table, &many), 0);
+        assert_eq!(e.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xff);
+        assert_eq!(e.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (VIRTIO_BLK_S_OK, 1));
+    }
+
+    #[test]
     fn read_only_disk() {
         let ro = RawFileOptions {
             read_only: true,
@@ -864,6 +921,7 @@ mod tests {
         let q = MockSplitQueue::create(&*e.mem, GuestAddress(0), QUEUE_SIZE);
         bring_up(&mut e.dev, FEATURES, 0, &q, QUEUE_SIZE);
         e.slot = 0;
+        e.chains = 0;
         assert_eq!(e.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (VIRTIO_BLK_S_OK, 1));
     }
 }
