@@ -20,6 +20,9 @@ pub enum FbError {
     /// The geometry does not fit the VRAM or is degenerate.
     #[error("framebuffer {width}x{height} does not fit in {vram} bytes of VRAM")]
     TooLarge { width: u32, height: u32, vram: u64 },
+    /// The partition has no boot framebuffer.
+    #[error("the partition has no framebuffer")]
+    NoFramebuffer,
     /// The pixel buffer is shorter than the geometry needs.
     #[error("framebuffer buffer is {got} bytes, {need} needed")]
     ShortBuffer { got: usize, need: usize },

@@ -668,11 +668,7 @@ impl Partition {
     /// Save the boot framebuffer as PNG.
     pub fn screenshot(&self, path: &Path) -> Result<(), FbError> {
         let Some(fb) = self.config.framebuffer else {
-            return Err(FbError::TooLarge {
-                width: 0,
-                height: 0,
-                vram: 0,
-            });
+            return Err(FbError::NoFramebuffer);
         };
         let len = fb.byte_len() as usize;
         let mut raw = vec![0u8; len];
