@@ -245,6 +245,7 @@ L2_MODULES=(
 	kernel/drivers/virtio/
 	kernel/drivers/block/virtio_blk.ko
 	kernel/fs/ext4/ext4.ko
+	kernel/crypto/crc32c_generic.ko
 	kernel/drivers/misc/pvpanic/
 	kernel/drivers/hv/
 	kernel/drivers/hid/hid.ko
@@ -329,7 +330,7 @@ check_modprobe() {
 
 log "L2 initramfs"
 populate_root "$WORK/l2root" l2-init.sh "${L2_MODULES[@]}"
-for m in virtio_mmio virtio_blk virtio_pci ext4 pvpanic_mmio hyperv_drm hid_hyperv hyperv_keyboard; do
+for m in virtio_mmio virtio_blk virtio_pci ext4 crc32c_generic pvpanic_mmio hyperv_drm hid_hyperv hyperv_keyboard; do
 	check_modprobe "$WORK/l2root" "$m"
 done
 pack_cpio "$WORK/l2root" "$NEW/l2-initramfs.cpio"

@@ -90,7 +90,8 @@ act_disk() {
 # /init (the disk's own userland then runs as PID 1).
 act_rootdisk() {
 	disk_ready || return 0
-	load ext4
+	# ext4's metadata checksums need the crc32c algorithm, a module in Debian's kernel.
+	load crc32c_generic ext4
 	mkdir -p /newroot
 	if ! mount -t ext4 /dev/vda /newroot; then
 		echo "PARVIS-ROOTDISK-ERROR=mount failed"

@@ -6,7 +6,9 @@
 //! `$IMAGES` and a writable folder shared with the host in `$SHARE`; whatever it writes to
 //! `$SHARE` is visible to the test afterwards.
 
+pub mod bench_support;
 pub mod build;
+pub mod disk_bench;
 pub mod markers;
 pub mod testhost;
 

@@ -99,7 +99,10 @@ pub fn convert(
                     }
                     if cancel.load(Ordering::Relaxed) {
                         stop.store(true, Ordering::Relaxed);
-                        failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(ConvertError::Cancelled);
+                        failure
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(ConvertError::Cancelled);
                         break;
                     }
                     let start = next.fetch_add(chunk, Ordering::Relaxed);
@@ -109,7 +112,10 @@ pub fn convert(
                     let len = chunk.min(total - start);
                     if let Err(e) = copy_chunk(src, dst, start, len, &mut buf, &mut local) {
                         stop.store(true, Ordering::Relaxed);
-                        failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                        failure
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(e);
                         break;
                     }
                     let d = done.fetch_add(len, Ordering::Relaxed) + len;
@@ -205,8 +211,8 @@ pub fn is_zero(b: &[u8]) -> bool {
     let mid = b.len() / 8 * 8;
     let (words, tail) = b.split_at(mid);
     words
-            .chunks_exact(8)
-            .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        .chunks_exact(8)
+        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
         && tail.iter().all(|x| *x == 0)
 }
 
@@ -234,7 +240,11 @@ pub fn first_difference(
         if !(ea.state == AllocationState::Unallocated && eb.state == AllocationState::Unallocated) {
             a.read_at(&mut ba[..n as usize], off)?;
             b.read_at(&mut bb[..n as usize], off)?;
-            if let Some(i) = ba[..n as usize].iter().zip(&bb[..n as usize]).position(|(x, y)| x != y) {
+            if let Some(i) = ba[..n as usize]
+                .iter()
+                .zip(&bb[..n as usize])
+                .position(|(x, y)| x != y)
+            {
                 return Ok(Some(off + i as u64));
             }
         }
@@ -294,11 +304,20 @@ mod tests {
             "{st:?}"
         );
         assert!(st.skipped_unallocated > 8 << 20, "{st:?}");
-        assert_eq!(first_difference(&src, &dst, size, &cancel, &|_, _| {}).unwrap(), None);
+        assert_eq!(
+            first_difference(&src, &dst, size, &cancel, &|_, _| {}).unwrap(),
+            None
+        );
         // The zero-filled range stayed a hole in the destination.
-        assert_eq!(dst.allocation(4 << 20, 1 << 20).unwrap().state, AllocationState::Unallocated);
+        assert_eq!(
+            dst.allocation(4 << 20, 1 << 20).unwrap().state,
+            AllocationState::Unallocated
+        );
         dst.write_at(&[7; 512], 3 << 20).unwrap();
-        assert_eq!(first_difference(&src, &dst, size, &cancel, &|_, _| {}).unwrap(), Some(3 << 20));
+        assert_eq!(
+            first_difference(&src, &dst, size, &cancel, &|_, _| {}).unwrap(),
+            Some(3 << 20)
+        );
     }
 
     #[test]

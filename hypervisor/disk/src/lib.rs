@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
+pub mod image;
 mod raw;
 pub mod storage;
 pub mod vhd;

@@ -76,7 +76,10 @@ impl MemStorage {
     fn check(&self, end: Option<u64>) -> io::Result<usize> {
         match end {
             Some(e) if e <= self.max_len => Ok(e as usize),
-            _ => Err(io::Error::new(io::ErrorKind::OutOfMemory, "in-memory image size cap")),
+            _ => Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "in-memory image size cap",
+            )),
         }
     }
 }

@@ -450,7 +450,10 @@ mod tests {
         assert_eq!(q.virtual_size(), 3 << 30);
         // A size the geometry describes exactly keeps the spec geometry.
         let mut e = Footer::new(DiskType::Dynamic, 2040 * 512, 1234, [7; 16]);
-        assert_eq!((e.geometry.cylinders, e.geometry.heads, e.geometry.sectors), (30, 4, 17));
+        assert_eq!(
+            (e.geometry.cylinders, e.geometry.heads, e.geometry.sectors),
+            (30, 4, 17)
+        );
         e.set_creator_app(b"vpc ");
         assert_eq!(e.size_rule(), SizeRule::Chs);
         assert_eq!(e.virtual_size(), 2040 * 512);

@@ -16,7 +16,7 @@ use hypervisor::config::{ByteSize, DiskSpec, Resolution, WorkerSettings};
 use hypervisor::devices::serial::{SerialOutput, pump_input};
 use hypervisor::partition::{Command, GuestExit, PartitionHandle, PartitionState};
 use hypervisor::{DiskAttachment, Partition, PartitionConfig, RebootAction};
-use parvis_disk::{RawFile, RawFileOptions};
+use parvis_disk::image::{self, OpenOptions};
 
 mod term;
 
@@ -166,16 +166,20 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
 
     let mut disks = Vec::new();
     for d in &s.disks {
-        let opts = RawFileOptions {
+        // Raw, VHD or VHDX, detected from the contents. A VHDX with an unreplayed log is
+        // replayed only when the disk is attached writable (as Hyper-V does on attach); a
+        // read-only attachment never modifies the file.
+        let opts = OpenOptions {
             read_only: d.read_only,
-            logical_sector_size: d.sector_size.unwrap_or(512),
-            physical_sector_size: None,
+            allow_replay: !d.read_only,
+            format: None,
+            raw_sector_size: d.sector_size,
         };
-        let raw = RawFile::open_with(&d.path, &opts)
+        let img = image::open(&d.path, &opts)
             .with_context(|| format!("cannot open disk {}", d.path.display()))?;
         disks.push(DiskAttachment {
             name: d.path.display().to_string(),
-            device: Arc::new(raw),
+            device: Arc::new(img),
         });
     }
 
@@ -255,17 +259,9 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
     let shot = cli.screenshot_on_exit.clone();
     let framebuffer = partition.config().framebuffer.is_some();
     let exit = run_and_capture(partition, shot.as_deref(), framebuffer)?;
-    for p in [
-        cli.control.as_ref(),
-        cli.serial
-            .strip_prefix("unix:")
-            .map(Path::new)
-            .map(|p| p.to_path_buf())
-            .as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    {
+    // Sockets are per run: remove them so a stale path never looks like a live worker.
+    let serial_socket = cli.serial.strip_prefix("unix:").map(PathBuf::from);
+    for p in cli.control.iter().chain(serial_socket.iter()) {
         let _ = std::fs::remove_file(p);
     }
     Ok(exit)
