@@ -22,8 +22,16 @@ pub struct CaseResult {
     pub qemu: Duration,
 }
 
+/// Write back everything dirty first, so one run's writeback is not billed to the next.
+fn settle() {
+    let _ = Command::new("sync").status();
+}
+
+/// Both sides are timed until the output is durable: Parvis's converter flushes the image,
+/// and the qemu-img run is followed by an fsync of its output.
 fn qemu_convert(src: &Path, sfmt: &str, dst: &Path, dfmt: &str, opts: &[&str]) -> Result<Duration> {
     let _ = std::fs::remove_file(dst);
+    settle();
     let t = Instant::now();
     let o = Command::new("qemu-img")
         .args(["convert", "-f", sfmt, "-O", dfmt])
@@ -32,6 +40,7 @@ fn qemu_convert(src: &Path, sfmt: &str, dst: &Path, dfmt: &str, opts: &[&str]) -
         .arg(dst)
         .output()
         .context("qemu-img is needed (tests/setup-host.sh)")?;
+    std::fs::File::open(dst)?.sync_all()?;
     let d = t.elapsed();
     if !o.status.success() {
         bail!(
@@ -44,6 +53,7 @@ fn qemu_convert(src: &Path, sfmt: &str, dst: &Path, dfmt: &str, opts: &[&str]) -
 
 fn parvis_convert(src: &Path, dst: &Path, format: ImageFormat) -> Result<Duration> {
     let _ = std::fs::remove_file(dst);
+    settle();
     let t = Instant::now();
     let s = image::open(
         src,
@@ -225,5 +235,8 @@ pub fn print(results: &[CaseResult]) {
             r.qemu.as_secs_f64() / r.parvis.as_secs_f64()
         );
     }
+    println!(
+        "both timed until the output is durable (qemu-img followed by fsync); sync before each run"
+    );
     println!("target: parvis at least 1.5x qemu-img's speed");
 }
