@@ -15,3 +15,17 @@ pub mod testhost;
 pub use build::{Artifacts, artifacts};
 pub use markers::{marker, marker_all};
 pub use testhost::{Mode, Outcome, Scenario};
+
+/// `len` deterministic pseudo-random bytes (xorshift64 from `seed`): test disk contents
+/// that are reproducible on both sides of the test host.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -167,32 +167,8 @@ impl Scenario {
         let path = share.path().join("scenario.sh");
         let body = std::fs::read_to_string(&path)?;
         std::fs::write(&path, format!("{header}{body}"))?;
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "1"])
-            .args(["-m", &format!("{}M", self.l1_memory_mib)])
-            .args([
-                "-display",
-                "none",
-                "-serial",
-                "stdio",
-                "-monitor",
-                "none",
-                "-no-reboot",
-            ])
-            .arg("-kernel")
-            .arg(art.images.join("vmlinux"))
-            .arg("-initrd")
-            .arg(art.images.join("l1-initramfs.cpio"))
-            .arg("-virtfs")
-            .arg(format!(
-                "local,path={},mount_tag=host0,security_model=none",
-                share.path().display()
-            ))
-            .args([
-                "-append",
-                "console=ttyS0 reboot=t panic=-1 quiet parvis.scenario=/host/scenario.sh",
-            ])
-            .stdin(Stdio::null())
+        let mut cmd = l1_command(art, share.path(), self.l1_memory_mib, &["-serial", "stdio"]);
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let child = cmd
@@ -239,6 +215,31 @@ impl Scenario {
             mode: Mode::Direct,
         })
     }
+}
+
+/// The QEMU command line of the test host (L1): TCG with an SVM-capable EPYC, the L1 kernel
+/// and initramfs, `share` as 9p tag `host0`, and the scenario at `/host/scenario.sh`.
+/// `serial` chooses how L1's console is connected.
+fn l1_command(art: &crate::Artifacts, share: &Path, memory_mib: u32, serial: &[&str]) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "1"])
+        .args(["-m", &format!("{memory_mib}M")])
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .args(serial)
+        .arg("-kernel")
+        .arg(art.images.join("vmlinux"))
+        .arg("-initrd")
+        .arg(art.images.join("l1-initramfs.cpio"))
+        .arg("-virtfs")
+        .arg(format!(
+            "local,path={},mount_tag=host0,security_model=none",
+            share.display()
+        ))
+        .args([
+            "-append",
+            "console=ttyS0 reboot=t panic=-1 quiet parvis.scenario=/host/scenario.sh",
+        ]);
+    cmd
 }
 
 type Lines = Vec<(Duration, String)>;
@@ -324,39 +325,19 @@ pub fn run_interactive(script: &str) -> Result<i32> {
                  runs inside the emulated test host (QEMU TCG with nested KVM); it takes a few \
                  seconds to start."
             );
-            Command::new("qemu-system-x86_64")
-                .args([
-                    "-accel",
-                    "tcg,thread=multi",
-                    "-cpu",
-                    "EPYC",
-                    "-smp",
-                    "1",
-                    "-m",
-                    "2048M",
-                ])
-                .args(["-display", "none", "-monitor", "none", "-no-reboot"])
-                .args([
+            l1_command(
+                art,
+                share.path(),
+                2048,
+                &[
                     "-chardev",
                     "stdio,id=con,signal=off",
                     "-serial",
                     "chardev:con",
-                ])
-                .arg("-kernel")
-                .arg(art.images.join("vmlinux"))
-                .arg("-initrd")
-                .arg(art.images.join("l1-initramfs.cpio"))
-                .arg("-virtfs")
-                .arg(format!(
-                    "local,path={},mount_tag=host0,security_model=none",
-                    share.path().display()
-                ))
-                .args([
-                    "-append",
-                    "console=ttyS0 reboot=t panic=-1 quiet parvis.scenario=/host/scenario.sh",
-                ])
-                .status()
-                .context("cannot start qemu-system-x86_64 (run tests/setup-host.sh)")?
+                ],
+            )
+            .status()
+            .context("cannot start qemu-system-x86_64 (run tests/setup-host.sh)")?
         }
         Mode::Direct => {
             std::fs::write(share.path().join("scenario.sh"), body)?;

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use parvis_tests::markers::has_line;
+use parvis_tests::pattern as disk_bytes;
 use parvis_tests::{Outcome, Scenario, marker, marker_all};
 use sha2::{Digest, Sha256};
 
@@ -66,18 +67,6 @@ wait $pid
 echo $? >ctl.rc
 echo "SCENARIO: ctl exited $(cat ctl.rc)"
 "#;
-
-fn disk_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// A minimal x86-64 ELF whose entry executes `ud2`: with the empty boot IDT the #UD cannot
 /// be delivered, which escalates to a triple fault.

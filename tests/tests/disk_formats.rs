@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use parvis_disk::image::{self, CreateOptions, OpenOptions, Variant};
 use parvis_tests::markers::has_line;
+use parvis_tests::pattern;
 use parvis_tests::{Outcome, Scenario, marker};
 use sha2::{Digest, Sha256};
 
@@ -19,18 +20,6 @@ run vhd $K --disk "$SHARE/q.vhd" --cmdline "$C parvis.test=disk,diskwrite"
 "#;
 
 const ROOTFS_ID: &str = "rootfs-from-a-qemu-made-vhdx";
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn sh(cmd: &mut Command) -> anyhow::Result<()> {
     let o = cmd.output()?;
