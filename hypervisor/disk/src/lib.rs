@@ -217,6 +217,20 @@ pub trait BlockDevice: Send + Sync {
     fn allocation(&self, offset: u64, len: u64) -> Result<Allocation, DiskError>;
 }
 
+/// Check that a request is whole 512-byte sectors at a 512-byte offset, as the image
+/// formats require.
+pub fn check_sector_aligned(offset: u64, len: u64) -> Result<(), DiskError> {
+    let a = u64::from(SECTOR_SIZE);
+    if !offset.is_multiple_of(a) || !len.is_multiple_of(a) {
+        return Err(DiskError::Misaligned {
+            offset,
+            len,
+            align: SECTOR_SIZE,
+        });
+    }
+    Ok(())
+}
+
 /// Check that `len` bytes at `offset` lie within a disk of `size` bytes.
 pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), DiskError> {
     match offset.checked_add(len) {

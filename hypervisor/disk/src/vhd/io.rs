@@ -23,18 +23,6 @@ fn run_len(bitmap: &[u8], first: u64, count: u64) -> u64 {
         .count() as u64
 }
 
-fn check_aligned(offset: u64, len: u64) -> Result<(), DiskError> {
-    let a = u64::from(SECTOR_SIZE);
-    if !offset.is_multiple_of(a) || !len.is_multiple_of(a) {
-        return Err(DiskError::Misaligned {
-            offset,
-            len,
-            align: SECTOR_SIZE,
-        });
-    }
-    Ok(())
-}
-
 impl Vhd {
     /// The BAT entry for the block holding byte `pos` (UNALLOCATED past the table).
     fn entry(&self, st: &State, block: u64) -> u32 {
@@ -259,7 +247,7 @@ impl BlockDevice for Vhd {
         let Some(d) = &self.dynamic else {
             return self.read_file(buf, offset);
         };
-        check_aligned(offset, buf.len() as u64)?;
+        crate::check_sector_aligned(offset, buf.len() as u64)?;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -281,7 +269,7 @@ impl BlockDevice for Vhd {
                 .write_at(buf, offset)
                 .map_err(io_err("write", offset));
         };
-        check_aligned(offset, buf.len() as u64)?;
+        crate::check_sector_aligned(offset, buf.len() as u64)?;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;

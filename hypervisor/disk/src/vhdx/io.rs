@@ -5,7 +5,9 @@ use std::sync::atomic::Ordering;
 use super::bat::{self, FULLY_PRESENT, PARTIALLY_PRESENT, SB_PRESENT, ZERO};
 use super::format::{Guid, LOG_SECTOR, MIB, corrupt, io_err};
 use super::{State, Vhdx, header, log};
-use crate::{Allocation, AllocationState, BlockDevice, DiskError, SECTOR_SIZE, check_range};
+use crate::{
+    Allocation, AllocationState, BlockDevice, DiskError, check_range, check_sector_aligned,
+};
 
 const SECTOR: u64 = LOG_SECTOR as u64;
 /// Blocks one [`BlockDevice::allocation`] call examines at most.
@@ -347,7 +349,7 @@ impl BlockDevice for Vhdx {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
-        check_io(buf.len() as u64, offset)?;
+        check_sector_aligned(offset, buf.len() as u64)?;
         let st = self.read_state();
         check_range(offset, buf.len() as u64, self.size())?;
         self.read_locked(&st, buf, offset)
@@ -357,7 +359,7 @@ impl BlockDevice for Vhdx {
         if self.read_only {
             return Err(DiskError::ReadOnly);
         }
-        check_io(buf.len() as u64, offset)?;
+        check_sector_aligned(offset, buf.len() as u64)?;
         let mut st = self.write_state();
         check_range(offset, buf.len() as u64, self.size())?;
         if buf.is_empty() {
@@ -448,17 +450,4 @@ impl BlockDevice for Vhdx {
             len: end.min(offset + len) - offset,
         })
     }
-}
-
-/// Requests must be whole 512-byte sectors at 512-byte offsets.
-fn check_io(len: u64, offset: u64) -> Result<(), DiskError> {
-    let a = u64::from(SECTOR_SIZE);
-    if !offset.is_multiple_of(a) || !len.is_multiple_of(a) {
-        return Err(DiskError::Misaligned {
-            offset,
-            len,
-            align: SECTOR_SIZE,
-        });
-    }
-    Ok(())
 }
