@@ -230,6 +230,29 @@ fn compare_reports_differences_and_bad_input_is_one_clear_error() {
     let o = parvis(&["disk", "compare", "-q", s(&a), s(&b)]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stdout).contains("offset 12345"));
+    // A larger image equals the smaller one only if its tail is zero.
+    let longer = dir.path().join("longer.raw");
+    std::fs::copy(&a, &longer).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&longer)
+        .unwrap();
+    f.set_len(5 << 20).unwrap();
+    ok(
+        &parvis(&["disk", "compare", "-q", s(&a), s(&longer)]),
+        "zero tail",
+    );
+    {
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[0x42], (4 << 20) + 777).unwrap();
+    }
+    let o = parvis(&["disk", "compare", "-q", s(&a), s(&longer)]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!("offset {}", (4 << 20) + 777)),
+        "{out}"
+    );
     // A truncated VHDX: a clear error, exit 1, nothing written.
     let good = dir.path().join("g.vhdx");
     ok(

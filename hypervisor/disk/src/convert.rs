@@ -216,19 +216,21 @@ pub fn is_zero(b: &[u8]) -> bool {
         && tail.iter().all(|x| *x == 0)
 }
 
-/// Compare two disks' contents over the first `len` bytes (both must be at least that large),
-/// skipping ranges both report as unallocated. Returns the offset of the first difference.
+/// Compare two disks' contents over `range` (both must cover it), skipping ranges both
+/// report as unallocated. Returns the offset of the first difference. `progress` gets the
+/// offset reached and the end of the range.
 pub fn first_difference(
     a: &dyn BlockDevice,
     b: &dyn BlockDevice,
-    len: u64,
+    range: std::ops::Range<u64>,
     cancel: &AtomicBool,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Option<u64>, DiskError> {
     let chunk = 4u64 << 20;
     let mut ba = vec![0u8; chunk as usize];
     let mut bb = vec![0u8; chunk as usize];
-    let mut off = 0;
+    let len = range.end;
+    let mut off = range.start;
     while off < len {
         if cancel.load(Ordering::Relaxed) {
             break;
@@ -305,7 +307,7 @@ mod tests {
         );
         assert!(st.skipped_unallocated > 8 << 20, "{st:?}");
         assert_eq!(
-            first_difference(&src, &dst, size, &cancel, &|_, _| {}).unwrap(),
+            first_difference(&src, &dst, 0..size, &cancel, &|_, _| {}).unwrap(),
             None
         );
         // The zero-filled range stayed a hole in the destination.
@@ -315,7 +317,7 @@ mod tests {
         );
         dst.write_at(&[7; 512], 3 << 20).unwrap();
         assert_eq!(
-            first_difference(&src, &dst, size, &cancel, &|_, _| {}).unwrap(),
+            first_difference(&src, &dst, 0..size, &cancel, &|_, _| {}).unwrap(),
             Some(3 << 20)
         );
     }

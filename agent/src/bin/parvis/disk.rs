@@ -240,7 +240,7 @@ pub fn run(cmd: DiskCommand) -> Result<i32> {
             let len = da.size().min(db.size());
             let bar = progress(len, quiet, "comparing");
             let cancel = cancel_on_ctrl_c();
-            let diff = first_difference(da, db, len, &cancel, &|d, _| bar.set_position(d))?;
+            let diff = first_difference(da, db, 0..len, &cancel, &|d, _| bar.set_position(d))?;
             bar.finish_and_clear();
             if cancel.load(Ordering::Relaxed) {
                 bail!("cancelled");
@@ -255,14 +255,15 @@ pub fn run(cmd: DiskCommand) -> Result<i32> {
                 } else {
                     (db, &b)
                 };
+                // Only the tail beyond the common size is left to check, against zeros.
                 let extra = first_difference(
                     longer,
                     &Zeros(longer.size()),
-                    longer.size(),
+                    len..longer.size(),
                     &cancel,
                     &|_, _| {},
                 )?;
-                if let Some(off) = extra.filter(|o| *o >= len) {
+                if let Some(off) = extra {
                     println!(
                         "Content mismatch at offset {off} ({} is larger)",
                         big.display()
