@@ -1,8 +1,30 @@
-//! Parvis wire API (`parvis.v1`).
+//! Parvis wire API.
 //!
-//! The gRPC services (host, VM, console, disk) and the internal agent↔worker API are
-//! defined here as `.proto` files and generated code. The public API lands with the agent
-//! (issue 4); until then this crate only carries the API version shared by every process.
+//! - [`v1`]: the public gRPC API (`parvis.v1`): host, VM, console and disk services, used by
+//!   the console, the `parvis` CLI and any client generated from the `.proto` files in
+//!   `schema/`.
+//! - [`worker`]: the internal, unstable agent↔worker protocol (`parvis.worker.v1`).
+//! - [`client`]: connecting to an agent: plain HTTP/2 on loopback, TLS with a pinned
+//!   certificate elsewhere, the bearer token on every call.
+
+pub mod client;
+pub mod framing;
 
 /// Version of the `parvis.v1` API family, reported by the agent and the worker.
 pub const API_VERSION: &str = "parvis.v1";
+
+/// The public API, `parvis.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("parvis.v1");
+}
+
+/// The internal agent↔worker protocol, `parvis.worker.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod worker {
+    tonic::include_proto!("parvis.worker.v1");
+}
+
+/// Largest gRPC message either side accepts: a full 1920x1080 frame of raw tiles is about
+/// 8 MiB, so the 4 MiB default is too small.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
