@@ -40,6 +40,20 @@ pub const MAX_DISKS: usize = 4;
 /// Most vCPUs (8-bit APIC ids in the MADT, one reserved for broadcast).
 pub const MAX_CPUS: u8 = 254;
 
+/// KVM capabilities a partition cannot run without, with how errors name them.
+pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (
+        Cap::Irqchip,
+        "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)",
+    ),
+    (Cap::UserMemory, "user memory regions (KVM_CAP_USER_MEMORY)"),
+    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (Cap::ExtCpuid, "extended CPUID (KVM_CAP_EXT_CPUID)"),
+    (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+    (Cap::Pit2, "an in-kernel PIT (KVM_CAP_PIT2)"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+];
+
 /// A disk attached as virtio-blk.
 #[derive(Clone)]
 pub struct DiskAttachment {
@@ -316,18 +330,7 @@ impl Partition {
                 .map_err(|e| PartitionError::Config(e.to_string()))?;
         }
         let kvm = Kvm::new().map_err(PartitionError::KvmUnavailable)?;
-        for (cap, name) in [
-            (
-                Cap::Irqchip,
-                "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)",
-            ),
-            (Cap::UserMemory, "user memory regions (KVM_CAP_USER_MEMORY)"),
-            (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
-            (Cap::ExtCpuid, "extended CPUID (KVM_CAP_EXT_CPUID)"),
-            (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
-            (Cap::Pit2, "an in-kernel PIT (KVM_CAP_PIT2)"),
-            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-        ] {
+        for &(cap, name) in REQUIRED_CAPS {
             if !kvm.check_extension(cap) {
                 return Err(PartitionError::MissingCapability(name));
             }
@@ -396,6 +399,11 @@ impl Partition {
     /// The serial device, for feeding console input.
     pub fn serial(&self) -> Arc<Mutex<SerialDevice>> {
         self.serial.clone()
+    }
+
+    /// The guest memory (RAM then VRAM in one memfd), e.g. to share the framebuffer.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
     }
 
     /// The configuration (memory rounded to 2 MiB).

@@ -3,21 +3,30 @@
 //! Exit status: 0 the guest powered off or was stopped by the host; 1 the worker could not
 //! start or failed (the reason is one line on stderr); 2 bad command-line usage; 3 the guest
 //! crashed (triple fault, kernel panic, or a vCPU KVM could not run); 4 the guest rebooted and
-//! `--on-reboot exit` was given.
+//! `--on-reboot exit` was given. With `--status-file`, the same status and reason are also
+//! written to a small JSON file when the worker ends.
+//!
+//! Subcommands: `ctl` (talk to a running worker's control socket) and `probe` (can this host
+//! run partitions?).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use hypervisor::config::{ByteSize, DiskSpec, Resolution, WorkerSettings};
 use hypervisor::devices::serial::{SerialOutput, pump_input};
-use hypervisor::partition::{Command, GuestExit, PartitionHandle, PartitionState};
+use hypervisor::partition::{Command, GuestExit};
 use hypervisor::{DiskAttachment, Partition, PartitionConfig, RebootAction};
 use parvis_disk::image::{self, OpenOptions};
 
+mod control;
+mod ctl;
+mod probe;
+mod status;
 mod term;
 
 #[derive(Debug, Parser)]
@@ -43,6 +52,8 @@ enum Tool {
         #[arg(required = true)]
         commands: Vec<String>,
     },
+    /// Check whether this host can run partitions; prints one JSON object.
+    Probe,
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,10 +94,13 @@ struct RunArgs {
     /// Also append all serial output to this file.
     #[arg(long)]
     serial_log: Option<PathBuf>,
-    /// Control socket (Unix): one command per line — pause, resume, reset, stop,
-    /// power-button, screenshot PATH, state.
+    /// Control socket (Unix) speaking the internal agent protocol (parvis.worker.v1);
+    /// `parvis-worker ctl` is a command-line client.
     #[arg(long)]
     control: Option<PathBuf>,
+    /// When the worker ends, write {"code": N, "reason": "..."} to this file (atomically).
+    #[arg(long)]
+    status_file: Option<PathBuf>,
     /// Write the boot framebuffer to this PNG file when the guest stops.
     #[arg(long)]
     screenshot_on_exit: Option<PathBuf>,
@@ -105,15 +119,26 @@ fn parse_reboot(s: &str) -> Result<RebootAction, String> {
 
 fn main() {
     let cli = Cli::parse();
-    if let Some(Tool::Ctl { socket, commands }) = &cli.tool {
-        std::process::exit(match ctl(socket, commands) {
-            Ok(true) => 0,
-            Ok(false) => 1,
-            Err(e) => {
-                eprintln!("parvis-worker: error: {e:#}");
-                1
-            }
-        });
+    match &cli.tool {
+        Some(Tool::Ctl { socket, commands }) => {
+            std::process::exit(match ctl::run(socket, commands) {
+                Ok(true) => 0,
+                Ok(false) => 1,
+                Err(e) => {
+                    eprintln!("parvis-worker: error: {e:#}");
+                    1
+                }
+            });
+        }
+        Some(Tool::Probe) => {
+            let p = probe::probe();
+            println!(
+                "{}",
+                serde_json::to_string(&p).unwrap_or_else(|_| "{}".into())
+            );
+            std::process::exit(0);
+        }
+        None => {}
     }
     let cli = cli.run;
     tracing_subscriber::fmt()
@@ -123,23 +148,49 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let code = match run(cli) {
-        Ok(GuestExit::PoweredOff) | Ok(GuestExit::Stopped) => 0,
-        Ok(GuestExit::Crashed(why)) => {
-            eprintln!("parvis-worker: guest crashed: {why}");
-            3
-        }
-        Ok(GuestExit::Rebooted) => {
-            eprintln!("parvis-worker: guest rebooted");
-            4
-        }
-        Err(e) => {
-            eprintln!("parvis-worker: error: {e:#}");
-            1
-        }
-    };
+    let status_file = cli.status_file.clone();
+    if let Some(p) = &status_file
+        && let Err(e) = status::clear(p)
+    {
+        eprintln!(
+            "parvis-worker: warning: cannot remove the old status file {}: {e}",
+            p.display()
+        );
+    }
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli)))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(anyhow::anyhow!("internal error: {what}"))
+        });
+    let (code, reason) = outcome(result);
     term::restore();
+    if code != 0 {
+        eprintln!("parvis-worker: {reason}");
+    }
+    if let Some(p) = &status_file
+        && let Err(e) = status::write(p, code, &reason)
+    {
+        eprintln!(
+            "parvis-worker: warning: cannot write the status file {}: {e}",
+            p.display()
+        );
+    }
     std::process::exit(code);
+}
+
+/// The exit status and the one-line reason (printed to stderr unless the status is 0).
+fn outcome(result: Result<GuestExit>) -> (i32, String) {
+    match result {
+        Ok(GuestExit::PoweredOff) => (0, "guest powered off".into()),
+        Ok(GuestExit::Stopped) => (0, "stopped by the host".into()),
+        Ok(GuestExit::Crashed(why)) => (3, format!("guest crashed: {why}")),
+        Ok(GuestExit::Rebooted) => (4, "guest rebooted".into()),
+        Err(e) => (1, format!("error: {e:#}")),
+    }
 }
 
 fn run(cli: RunArgs) -> Result<GuestExit> {
@@ -184,6 +235,11 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
     }
 
     let mut out = SerialOutput::default();
+    // Serial output for control-socket subscribers.
+    let hub = control::SerialHub::default();
+    if cli.control.is_some() {
+        out.add(Box::new(hub.clone()));
+    }
     let stdio = cli.serial == "stdio";
     let socket = match cli.serial.as_str() {
         "stdio" => {
@@ -250,21 +306,40 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
             serve_serial(listener, sink, serial)
         })?;
     }
+    let mut vm = None;
     if let Some(path) = &cli.control {
         let listener = bind(path)?;
-        let h = handle.clone();
-        spawn("control", move || serve_control(listener, h))?;
+        let framebuffer = partition
+            .config()
+            .framebuffer
+            .map(|format| control::SharedFramebuffer {
+                file: partition.ram().file().clone(),
+                offset: partition.ram().layout().vram_file_offset,
+                format,
+            });
+        let v = Arc::new(control::Vm::new(
+            Box::new(handle.clone()),
+            partition.serial(),
+            hub,
+            framebuffer,
+        ));
+        vm = Some(v.clone());
+        spawn("control", move || control::serve(listener, v))?;
     }
 
     let shot = cli.screenshot_on_exit.clone();
     let framebuffer = partition.config().framebuffer.is_some();
-    let exit = run_and_capture(partition, shot.as_deref(), framebuffer)?;
+    let exit = run_and_capture(partition, shot.as_deref(), framebuffer);
+    // Let the replies to the last requests (stop) go out before the worker exits.
+    if let Some(vm) = &vm {
+        vm.drain(Duration::from_secs(1));
+    }
     // Sockets are per run: remove them so a stale path never looks like a live worker.
     let serial_socket = cli.serial.strip_prefix("unix:").map(PathBuf::from);
     for p in cli.control.iter().chain(serial_socket.iter()) {
         let _ = std::fs::remove_file(p);
     }
-    Ok(exit)
+    exit
 }
 
 /// Run the partition; when it ends, write the requested screenshot of its last frame.
@@ -345,71 +420,4 @@ fn serve_serial(
         *sink.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
         pump_input(&serial, reader);
     }
-}
-
-fn serve_control(listener: UnixListener, handle: PartitionHandle) {
-    for conn in listener.incoming().flatten() {
-        let h = handle.clone();
-        let _ = std::thread::Builder::new()
-            .name("control-conn".into())
-            .spawn(move || control_session(conn, h));
-    }
-}
-
-fn control_session(conn: UnixStream, handle: PartitionHandle) {
-    let Ok(mut out) = conn.try_clone() else {
-        return;
-    };
-    for line in BufReader::new(conn).lines() {
-        let Ok(line) = line else { return };
-        let reply = control_command(line.trim(), &handle);
-        if writeln!(out, "{reply}").is_err() {
-            return;
-        }
-    }
-}
-
-fn control_command(line: &str, h: &PartitionHandle) -> String {
-    let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
-    let simple = |c: Command| match h.send(c) {
-        Ok(()) => "ok".to_string(),
-        Err(e) => format!("error: {e}"),
-    };
-    match cmd {
-        "pause" => simple(Command::Pause),
-        "resume" => simple(Command::Resume),
-        "reset" => simple(Command::Reset),
-        "stop" => simple(Command::Stop),
-        "power-button" => simple(Command::PowerButton),
-        "state" => match h.state() {
-            Ok(PartitionState::Running) => "ok running".into(),
-            Ok(PartitionState::Paused) => "ok paused".into(),
-            Err(e) => format!("error: {e}"),
-        },
-        "screenshot" if !arg.is_empty() => match h.screenshot(Path::new(arg)) {
-            Ok(Ok(())) => "ok".into(),
-            Ok(Err(e)) => format!("error: {e}"),
-            Err(e) => format!("error: {e}"),
-        },
-        _ => format!("error: unknown command '{line}'"),
-    }
-}
-
-/// Client side of the control socket. Returns whether every command succeeded.
-fn ctl(socket: &Path, commands: &[String]) -> Result<bool> {
-    let conn = UnixStream::connect(socket)
-        .with_context(|| format!("cannot connect to {}", socket.display()))?;
-    let mut out = conn.try_clone().context("cannot use the control socket")?;
-    let mut replies = BufReader::new(conn).lines();
-    let mut all_ok = true;
-    for c in commands {
-        writeln!(out, "{c}").context("cannot send to the worker")?;
-        let reply = replies
-            .next()
-            .context("the worker closed the control socket")?
-            .context("cannot read the worker's reply")?;
-        all_ok &= reply.starts_with("ok");
-        println!("{reply}");
-    }
-    Ok(all_ok)
 }
