@@ -253,6 +253,7 @@ L2_MODULES=(
 	kernel/drivers/hid/hid-hyperv.ko
 	kernel/drivers/input/serio/hyperv-keyboard.ko
 	kernel/drivers/input/evdev.ko
+	kernel/drivers/acpi/button.ko
 	kernel/drivers/gpu/drm/hyperv/
 )
 L1_MODULES=(

@@ -27,10 +27,29 @@ done
 
 disk_waited=
 
+# power_button_watch: like a distribution's logind, power off cleanly when the ACPI
+# power button is pressed (the host's "shutdown").
+power_button_watch() {
+	modprobe -q button 2>/dev/null
+	modprobe -q evdev 2>/dev/null
+	for d in /sys/class/input/event*; do
+		[ "$(cat "$d/device/name" 2>/dev/null)" = "Power Button" ] || continue
+		ev=/dev/input/${d##*/}
+		n=0
+		while [ ! -e "$ev" ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+		head -c 24 "$ev" >/dev/null 2>&1 || return
+		echo PARVIS-POWER-BUTTON
+		sync
+		poweroff -f
+	done
+}
+
 load() { # load(module...): modprobe each, ignore failures (built-in or absent).
 	for m in "$@"; do modprobe -q "$m" 2>/dev/null; done
 	return 0
 }
+
+power_button_watch &
 
 # coldplug: load the modules matching every device's modalias (no udev/mdev
 # here). Two passes: hv_vmbus (ACPI) must probe before VMBus children appear.
