@@ -1,7 +1,43 @@
 //! Parvis agent: the management service of the parent partition (Hyper-V's VMMS).
 //!
-//! It will own the host's inventory, spawn one `parvis-worker` per running VM and serve the
-//! `parvis.v1` gRPC API (issue 4). It depends on `proto` and the pure disk-format crates only;
-//! it never links the VMM.
+//! It owns the host's inventory (VMs, the disk library, boot images), spawns one
+//! `parvis-worker` per running VM and serves the `parvis.v1` gRPC API. It depends on
+//! `proto` and the pure disk-format crate only; it never links the VMM.
+//!
+//! Module map:
+//! - [`store`]: state directory layout, atomic writes, ids.
+//! - [`events`], [`tasks`]: the event bus and long-running operations.
+//! - [`disks`]: the disk library and resumable uploads.
+//! - [`vms`], [`worker`]: VM inventory, state machine and worker supervision.
+//! - [`screen`], [`serial`]: framebuffer tiles and serial console fan-out.
+//! - [`security`]: bearer tokens and the TLS certificate.
+//! - [`service`]: the thin gRPC handlers; [`error`] maps every failure to a status.
+
+pub mod disks;
+pub mod error;
+pub mod events;
+pub mod host;
+pub mod screen;
+pub mod security;
+pub mod serial;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod tasks;
+pub mod vms;
+pub mod worker;
+
+use std::sync::Arc;
 
 pub use proto::API_VERSION;
+
+/// Everything the services share.
+#[derive(Debug)]
+pub struct Agent {
+    pub layout: store::Layout,
+    pub events: Arc<events::EventBus>,
+    pub tasks: Arc<tasks::Tasks>,
+    pub disks: Arc<disks::DiskLibrary>,
+    pub vms: Arc<vms::Vms>,
+    pub host: host::HostFacts,
+}

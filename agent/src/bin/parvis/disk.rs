@@ -48,18 +48,23 @@ pub enum DiskCommand {
         #[arg(long, default_value_t = 512)]
         sector_size: u32,
     },
-    /// Convert an image to another format or variant (sparse-aware).
+    /// Convert an image to another format or variant (sparse-aware). With one argument
+    /// (a disk id or name) and --format, convert a disk on the agent's host instead.
     Convert {
-        /// Source image.
+        /// Source image (or, with no DST, a disk on the host).
         src: PathBuf,
-        /// Destination image (must not exist).
-        dst: PathBuf,
-        /// Destination format (default: from the extension).
+        /// Destination image (must not exist). Without it the conversion is remote.
+        dst: Option<PathBuf>,
+        /// Destination format (default: from the extension; needed for a remote convert).
         #[arg(long)]
         format: Option<String>,
-        /// fixed or dynamic.
-        #[arg(long, default_value = "dynamic")]
-        variant: String,
+        /// fixed or dynamic (default: dynamic; raw is always fixed).
+        #[arg(long)]
+        variant: Option<String>,
+        /// Name of the new disk (remote convert; default: the source's name with the new
+        /// format).
+        #[arg(long)]
+        name: Option<String>,
         /// Destination block size.
         #[arg(long)]
         block_size: Option<String>,
@@ -139,10 +144,19 @@ pub fn run(cmd: DiskCommand) -> Result<i32> {
             dst,
             format,
             variant,
+            name,
             block_size,
             threads,
             quiet,
         } => {
+            // One argument means a remote conversion, which `main` dispatches.
+            let Some(dst) = dst else {
+                bail!("a local conversion needs SRC and DST");
+            };
+            if name.is_some() {
+                bail!("--name is for converting a disk on the host (give no DST)");
+            }
+            let variant = variant.unwrap_or_else(|| "dynamic".into());
             let format = pick_format(format.as_deref(), &dst)?;
             let s = open_ro(&src)?;
             let sdev = s.device();
@@ -432,7 +446,7 @@ fn parse_block(s: &str) -> Result<u32> {
     u32::try_from(parse_size(s)?).context("block size too large")
 }
 
-fn human(b: u64) -> String {
+pub fn human(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut u = 0;

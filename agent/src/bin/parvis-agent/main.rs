@@ -1,0 +1,242 @@
+//! `parvis-agent`: the host's management service.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use agent::security::{self, TlsIdentity};
+use agent::server::{ServeOptions, is_loopback, serve};
+use agent::store::Layout;
+use agent::{Agent, disks, events, host, tasks, vms};
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+mod demo;
+
+#[derive(Debug, Parser)]
+#[command(name = "parvis-agent", version, about = "Parvis host agent (gRPC API)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// State directory (VMs, disks, secrets). Default: /var/lib/parvis as root, else
+    /// $XDG_DATA_HOME/parvis or ~/.local/share/parvis.
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+    /// Address to listen on. Non-loopback addresses always use TLS.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    listen: SocketAddr,
+    /// Use TLS on a loopback address too.
+    #[arg(long)]
+    tls: bool,
+    /// The parvis-worker program (default: next to this program, else on PATH).
+    #[arg(long)]
+    worker: Option<PathBuf>,
+    /// Directory of boot images (default: STATE/boot).
+    #[arg(long)]
+    boot_dir: Option<PathBuf>,
+    /// Create (once) a demo VM named "demo" booting the kernel and initramfs in this
+    /// directory (vmlinuz and l2-initramfs.cpio, as built by assets/guest/build-images.sh),
+    /// and start it.
+    #[arg(long)]
+    demo: Option<PathBuf>,
+    /// Log filter (e.g. info, debug).
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make a new token (the old one stops working) and print it.
+    ResetToken,
+    /// Print the TLS certificate's SHA-256 fingerprint.
+    Fingerprint,
+}
+
+fn default_state_dir() -> PathBuf {
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/lib/parvis");
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("parvis");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".local/share/parvis")
+}
+
+fn default_worker() -> PathBuf {
+    if let Ok(me) = std::env::current_exe()
+        && let Some(dir) = me.parent()
+    {
+        let p = dir.join("parvis-worker");
+        if p.is_file() {
+            return p;
+        }
+    }
+    PathBuf::from("parvis-worker")
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("parvis-agent: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let layout = Layout::new(cli.state_dir.clone().unwrap_or_else(default_state_dir));
+    layout.create().with_context(|| {
+        format!(
+            "cannot create the state directory {}",
+            layout.root.display()
+        )
+    })?;
+    match cli.command {
+        Some(Command::ResetToken) => {
+            let (_, token) = security::reset_token(&layout)?;
+            println!("token: {token}");
+            println!("(restart the agent for the new token to take effect)");
+            return Ok(());
+        }
+        Some(Command::Fingerprint) => {
+            let id = identity(&layout, &cli.listen)?;
+            println!("{}", id.fingerprint);
+            return Ok(());
+        }
+        None => {}
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("agent")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(agent_main(cli, layout))
+}
+
+fn identity(layout: &Layout, listen: &SocketAddr) -> Result<TlsIdentity> {
+    let mut names = vec![
+        "localhost".to_string(),
+        "parvis-agent".to_string(),
+        "127.0.0.1".to_string(),
+    ];
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    if !host.is_empty() {
+        names.push(host);
+    }
+    if !listen.ip().is_unspecified() {
+        names.push(listen.ip().to_string());
+    }
+    security::load_or_create_identity(layout, &names)
+}
+
+async fn agent_main(cli: Cli, layout: Layout) -> Result<()> {
+    let (token, shown) = security::load_or_create_token(&layout)?;
+    let tls = if cli.tls || !is_loopback(&cli.listen) {
+        Some(identity(&layout, &cli.listen)?)
+    } else {
+        None
+    };
+    let worker = cli.worker.clone().unwrap_or_else(default_worker);
+    let boot_dir = cli.boot_dir.clone().unwrap_or_else(|| layout.boot());
+    let facts =
+        tokio::task::spawn_blocking(move || host::HostFacts::gather(worker, boot_dir)).await?;
+    if !facts.kvm.usable {
+        tracing::warn!("KVM is not usable here: {}", facts.kvm.reason);
+    }
+    let events = Arc::new(events::EventBus::default());
+    let tasks = Arc::new(tasks::Tasks::new(events.clone()));
+    let disks = Arc::new(disks::DiskLibrary::open(
+        &layout,
+        events.clone(),
+        tasks.clone(),
+    )?);
+    let vms = vms::Vms::load(layout.clone(), events.clone(), disks.clone(), facts.clone()).await?;
+    let agent = Arc::new(Agent {
+        layout: layout.clone(),
+        events,
+        tasks,
+        disks,
+        vms,
+        host: facts,
+    });
+    if let Some(dir) = &cli.demo {
+        demo::ensure(&agent, dir).context("cannot set up the demo VM")?;
+    }
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cli.listen))?;
+    let local = listener.local_addr()?;
+    println!(
+        "parvis-agent {} listening on {local} ({})",
+        env!("CARGO_PKG_VERSION"),
+        if tls.is_some() {
+            "TLS"
+        } else {
+            "plain HTTP/2, loopback only"
+        }
+    );
+    if let Some(t) = &tls {
+        println!("TLS certificate SHA-256 fingerprint: {}", t.fingerprint);
+    }
+    if let Some(t) = &shown {
+        println!("token: {t}");
+        println!(
+            "(shown once; only its hash is stored. `parvis-agent reset-token` makes a new one)"
+        );
+    }
+    // Autostart VMs (the demo VM among them) once the server is about to accept.
+    for id in agent.vms.autostart_ids() {
+        let vms = agent.vms.clone();
+        tokio::spawn(async move {
+            if let Err(e) = vms.start(&id).await {
+                tracing::warn!("autostart of VM {id} failed: {e}");
+            }
+        });
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // On SIGTERM or Ctrl-C: stop accepting, let short calls finish, and leave after a few
+    // seconds even if streams (consoles, event watchers) are still open. Workers keep
+    // running and are adopted at the next start.
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let signalled = stop.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!("cannot handle SIGTERM: {e}");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down; running VMs keep running");
+        signalled.notify_one();
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        std::process::exit(0);
+    });
+    let shutdown = async move { stop.notified().await };
+    serve(
+        agent,
+        ServeOptions {
+            listener,
+            tls,
+            token,
+        },
+        shutdown,
+    )
+    .await
+}

@@ -1,0 +1,459 @@
+//! `parvis vm …`: VMs on the agent's host.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use proto::client::Clients;
+use proto::v1::{
+    CreateVmRequest, DiskAttachment, GetHostInfoRequest, ListDisksRequest, ListVmsRequest, Vm,
+    VmRef, VmSpec,
+};
+use serde_json::json;
+
+use crate::console;
+use crate::disk::{human, parse_size};
+use crate::remote::{self, Rpc, print_json, print_table, resolve, time_ms, vm_state};
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// List the VMs.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one VM.
+    Get {
+        /// VM id or name.
+        vm: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a VM (it starts off).
+    Create {
+        /// The VM's name.
+        #[arg(long)]
+        name: String,
+        /// Virtual CPUs.
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        /// Memory, e.g. 512M or 2G (a bare number is MiB).
+        #[arg(long, default_value = "512M")]
+        memory: String,
+        /// A disk from the host's library by id or name, `,ro` for read-only; repeat for more
+        /// (the first is /dev/vda).
+        #[arg(long = "disk", value_name = "DISK[,ro]")]
+        disks: Vec<String>,
+        /// Boot image on the host (default: the host's only one).
+        #[arg(long)]
+        boot_image: Option<String>,
+        /// Kernel command line (default: the boot image's).
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// Screen size, WIDTHxHEIGHT (default 1024x768).
+        #[arg(long, value_name = "WxH")]
+        display: Option<String>,
+        /// Start the VM whenever the agent starts.
+        #[arg(long)]
+        autostart: bool,
+        /// Print the new VM as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a VM.
+    Start {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Turn a VM off at once (like pulling the plug).
+    Stop {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Press the VM's power button (the guest decides what to do).
+    Shutdown {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Pause a running VM.
+    Pause {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Reset a VM (hard reboot).
+    Reset {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Delete a VM that is off (its disks stay in the library).
+    Delete {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Attach the terminal to the VM's serial console (Ctrl-] detaches).
+    Console {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Save the VM's screen as a PNG image.
+    Screenshot {
+        /// VM id or name.
+        vm: String,
+        /// The PNG file to write.
+        file: PathBuf,
+        /// Seconds to wait for the screen.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+}
+
+pub async fn run(cmd: VmCommand, host: Option<&str>) -> Result<i32> {
+    let mut c = remote::connect(host).await?;
+    match cmd {
+        VmCommand::List { json } => {
+            let vms = list(&mut c).await?;
+            if json {
+                return print_json(&json!(vms.iter().map(vm_json).collect::<Vec<_>>())).map(|()| 0);
+            }
+            if vms.is_empty() {
+                eprintln!("No VMs.");
+                return Ok(0);
+            }
+            let mut rows = vec![vec![
+                "ID".into(),
+                "NAME".into(),
+                "STATE".into(),
+                "CPUS".into(),
+                "MEMORY".into(),
+                "DISKS".into(),
+            ]];
+            for v in &vms {
+                let s = v.spec.clone().unwrap_or_default();
+                rows.push(vec![
+                    v.id.clone(),
+                    s.name,
+                    vm_state(v.state),
+                    s.cpus.to_string(),
+                    human(s.memory_bytes),
+                    s.disks.len().to_string(),
+                ]);
+            }
+            print_table(&rows);
+            Ok(0)
+        }
+        VmCommand::Get { vm, json } => {
+            let id = vm_id(&mut c, &vm).await?;
+            let v =
+                c.vm.get_vm(VmRef { vm_id: id })
+                    .await
+                    .rpc("reading the VM")?;
+            if json {
+                print_json(&vm_json(&v))?;
+            } else {
+                print_vm(&v);
+            }
+            Ok(0)
+        }
+        VmCommand::Create {
+            name,
+            cpus,
+            memory,
+            disks,
+            boot_image,
+            cmdline,
+            display,
+            autostart,
+            json,
+        } => {
+            let memory_bytes = if memory.trim().bytes().all(|b| b.is_ascii_digit()) {
+                parse_size(&format!("{}M", memory.trim()))?
+            } else {
+                parse_size(&memory)?
+            };
+            let (display_width, display_height) = match &display {
+                Some(d) => parse_display(d)?,
+                None => (0, 0),
+            };
+            let attachments = disk_attachments(&mut c, &disks).await?;
+            let boot_image = match boot_image {
+                Some(b) => b,
+                None => default_boot_image(&mut c).await?,
+            };
+            let spec = VmSpec {
+                name,
+                cpus,
+                memory_bytes,
+                disks: attachments,
+                boot_image,
+                cmdline: cmdline.unwrap_or_default(),
+                display_width,
+                display_height,
+                autostart,
+            };
+            let v =
+                c.vm.create_vm(CreateVmRequest { spec: Some(spec) })
+                    .await
+                    .rpc("creating the VM")?;
+            if json {
+                print_json(&vm_json(&v))?;
+            } else {
+                println!("Created VM '{}' ({}).", vm_name(&v), v.id);
+            }
+            Ok(0)
+        }
+        VmCommand::Start { vm } => act(&mut c, &vm, Action::Start).await,
+        VmCommand::Stop { vm } => act(&mut c, &vm, Action::Stop).await,
+        VmCommand::Shutdown { vm } => act(&mut c, &vm, Action::Shutdown).await,
+        VmCommand::Pause { vm } => act(&mut c, &vm, Action::Pause).await,
+        VmCommand::Resume { vm } => act(&mut c, &vm, Action::Resume).await,
+        VmCommand::Reset { vm } => act(&mut c, &vm, Action::Reset).await,
+        VmCommand::Delete { vm } => {
+            let id = vm_id(&mut c, &vm).await?;
+            c.vm.delete_vm(VmRef { vm_id: id.clone() })
+                .await
+                .rpc(&format!("deleting VM '{vm}'"))?;
+            println!("Deleted VM '{vm}' ({id}).");
+            Ok(0)
+        }
+        VmCommand::Console { vm } => {
+            let id = vm_id(&mut c, &vm).await?;
+            console::serial(&mut c, &id, &vm).await
+        }
+        VmCommand::Screenshot { vm, file, timeout } => {
+            let id = vm_id(&mut c, &vm).await?;
+            console::screenshot(&mut c, &id, &file, timeout).await
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Start,
+    Stop,
+    Shutdown,
+    Pause,
+    Resume,
+    Reset,
+}
+
+async fn act(c: &mut Clients, vm: &str, a: Action) -> Result<i32> {
+    let id = vm_id(c, vm).await?;
+    let r = VmRef { vm_id: id };
+    let (doing, res) = match a {
+        Action::Start => ("starting", c.vm.start_vm(r).await),
+        Action::Stop => ("stopping", c.vm.stop_vm(r).await),
+        Action::Shutdown => ("shutting down", c.vm.shutdown_vm(r).await),
+        Action::Pause => ("pausing", c.vm.pause_vm(r).await),
+        Action::Resume => ("resuming", c.vm.resume_vm(r).await),
+        Action::Reset => ("resetting", c.vm.reset_vm(r).await),
+    };
+    let v = match res {
+        Ok(v) => v.into_inner(),
+        Err(s) => {
+            let e = remote::status_error(&format!("{doing} VM '{vm}'"), &s);
+            if matches!(a, Action::Start) && s.code() == tonic::Code::FailedPrecondition {
+                bail!("{e} (`parvis vm get {vm}` shows its state and crash log)");
+            }
+            return Err(e);
+        }
+    };
+    let state = vm_state(v.state);
+    if matches!(a, Action::Shutdown) {
+        println!(
+            "Pressed the power button of VM '{}'; it is {state}.",
+            vm_name(&v)
+        );
+    } else {
+        println!("VM '{}' is {state}.", vm_name(&v));
+    }
+    Ok(0)
+}
+
+pub async fn list(c: &mut Clients) -> Result<Vec<Vm>> {
+    Ok(c.vm
+        .list_vms(ListVmsRequest {})
+        .await
+        .rpc("listing VMs")?
+        .vms)
+}
+
+/// A VM id from an id, a name or a unique id prefix.
+pub async fn vm_id(c: &mut Clients, query: &str) -> Result<String> {
+    let vms = list(c).await?;
+    let items: Vec<(&str, &str)> = vms
+        .iter()
+        .map(|v| {
+            (
+                v.id.as_str(),
+                v.spec.as_ref().map_or("", |s| s.name.as_str()),
+            )
+        })
+        .collect();
+    resolve("VM", items.iter().copied(), query)
+}
+
+fn vm_name(v: &Vm) -> &str {
+    v.spec.as_ref().map_or("", |s| s.name.as_str())
+}
+
+fn parse_display(d: &str) -> Result<(u32, u32)> {
+    let (w, h) = d
+        .split_once(['x', 'X'])
+        .with_context(|| format!("'{d}' is not WIDTHxHEIGHT"))?;
+    let w: u32 = w
+        .trim()
+        .parse()
+        .with_context(|| format!("'{d}' is not WIDTHxHEIGHT"))?;
+    let h: u32 = h
+        .trim()
+        .parse()
+        .with_context(|| format!("'{d}' is not WIDTHxHEIGHT"))?;
+    Ok((w, h))
+}
+
+async fn disk_attachments(c: &mut Clients, specs: &[String]) -> Result<Vec<DiskAttachment>> {
+    if specs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let disks = c
+        .disk
+        .list_disks(ListDisksRequest {})
+        .await
+        .rpc("listing disks")?
+        .disks;
+    let items: Vec<(&str, &str)> = disks
+        .iter()
+        .map(|d| (d.id.as_str(), d.name.as_str()))
+        .collect();
+    let mut out = Vec::new();
+    for s in specs {
+        let (disk, read_only) = match s.rsplit_once(',') {
+            Some((d, "ro" | "readonly" | "read-only")) => (d, true),
+            Some((d, "rw")) => (d, false),
+            Some((_, opt)) => bail!("unknown disk option '{opt}' in '{s}' (ro or rw)"),
+            None => (s.as_str(), false),
+        };
+        out.push(DiskAttachment {
+            disk_id: resolve("disk", items.iter().copied(), disk)?,
+            read_only,
+        });
+    }
+    Ok(out)
+}
+
+async fn default_boot_image(c: &mut Clients) -> Result<String> {
+    let info = c
+        .host
+        .get_host_info(GetHostInfoRequest {})
+        .await
+        .rpc("reading the host's boot images")?;
+    match info.boot_images.as_slice() {
+        [one] => Ok(one.name.clone()),
+        [] => bail!("the host has no boot images; give --boot-image"),
+        many => bail!(
+            "give --boot-image (this host has {})",
+            many.iter()
+                .map(|b| b.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn print_vm(v: &Vm) {
+    let s = v.spec.clone().unwrap_or_default();
+    println!("name:             {}", s.name);
+    println!("id:               {}", v.id);
+    if v.state_reason.is_empty() {
+        println!("state:            {}", vm_state(v.state));
+    } else {
+        println!(
+            "state:            {} ({})",
+            vm_state(v.state),
+            v.state_reason
+        );
+    }
+    println!("since:            {}", time_ms(v.state_changed_ms));
+    println!("cpus:             {}", s.cpus);
+    println!("memory:           {}", human(s.memory_bytes));
+    if s.disks.is_empty() {
+        println!("disks:            none");
+    }
+    for (i, d) in s.disks.iter().enumerate() {
+        println!(
+            "{:<18}{}{}",
+            if i == 0 { "disks:" } else { "" },
+            d.disk_id,
+            if d.read_only { " (read-only)" } else { "" }
+        );
+    }
+    println!("boot image:       {}", s.boot_image);
+    println!(
+        "cmdline:          {}",
+        if s.cmdline.is_empty() {
+            "(the boot image's default)"
+        } else {
+            &s.cmdline
+        }
+    );
+    let (w, h) = if s.display_width == 0 {
+        (1024, 768)
+    } else {
+        (s.display_width, s.display_height)
+    };
+    println!("display:          {w}x{h}");
+    println!(
+        "autostart:        {}",
+        if s.autostart { "yes" } else { "no" }
+    );
+    println!("created:          {}", time_ms(v.created_ms));
+    if !v.crash_log.trim().is_empty() {
+        println!("crash log:");
+        for l in v.crash_log.lines() {
+            println!("  {l}");
+        }
+    }
+}
+
+pub fn vm_json(v: &Vm) -> serde_json::Value {
+    let s = v.spec.clone().unwrap_or_default();
+    json!({
+        "id": v.id,
+        "name": s.name,
+        "state": vm_state(v.state),
+        "state_reason": v.state_reason,
+        "cpus": s.cpus,
+        "memory_bytes": s.memory_bytes,
+        "disks": s.disks.iter().map(|d| json!({
+            "disk_id": d.disk_id,
+            "read_only": d.read_only,
+        })).collect::<Vec<_>>(),
+        "boot_image": s.boot_image,
+        "cmdline": s.cmdline,
+        "display_width": s.display_width,
+        "display_height": s.display_height,
+        "autostart": s.autostart,
+        "created_ms": v.created_ms,
+        "state_changed_ms": v.state_changed_ms,
+        "crash_log": v.crash_log,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn displays() {
+        assert_eq!(parse_display("800x600").unwrap(), (800, 600));
+        assert_eq!(parse_display("1920X1080").unwrap(), (1920, 1080));
+        assert!(parse_display("800").is_err());
+    }
+}

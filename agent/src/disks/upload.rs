@@ -1,0 +1,961 @@
+//! Resumable uploads.
+//!
+//! `uploads/<id>/upload.json` describes an upload (name, size, SHA-256) and its
+//! `verified_offset`: the bytes of `uploads/<id>/data.partial` that are durably on disk. A
+//! stream writes at the verified offset; every [`CHECKPOINT`] bytes a separate thread makes
+//! the data durable (`fdatasync`) and only then advances and persists `verified_offset`, so
+//! after a crash it never claims more than the disk holds (bytes past it are truncated away
+//! when the library is opened). When the last byte is in, a task checks the SHA-256 and the
+//! image's structure; only then does the file move into the library.
+//!
+//! The data path: the gRPC handler hands each chunk (a refcounted `Bytes`, never copied) to
+//! a writer thread (`pwrite`), which hands it on to a hasher thread (SHA-256). The hasher
+//! only sees what was written, so at the end of a stream its state matches the written
+//! offset exactly; it is kept in memory for the next stream. After a restart it is rebuilt
+//! by reading the partial file.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use anyhow::Context;
+use parvis_disk::image::Image;
+use parvis_disk::storage::FileStorage;
+use parvis_disk::vhd::Vhd;
+use parvis_disk::vhdx::{Vhdx, VhdxOpenOptions};
+use parvis_disk::{ImageFormat, RawFile, RawFileOptions};
+use prost::bytes::Bytes;
+use proto::v1::{Disk, UploadChunk, UploadState, UploadStatus};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio_stream::{Stream, StreamExt};
+
+use super::{DiskLibrary, DiskMeta, Inner, MAX_DISK_SIZE, blocking, free_space, validate_name};
+use crate::error::{AgentError, AgentResult};
+use crate::store::{self, is_id, new_id, now_ms};
+use crate::tasks::TaskHandle;
+
+/// Data is made durable and `verified_offset` advanced at most this often.
+const CHECKPOINT: u64 = 64 << 20;
+/// Chunks queued between the handler and the writer, and between writer and hasher.
+const QUEUE: usize = 8;
+/// Finished uploads remembered for `GetUpload`.
+const KEEP_FINISHED: usize = 100;
+const DATA: &str = "data.partial";
+const META: &str = "upload.json";
+
+/// What `upload.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct UploadMeta {
+    id: String,
+    name: String,
+    size: u64,
+    /// Lower-case hex.
+    sha256: String,
+    created_ms: i64,
+    verified_offset: u64,
+}
+
+/// An upload, in memory.
+pub(crate) struct UploadEntry {
+    meta: UploadMeta,
+    state: UploadState,
+    task_id: String,
+    disk_id: String,
+    error: String,
+    /// A stream owns the data file.
+    streaming: bool,
+    /// The verified image is being moved into the library; too late to cancel.
+    committing: bool,
+    /// Set by `cancel_upload` to stop a running stream.
+    cancel: Arc<AtomicBool>,
+    /// SHA-256 state over the first `meta.verified_offset` bytes (None: rebuild from the
+    /// file). Only meaningful while no stream runs.
+    hasher: Option<Sha256>,
+    finished_ms: i64,
+}
+
+impl UploadEntry {
+    fn new(meta: UploadMeta) -> Self {
+        UploadEntry {
+            meta,
+            state: UploadState::Receiving,
+            task_id: String::new(),
+            disk_id: String::new(),
+            error: String::new(),
+            streaming: false,
+            committing: false,
+            cancel: Arc::new(AtomicBool::new(false)),
+            hasher: None,
+            finished_ms: 0,
+        }
+    }
+
+    fn status(&self) -> UploadStatus {
+        UploadStatus {
+            upload_id: self.meta.id.clone(),
+            name: self.meta.name.clone(),
+            size: self.meta.size,
+            verified_offset: self.meta.verified_offset,
+            state: self.state as i32,
+            task_id: self.task_id.clone(),
+            disk_id: self.disk_id.clone(),
+            error: self.error.clone(),
+        }
+    }
+
+    fn end(&mut self, state: UploadState, error: String) {
+        self.state = state;
+        self.error = error;
+        self.finished_ms = now_ms();
+        self.hasher = None;
+        self.streaming = false;
+        self.committing = false;
+    }
+}
+
+impl DiskLibrary {
+    /// Declare an upload: the image's name, exact size and SHA-256. The data follows in
+    /// [`DiskLibrary::upload_stream`]s.
+    pub async fn begin_upload(
+        &self,
+        name: &str,
+        size: u64,
+        sha256: &str,
+    ) -> AgentResult<UploadStatus> {
+        validate_name(name, "name")?;
+        if size == 0 {
+            return Err(AgentError::invalid("size", "must be more than 0"));
+        }
+        if size > MAX_DISK_SIZE {
+            return Err(AgentError::invalid("size", "must be at most 64 TiB"));
+        }
+        if !size.is_multiple_of(512) {
+            return Err(AgentError::invalid("size", "must be a multiple of 512"));
+        }
+        let sha256 = sha256.to_ascii_lowercase();
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(AgentError::invalid("sha256", "must be 64 hex digits"));
+        }
+        let meta = UploadMeta {
+            id: new_id(),
+            name: name.to_string(),
+            size,
+            sha256,
+            created_ms: now_ms(),
+            verified_offset: 0,
+        };
+        let inner = self.inner.clone();
+        blocking(move || {
+            let free = free_space(&inner.layout.uploads())?;
+            {
+                let mut map = inner.lock_uploads();
+                // What the running uploads still need is spoken for.
+                let promised: u64 = map
+                    .values()
+                    .filter(|u| u.state == UploadState::Receiving)
+                    .map(|u| u.meta.size - u.meta.verified_offset)
+                    .sum();
+                if size.saturating_add(promised) > free {
+                    return Err(AgentError::ResourceExhausted(format!(
+                        "not enough free space for {size} bytes: {free} bytes are free and \
+                         {promised} of them are promised to other uploads"
+                    )));
+                }
+                prune(&mut map);
+                let mut e = UploadEntry::new(meta.clone());
+                // Nobody may stream until the files exist.
+                e.streaming = true;
+                map.insert(meta.id.clone(), e);
+            }
+            let dir = inner.upload_dir(&meta.id);
+            let made = (|| {
+                fs::create_dir(&dir)?;
+                File::create(dir.join(DATA))?.sync_all()?;
+                store::write_json(&dir.join(META), &meta)?;
+                store::sync_dir(&inner.layout.uploads())
+            })();
+            let mut map = inner.lock_uploads();
+            match made {
+                Ok(()) => {
+                    let e = map.get_mut(&meta.id).expect("inserted above");
+                    e.streaming = false;
+                    e.hasher = Some(Sha256::new());
+                    Ok(e.status())
+                }
+                Err(err) => {
+                    map.remove(&meta.id);
+                    drop(map);
+                    let _ = fs::remove_dir_all(&dir);
+                    Err(AgentError::internal("creating an upload", err))
+                }
+            }
+        })
+        .await
+    }
+
+    /// An upload's state.
+    pub fn get_upload(&self, id: &str) -> AgentResult<UploadStatus> {
+        self.inner.with_upload(id, |e| Ok(e.status()))
+    }
+
+    /// Stop an upload and delete its data. Verification can be cancelled until the image
+    /// is being moved into the library.
+    pub async fn cancel_upload(&self, id: &str) -> AgentResult<UploadStatus> {
+        let (status, remove) = self.inner.with_upload(id, |e| {
+            let remove = match e.state {
+                UploadState::Cancelled => return Ok((e.status(), false)),
+                UploadState::Receiving => {
+                    e.cancel.store(true, Ordering::SeqCst);
+                    // A running stream removes the data when it stops.
+                    !e.streaming
+                }
+                UploadState::Verifying if e.committing => {
+                    return Err(AgentError::precondition(format!(
+                        "upload '{id}' has been verified and is being added to the library"
+                    )));
+                }
+                UploadState::Verifying => {
+                    // The verification task removes the data when it notices.
+                    let _ = self.inner.tasks.cancel(&e.task_id);
+                    false
+                }
+                _ => {
+                    return Err(AgentError::precondition(format!(
+                        "upload '{id}' has already ended"
+                    )));
+                }
+            };
+            e.end(UploadState::Cancelled, String::new());
+            Ok((e.status(), remove))
+        })?;
+        if remove {
+            let dir = self.inner.upload_dir(id);
+            blocking(move || {
+                fs::remove_dir_all(&dir).map_err(|e| AgentError::internal("removing an upload", e))
+            })
+            .await?;
+        }
+        Ok(status)
+    }
+
+    /// Receive one stream of upload data. The first message names the upload and the
+    /// offset of its data, which must be the upload's `verified_offset`; the following
+    /// messages carry the data after it. Whatever arrives before the stream ends or breaks
+    /// is kept (and counted in `verified_offset`), so a client resumes with a new stream.
+    pub async fn upload_stream<S, E>(&self, mut stream: S) -> AgentResult<UploadStatus>
+    where
+        S: Stream<Item = Result<UploadChunk, E>> + Unpin + Send,
+        E: std::fmt::Display,
+    {
+        let first = match stream.next().await {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => return Err(AgentError::Unavailable(format!("upload stream: {e}"))),
+            None => {
+                return Err(AgentError::invalid(
+                    "upload_id",
+                    "the stream carried no messages",
+                ));
+            }
+        };
+        if first.upload_id.is_empty() {
+            return Err(AgentError::invalid(
+                "upload_id",
+                "the first message must name the upload",
+            ));
+        }
+        let mut claim = self.inner.claim(&first.upload_id, first.offset)?;
+        let id = claim.meta.id.clone();
+        let size = claim.meta.size;
+        let start = claim.meta.verified_offset;
+        let path = self.inner.upload_dir(&id).join(DATA);
+        let hasher = claim.hasher.take();
+        let (file, hasher) = blocking(move || {
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .and_then(|f| {
+                    // Anything past the verified offset is not trusted (and must read as
+                    // zeros where the writer leaves holes).
+                    f.set_len(start)?;
+                    Ok(f)
+                })
+                .map_err(|e| AgentError::internal("opening upload data", e))?;
+            let hasher = match hasher {
+                Some(h) => h,
+                None => hash_prefix(&file, start, None)?,
+            };
+            Ok((file, hasher))
+        })
+        .await?;
+
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUE);
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let cancel = claim.cancel.clone();
+        let writer = Writer {
+            claim,
+            file,
+            hasher,
+        };
+        std::thread::Builder::new()
+            .name("upload-writer".into())
+            .spawn(move || {
+                let _ = done_tx.send(writer.run(rx));
+            })
+            .map_err(|e| AgentError::internal("starting an upload thread", e))?;
+
+        let mut expected = start;
+        let mut failure: Option<AgentError> = None;
+        let mut data = first.data;
+        loop {
+            if cancel.load(Ordering::SeqCst) {
+                failure = Some(AgentError::Cancelled);
+                break;
+            }
+            let len = data.len() as u64;
+            if len > 0 {
+                if expected + len > size {
+                    failure = Some(AgentError::invalid(
+                        "data",
+                        format!(
+                            "{len} bytes at offset {expected} go past the declared size {size}"
+                        ),
+                    ));
+                    break;
+                }
+                if tx.send(data).await.is_err() {
+                    // The writer stopped; its result says why.
+                    break;
+                }
+                expected += len;
+            }
+            data = match stream.next().await {
+                None => break,
+                Some(Err(e)) => {
+                    failure = Some(AgentError::Unavailable(format!(
+                        "upload stream interrupted: {e}"
+                    )));
+                    break;
+                }
+                Some(Ok(c)) => {
+                    if !c.upload_id.is_empty() && c.upload_id != id {
+                        failure = Some(AgentError::invalid(
+                            "upload_id",
+                            "all messages of a stream belong to one upload",
+                        ));
+                        break;
+                    }
+                    if c.offset != 0 && c.offset != expected {
+                        failure = Some(AgentError::invalid(
+                            "offset",
+                            format!("data must be contiguous: expected offset {expected}"),
+                        ));
+                        break;
+                    }
+                    c.data
+                }
+            };
+        }
+        drop(tx);
+        let written = done_rx
+            .await
+            .map_err(|e| AgentError::internal("upload writer thread", e))?;
+        match (failure, written) {
+            (_, Err(e)) | (Some(e), Ok(_)) => Err(e),
+            (None, Ok(status)) => Ok(status),
+        }
+    }
+}
+
+impl Inner {
+    fn upload_dir(&self, id: &str) -> PathBuf {
+        self.layout.uploads().join(id)
+    }
+
+    fn with_upload<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut UploadEntry) -> AgentResult<T>,
+    ) -> AgentResult<T> {
+        if !is_id(id) {
+            return Err(AgentError::not_found("upload", id));
+        }
+        match self.lock_uploads().get_mut(id) {
+            Some(e) => f(e),
+            None => Err(AgentError::not_found("upload", id)),
+        }
+    }
+
+    /// Take an upload for one stream starting at `offset`.
+    fn claim(self: &Arc<Self>, id: &str, offset: u64) -> AgentResult<Claim> {
+        self.with_upload(id, |e| {
+            match e.state {
+                UploadState::Receiving => {}
+                UploadState::Verifying => {
+                    return Err(AgentError::precondition(format!(
+                        "upload '{id}' has all its data and is being verified"
+                    )));
+                }
+                UploadState::Done => {
+                    return Err(AgentError::precondition(format!(
+                        "upload '{id}' is complete (disk '{}')",
+                        e.disk_id
+                    )));
+                }
+                UploadState::Failed => {
+                    return Err(AgentError::precondition(format!(
+                        "upload '{id}' failed: {}",
+                        e.error
+                    )));
+                }
+                _ => {
+                    return Err(AgentError::precondition(format!(
+                        "upload '{id}' was cancelled"
+                    )));
+                }
+            }
+            if e.streaming {
+                return Err(AgentError::precondition(format!(
+                    "upload '{id}': upload already in progress (another stream is sending \
+                     its data)"
+                )));
+            }
+            let verified = e.meta.verified_offset;
+            if offset != verified {
+                return Err(AgentError::precondition(format!(
+                    "upload '{id}' continues at offset {verified}, not {offset}: send the data \
+                     from offset {verified}"
+                )));
+            }
+            e.streaming = true;
+            Ok(Claim {
+                inner: self.clone(),
+                meta: e.meta.clone(),
+                hasher: e.hasher.take(),
+                cancel: e.cancel.clone(),
+                released: false,
+            })
+        })
+    }
+
+    /// Set the durable offset of a running stream's upload.
+    fn set_verified(&self, id: &str, offset: u64) {
+        if let Some(e) = self.lock_uploads().get_mut(id) {
+            e.meta.verified_offset = e.meta.verified_offset.max(offset);
+        }
+    }
+}
+
+/// One stream's hold on an upload. Dropping it without [`Claim::release`] (an error before
+/// the writer started) just lets the next stream in.
+struct Claim {
+    inner: Arc<Inner>,
+    meta: UploadMeta,
+    hasher: Option<Sha256>,
+    cancel: Arc<AtomicBool>,
+    released: bool,
+}
+
+impl Claim {
+    /// End the stream: `verified` bytes are durable and `hasher` (if known) covers exactly
+    /// them. A complete upload goes on to verification; a cancelled one is removed.
+    fn release(mut self, verified: u64, hasher: Option<Sha256>) -> UploadStatus {
+        self.released = true;
+        let dir = self.inner.upload_dir(&self.meta.id);
+        let mut map = self.inner.lock_uploads();
+        let Some(e) = map.get_mut(&self.meta.id) else {
+            return UploadStatus::default();
+        };
+        e.streaming = false;
+        e.meta.verified_offset = verified;
+        if e.state != UploadState::Receiving {
+            // Cancelled while streaming: the data goes.
+            let status = e.status();
+            drop(map);
+            if let Err(err) = fs::remove_dir_all(&dir) {
+                tracing::warn!("removing {}: {err}", dir.display());
+            }
+            return status;
+        }
+        e.hasher = hasher;
+        if verified == e.meta.size {
+            start_verify(&self.inner, e);
+        }
+        e.status()
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let cancelled = {
+            let mut map = self.inner.lock_uploads();
+            let Some(e) = map.get_mut(&self.meta.id) else {
+                return;
+            };
+            e.streaming = false;
+            if e.state == UploadState::Receiving {
+                e.hasher = self.hasher.take();
+                false
+            } else {
+                true
+            }
+        };
+        if cancelled {
+            let _ = fs::remove_dir_all(self.inner.upload_dir(&self.meta.id));
+        }
+    }
+}
+
+/// Start the verification task of a complete upload (the uploads lock is held).
+fn start_verify(inner: &Arc<Inner>, e: &mut UploadEntry) {
+    let h = inner.tasks.start(
+        format!("verify upload '{}'", e.meta.name),
+        "bytes",
+        e.meta.size,
+    );
+    e.state = UploadState::Verifying;
+    e.task_id = h.id().to_string();
+    let hasher = e.hasher.take();
+    let meta = e.meta.clone();
+    let inner2 = inner.clone();
+    let spawned = std::thread::Builder::new()
+        .name("upload-verify".into())
+        .spawn(move || verify(&inner2, meta, hasher, h));
+    if let Err(err) = spawned {
+        tracing::error!("starting an upload verification thread: {err}");
+        e.end(
+            UploadState::Failed,
+            "internal error (details are in the agent's log)".into(),
+        );
+    }
+}
+
+/// The verification task: checksum, structure, then the move into the library.
+fn verify(inner: &Arc<Inner>, meta: UploadMeta, hasher: Option<Sha256>, h: TaskHandle) {
+    let dir = inner.upload_dir(&meta.id);
+    let data = dir.join(DATA);
+    let result = verify_and_install(inner, &meta, hasher, &h, &data);
+    // The data is either in the library now or unwanted.
+    if let Err(err) = fs::remove_dir_all(&dir) {
+        tracing::warn!("removing {}: {err}", dir.display());
+    }
+    let _ = store::sync_dir(&inner.layout.uploads());
+    {
+        let mut map = inner.lock_uploads();
+        if let Some(e) = map.get_mut(&meta.id) {
+            match &result {
+                Ok(disk) => {
+                    e.disk_id = disk.id.clone();
+                    e.end(UploadState::Done, String::new());
+                }
+                Err(AgentError::Cancelled) => e.end(UploadState::Cancelled, String::new()),
+                Err(_) if e.state == UploadState::Cancelled || h.is_cancelled() => {
+                    e.end(UploadState::Cancelled, String::new())
+                }
+                Err(err) => e.end(UploadState::Failed, client_message(err)),
+            }
+        }
+    }
+    if let Ok(disk) = &result {
+        h.set_disk(&disk.id);
+    }
+    if let Err(e) = &result {
+        tracing::info!("upload {} ('{}'): {e}", meta.id, meta.name);
+    }
+    h.finish(&result.map(drop));
+}
+
+fn verify_and_install(
+    inner: &Arc<Inner>,
+    meta: &UploadMeta,
+    hasher: Option<Sha256>,
+    h: &TaskHandle,
+    data: &Path,
+) -> AgentResult<Disk> {
+    let digest = match hasher {
+        Some(hs) => hs.finalize(),
+        None => {
+            let f = File::open(data).map_err(|e| AgentError::internal("opening upload data", e))?;
+            hash_prefix(&f, meta.size, Some(h))?.finalize()
+        }
+    };
+    h.progress(meta.size, meta.size);
+    if hex::encode(digest) != meta.sha256 {
+        return Err(AgentError::FailedPrecondition(
+            "checksum mismatch: the data received does not have the declared SHA-256".into(),
+        ));
+    }
+    if h.is_cancelled() {
+        return Err(AgentError::Cancelled);
+    }
+    let (img, format) = open_upload(data)?;
+    let info = img.info(data);
+    if info.variant == "differencing" {
+        return Err(AgentError::Image(
+            "differencing images need their parent; upload a merged image instead".into(),
+        ));
+    }
+    let report = img.check()?;
+    if let Some(first) = report.errors.first() {
+        let more = report.errors.len() - 1;
+        return Err(AgentError::Image(if more > 0 {
+            format!("the image failed its structure check: {first} (and {more} more problems)")
+        } else {
+            format!("the image failed its structure check: {first}")
+        }));
+    }
+    // Past this point cancelling is refused: the image becomes a disk.
+    {
+        let mut map = inner.lock_uploads();
+        match map.get_mut(&meta.id) {
+            Some(e) if e.state == UploadState::Verifying && !h.is_cancelled() => {
+                e.committing = true;
+            }
+            _ => return Err(AgentError::Cancelled),
+        }
+    }
+    let id = new_id();
+    let disk_meta = DiskMeta::new(
+        id.clone(),
+        meta.name.clone(),
+        format,
+        info.logical_sector_size,
+    );
+    let ddir = inner.disk_dir(&id);
+    let path = ddir.join(&disk_meta.file);
+    let installed = (|| {
+        fs::create_dir(&ddir)
+            .and_then(|()| fs::rename(data, &path))
+            .and_then(|()| store::sync_dir(&ddir))
+            .and_then(|()| store::sync_dir(&inner.layout.uploads().join(&meta.id)))
+            .map_err(|e| AgentError::internal("moving an upload into the library", e))?;
+        inner.install(disk_meta, &img, &path)
+    })();
+    if installed.is_err() {
+        let _ = fs::remove_dir_all(&ddir);
+    }
+    installed
+}
+
+/// Open an uploaded image for checking. A differencing image's parent is not looked for
+/// next to it; a VHDX log is replayed (the file is ours).
+fn open_upload(path: &Path) -> AgentResult<(Image, ImageFormat)> {
+    let format = parvis_disk::image::detect(path)?;
+    let open = |write: bool| {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .map_err(|e| AgentError::internal("opening upload data", e))
+    };
+    let img = match format {
+        ImageFormat::Raw => Image::Raw(RawFile::open_with(
+            path,
+            &RawFileOptions {
+                read_only: true,
+                logical_sector_size: 512,
+                physical_sector_size: None,
+            },
+        )?),
+        ImageFormat::Vhd => Image::Vhd(Box::new(Vhd::open_storage(
+            Box::new(FileStorage(open(false)?)),
+            true,
+            None,
+        )?)),
+        ImageFormat::Vhdx => Image::Vhdx(Box::new(Vhdx::open_storage(
+            Box::new(FileStorage(open(true)?)),
+            &VhdxOpenOptions {
+                read_only: false,
+                allow_replay: true,
+            },
+            None,
+        )?)),
+    };
+    Ok((img, format))
+}
+
+/// SHA-256 of the first `len` bytes of `file`; a task handle gets progress and can cancel.
+fn hash_prefix(file: &File, len: u64, h: Option<&TaskHandle>) -> AgentResult<Sha256> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut off = 0u64;
+    while off < len {
+        let n = buf.len().min((len - off) as usize);
+        file.read_exact_at(&mut buf[..n], off)
+            .map_err(|e| AgentError::internal("reading upload data", e))?;
+        hasher.update(&buf[..n]);
+        off += n as u64;
+        if let Some(h) = h {
+            if h.is_cancelled() {
+                return Err(AgentError::Cancelled);
+            }
+            h.progress(off, len);
+        }
+    }
+    Ok(hasher)
+}
+
+/// The message a client sees for `e` (what `tonic::Status` would carry).
+fn client_message(e: &AgentError) -> String {
+    match e {
+        AgentError::Internal(_) => "internal error (details are in the agent's log)".into(),
+        e => e.to_string(),
+    }
+}
+
+/// Whether `b` is all zeros (vectorizes well: OR-folds 4 KiB at a time).
+fn is_zero(b: &[u8]) -> bool {
+    b.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+}
+
+/// The writer side of one stream.
+struct Writer {
+    claim: Claim,
+    file: File,
+    hasher: Sha256,
+}
+
+/// Between the writer and the syncer thread.
+struct SyncState {
+    /// (offset written that should become durable, stop)
+    req: Mutex<(u64, bool)>,
+    cv: Condvar,
+    /// Durable and persisted in upload.json.
+    durable: AtomicU64,
+}
+
+impl Writer {
+    /// Write what arrives on `rx` from the claim's verified offset on, then make it durable
+    /// and release the claim.
+    fn run(self, mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> AgentResult<UploadStatus> {
+        let Writer {
+            claim,
+            file,
+            hasher,
+        } = self;
+        let start = claim.meta.verified_offset;
+        let sync = SyncState {
+            req: Mutex::new((start, false)),
+            cv: Condvar::new(),
+            durable: AtomicU64::new(start),
+        };
+        let json = claim.inner.upload_dir(&claim.meta.id).join(META);
+        let mut off = start;
+        let mut file_len = start;
+        let mut failure: Option<std::io::Error> = None;
+        let hasher = std::thread::scope(|s| {
+            let (htx, hrx) = std::sync::mpsc::sync_channel::<Bytes>(QUEUE);
+            let hashing = s.spawn(move || {
+                let mut hasher = hasher;
+                for b in hrx {
+                    hasher.update(&b);
+                }
+                hasher
+            });
+            let syncing = s.spawn(|| syncer(&file, &sync, &claim, &json));
+            let mut last_sync = start;
+            while let Some(b) = rx.blocking_recv() {
+                let len = b.len() as u64;
+                // Zeros are left as holes: the image stays sparse.
+                if !is_zero(&b) {
+                    if let Err(e) = file.write_all_at(&b, off) {
+                        failure = Some(e);
+                        break;
+                    }
+                    file_len = file_len.max(off + len);
+                }
+                off += len;
+                let _ = htx.send(b);
+                if off - last_sync >= CHECKPOINT {
+                    if file_len < off {
+                        if let Err(e) = file.set_len(off) {
+                            failure = Some(e);
+                            break;
+                        }
+                        file_len = off;
+                    }
+                    let mut r = sync.req.lock().unwrap_or_else(|e| e.into_inner());
+                    r.0 = off;
+                    sync.cv.notify_one();
+                    last_sync = off;
+                }
+            }
+            // Refuse further data at once if writing failed.
+            drop(rx);
+            drop(htx);
+            sync.req.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+            sync.cv.notify_one();
+            let _ = syncing.join();
+            hashing.join().ok()
+        });
+        let mut durable = sync.durable.load(Ordering::SeqCst);
+        if failure.is_none() && off > durable {
+            let done = (|| {
+                if file_len < off {
+                    file.set_len(off)?;
+                }
+                file.sync_data()?;
+                persist(&json, &claim.meta, off)
+            })();
+            match done {
+                Ok(()) => durable = off,
+                Err(e) => failure = Some(e),
+            }
+        }
+        drop(file);
+        // The hasher covers `off` bytes: keep it only if they are all durable.
+        let hasher = hasher.filter(|_| durable == off);
+        let status = claim.release(durable, hasher);
+        match failure {
+            Some(e) => Err(AgentError::internal("writing upload data", e)),
+            None => Ok(status),
+        }
+    }
+}
+
+/// Make written data durable in the background, then advance the verified offset.
+fn syncer(file: &File, sync: &SyncState, claim: &Claim, json: &Path) {
+    loop {
+        let want = {
+            let mut r = sync.req.lock().unwrap_or_else(|e| e.into_inner());
+            while r.0 <= sync.durable.load(Ordering::SeqCst) && !r.1 {
+                r = sync.cv.wait(r).unwrap_or_else(|e| e.into_inner());
+            }
+            if r.1 {
+                // The writer makes the rest durable itself.
+                return;
+            }
+            r.0
+        };
+        if let Err(e) = file
+            .sync_data()
+            .and_then(|()| persist(json, &claim.meta, want))
+        {
+            tracing::warn!("upload {}: checkpoint at {want}: {e}", claim.meta.id);
+            return;
+        }
+        sync.durable.store(want, Ordering::SeqCst);
+        claim.inner.set_verified(&claim.meta.id, want);
+    }
+}
+
+fn persist(json: &Path, meta: &UploadMeta, verified: u64) -> std::io::Result<()> {
+    let mut m = meta.clone();
+    m.verified_offset = verified;
+    store::write_json(json, &m)
+}
+
+/// Drop the oldest finished uploads beyond [`KEEP_FINISHED`].
+fn prune(map: &mut HashMap<String, UploadEntry>) {
+    let mut finished: Vec<(i64, String)> = map
+        .values()
+        .filter(|e| e.finished_ms != 0)
+        .map(|e| (e.finished_ms, e.meta.id.clone()))
+        .collect();
+    if finished.len() > KEEP_FINISHED {
+        finished.sort();
+        for (_, id) in &finished[..finished.len() - KEEP_FINISHED] {
+            map.remove(id);
+        }
+    }
+}
+
+/// Resume the uploads in `uploads/`: data past the verified offset is truncated; complete
+/// ones are verified again. Half-made uploads are removed.
+pub(super) fn load(inner: &Arc<Inner>) -> anyhow::Result<()> {
+    let root = inner.layout.uploads();
+    for ent in fs::read_dir(&root).with_context(|| format!("reading {}", root.display()))? {
+        let ent = ent?;
+        let name = ent.file_name().to_string_lossy().into_owned();
+        let dir = ent.path();
+        if !is_id(&name) || !ent.file_type()?.is_dir() {
+            if name.starts_with('.') && name.contains(".tmp") {
+                let _ = fs::remove_file(&dir);
+            } else {
+                tracing::warn!("ignoring {} in the uploads directory", dir.display());
+            }
+            continue;
+        }
+        super::remove_temp_files(&dir);
+        match load_one(&dir, &name) {
+            Ok(Some(meta)) => {
+                let mut map = inner.lock_uploads();
+                let e = map
+                    .entry(meta.id.clone())
+                    .or_insert_with(|| UploadEntry::new(meta));
+                if e.meta.verified_offset == e.meta.size {
+                    start_verify(inner, e);
+                }
+            }
+            Ok(None) => {
+                tracing::info!("removing the unusable upload {}", dir.display());
+                if let Err(e) = fs::remove_dir_all(&dir) {
+                    tracing::warn!("removing {}: {e}", dir.display());
+                }
+            }
+            Err(e) => tracing::warn!("ignoring upload {}: {e:#}", dir.display()),
+        }
+    }
+    Ok(())
+}
+
+/// One upload directory: its metadata, with the data file cut back to what is verified.
+/// `None` for a half-made or broken upload.
+fn load_one(dir: &Path, id: &str) -> anyhow::Result<Option<UploadMeta>> {
+    let json = dir.join(META);
+    let data = dir.join(DATA);
+    if !json.exists() || !data.exists() {
+        return Ok(None);
+    }
+    let Ok(mut meta) = store::read_json::<UploadMeta>(&json) else {
+        return Ok(None);
+    };
+    if meta.id != id
+        || meta.size == 0
+        || meta.size > MAX_DISK_SIZE
+        || meta.verified_offset > meta.size
+        || meta.sha256.len() != 64
+    {
+        return Ok(None);
+    }
+    let f = fs::OpenOptions::new().write(true).open(&data)?;
+    let len = f.metadata()?.len();
+    if len > meta.verified_offset {
+        // Written but never made durable: not trusted.
+        f.set_len(meta.verified_offset)?;
+        f.sync_all()?;
+    } else if len < meta.verified_offset {
+        tracing::warn!(
+            "upload {id}: {len} bytes of data but {} verified; resuming from {len}",
+            meta.verified_offset
+        );
+        meta.verified_offset = len;
+        store::write_json(&json, &meta)?;
+    }
+    Ok(Some(meta))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&vec![0u8; 10000]));
+        let mut v = vec![0u8; 10000];
+        v[9999] = 1;
+        assert!(!is_zero(&v));
+        v[9999] = 0;
+        v[0] = 0x80;
+        assert!(!is_zero(&v));
+    }
+}

@@ -1,0 +1,279 @@
+//! Bearer tokens and the agent's TLS certificate.
+//!
+//! The token is made at first start, printed once, and only its SHA-256 is stored. The TLS
+//! certificate is self-signed, made at first start, and identified by its SHA-256
+//! fingerprint, which clients pin.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use tonic::{Request, Status};
+
+use crate::store::{Layout, write_atomic};
+
+const TOKEN_HASH: &str = "token.sha256";
+const CERT: &str = "tls-cert.pem";
+const KEY: &str = "tls-key.pem";
+
+/// Checks the bearer token on every request.
+#[derive(Clone)]
+pub struct TokenCheck {
+    hash: [u8; 32],
+}
+
+impl std::fmt::Debug for TokenCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenCheck")
+    }
+}
+
+impl TokenCheck {
+    pub fn from_hash(hash: [u8; 32]) -> Self {
+        TokenCheck { hash }
+    }
+
+    /// Whether `token` is the agent's token (constant time in the token's content).
+    pub fn accepts(&self, token: &str) -> bool {
+        let h: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        h.iter()
+            .zip(self.hash.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(value) = req.metadata().get("authorization") else {
+            return Err(Status::unauthenticated(
+                "missing bearer token (authorization metadata)",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("authorization must be 'Bearer <token>'"))?;
+        if self.accepts(token.trim()) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("invalid token"))
+        }
+    }
+}
+
+/// A new random token.
+pub fn new_token() -> String {
+    let mut b = [0u8; 24];
+    getrandom::fill(&mut b).expect("the OS random number generator is available");
+    format!("pvs_{}", hex::encode(b))
+}
+
+/// Load the stored token hash, or make a token, store its hash, and return the token so
+/// the caller can print it (the only time it is ever shown).
+pub fn load_or_create_token(layout: &Layout) -> Result<(TokenCheck, Option<String>)> {
+    let path = layout.secrets().join(TOKEN_HASH);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let bytes = hex::decode(text.trim()).context("the stored token hash is damaged")?;
+            let hash: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("the stored token hash is damaged"))?;
+            Ok((TokenCheck::from_hash(hash), None))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let (check, token) = reset_token(layout)?;
+            Ok((check, Some(token)))
+        }
+        Err(e) => Err(e).context("cannot read the token hash"),
+    }
+}
+
+/// Replace the token: the old one stops working when the agent next starts.
+pub fn reset_token(layout: &Layout) -> Result<(TokenCheck, String)> {
+    let token = new_token();
+    let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    write_atomic(
+        &layout.secrets().join(TOKEN_HASH),
+        format!("{}\n", hex::encode(hash)).as_bytes(),
+    )
+    .context("cannot store the token hash")?;
+    Ok((TokenCheck::from_hash(hash), token))
+}
+
+/// The agent's certificate and key (PEM).
+#[derive(Clone)]
+pub struct TlsIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub fingerprint: String,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsIdentity")
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
+/// Load the certificate, or make a self-signed one valid for `names` (host names and IP
+/// addresses) on first start.
+pub fn load_or_create_identity(layout: &Layout, names: &[String]) -> Result<TlsIdentity> {
+    let cert_path = layout.secrets().join(CERT);
+    let key_path = layout.secrets().join(KEY);
+    if !cert_path.exists() || !key_path.exists() {
+        let key = rcgen::KeyPair::generate().context("cannot generate a key")?;
+        let mut params =
+            rcgen::CertificateParams::new(names.to_vec()).context("bad certificate names")?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "parvis-agent");
+        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2124, 1, 1);
+        let cert = params
+            .self_signed(&key)
+            .context("cannot sign the certificate")?;
+        write_private(&key_path, key.serialize_pem().as_bytes())?;
+        write_atomic(&cert_path, cert.pem().as_bytes()).context("cannot store the certificate")?;
+    }
+    let cert_pem = fs::read_to_string(&cert_path).context("cannot read the certificate")?;
+    let key_pem = fs::read_to_string(&key_path).context("cannot read the key")?;
+    let der = pem_to_der(&cert_pem).context("the stored certificate is damaged")?;
+    Ok(TlsIdentity {
+        fingerprint: proto::client::fingerprint_of(&der),
+        cert_pem,
+        key_pem,
+    })
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .context("cannot write the key")?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path).context("cannot store the key")?;
+    Ok(())
+}
+
+/// The DER bytes of the first certificate in a PEM text.
+fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    base64_decode(&body)
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    for chunk in bytes.chunks(4) {
+        let pad = chunk.iter().filter(|&&c| c == b'=').count();
+        let mut acc = 0u32;
+        for &c in chunk.iter().filter(|&&c| c != b'=') {
+            acc = (acc << 6) | val(c)?;
+        }
+        acc <<= 6 * pad as u32;
+        let n = chunk.len() - 1 - pad;
+        let b = acc.to_be_bytes();
+        out.extend_from_slice(&b[1..1 + n]);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::service::Interceptor;
+
+    fn layout() -> (tempfile::TempDir, Layout) {
+        let d = tempfile::tempdir().unwrap();
+        let l = Layout::new(d.path().join("state"));
+        l.create().unwrap();
+        (d, l)
+    }
+
+    #[test]
+    fn the_token_is_shown_once_and_stored_hashed() {
+        let (_d, l) = layout();
+        let (check, token) = load_or_create_token(&l).unwrap();
+        let token = token.expect("first start shows the token");
+        assert!(check.accepts(&token));
+        assert!(!check.accepts("pvs_wrong"));
+        let stored = fs::read_to_string(l.secrets().join(TOKEN_HASH)).unwrap();
+        assert!(!stored.contains(&token));
+        let (again, shown) = load_or_create_token(&l).unwrap();
+        assert!(shown.is_none(), "a restart never shows the token again");
+        assert!(again.accepts(&token));
+    }
+
+    #[test]
+    fn the_interceptor_rejects_missing_and_wrong_tokens() {
+        let (_d, l) = layout();
+        let (mut check, token) = load_or_create_token(&l).unwrap();
+        let token = token.unwrap();
+        let none = check.call(Request::new(())).unwrap_err();
+        assert_eq!(none.code(), tonic::Code::Unauthenticated);
+        let mut wrong = Request::new(());
+        wrong
+            .metadata_mut()
+            .insert("authorization", "Bearer pvs_nope".parse().unwrap());
+        assert_eq!(
+            check.call(wrong).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        let mut right = Request::new(());
+        right
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        assert!(check.call(right).is_ok());
+    }
+
+    #[test]
+    fn the_certificate_is_made_once_and_its_fingerprint_is_stable() {
+        let (_d, l) = layout();
+        let a = load_or_create_identity(&l, &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let b = load_or_create_identity(&l, &["other".into()]).unwrap();
+        assert_eq!(a.fingerprint, b.fingerprint);
+        assert_eq!(a.fingerprint.len(), 95);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(l.secrets().join(KEY))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "the key is private");
+    }
+
+    #[test]
+    fn base64_round_trips_known_values() {
+        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(base64_decode("aGVsbG8h").unwrap(), b"hello!");
+        assert_eq!(base64_decode("aGk=").unwrap(), b"hi");
+        assert!(base64_decode("a$==").is_none());
+    }
+}

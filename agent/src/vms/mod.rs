@@ -1,0 +1,692 @@
+//! The host's VMs: inventory, state machine, and one worker process per running VM.
+
+mod config;
+mod process;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::v1::{Vm, VmSpec, VmState};
+use proto::worker::{Empty, request};
+use tokio::sync::watch;
+
+pub use config::{VmConfig, validate};
+use process::{ExitRecord, RunRecord};
+
+use crate::disks::DiskLibrary;
+use crate::error::{AgentError, AgentResult};
+use crate::events::EventBus;
+use crate::host::HostFacts;
+use crate::screen::{Geometry, Screen};
+use crate::serial::SerialHub;
+use crate::store::{self, Layout, now_ms};
+use crate::worker::WorkerConn;
+
+const CONFIG: &str = "vm.json";
+const RUN: &str = "run.json";
+const STATUS: &str = "status.json";
+const SOCKET: &str = "worker.sock";
+const SERIAL_LOG: &str = "serial.log";
+const WORKER_LOG: &str = "worker.log";
+/// How the VM last stopped, so a restarted agent reports a crash as a crash.
+const LAST_EXIT: &str = "last-exit.json";
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct LastExit {
+    crashed: bool,
+    reason: String,
+    #[serde(default)]
+    crash_log: String,
+}
+
+/// A running worker.
+#[derive(Debug)]
+pub struct Running {
+    pub pid: i32,
+    pub conn: Arc<WorkerConn>,
+    pub serial: Arc<SerialHub>,
+    screen: tokio::sync::Mutex<Option<Arc<Screen>>>,
+    exited: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    config: VmConfig,
+    state: VmState,
+    reason: String,
+    changed_ms: i64,
+    crash_log: String,
+    run: Option<Arc<Running>>,
+    /// Serializes lifecycle operations on this VM.
+    op: Arc<tokio::sync::Mutex<()>>,
+    /// Set by stop: the coming exit was asked for.
+    stopping: bool,
+}
+
+impl Entry {
+    fn vm(&self) -> Vm {
+        Vm {
+            id: self.config.id.clone(),
+            spec: Some(self.config.spec()),
+            state: self.state as i32,
+            state_reason: self.reason.clone(),
+            created_ms: self.config.created_ms,
+            state_changed_ms: self.changed_ms,
+            crash_log: self.crash_log.clone(),
+        }
+    }
+}
+
+/// Every VM of this host.
+#[derive(Debug)]
+pub struct Vms {
+    layout: Layout,
+    events: Arc<EventBus>,
+    disks: Arc<DiskLibrary>,
+    host: HostFacts,
+    map: Mutex<HashMap<String, Entry>>,
+}
+
+impl Vms {
+    /// Load the inventory. Workers still running from an earlier agent are adopted;
+    /// those that ended meanwhile are reported as they ended.
+    pub async fn load(
+        layout: Layout,
+        events: Arc<EventBus>,
+        disks: Arc<DiskLibrary>,
+        host: HostFacts,
+    ) -> anyhow::Result<Arc<Self>> {
+        let vms = Arc::new(Vms {
+            layout: layout.clone(),
+            events,
+            disks,
+            host,
+            map: Mutex::new(HashMap::new()),
+        });
+        for e in std::fs::read_dir(layout.vms())?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                // A create or delete that was interrupted: never a usable VM.
+                let _ = std::fs::remove_dir_all(e.path());
+                continue;
+            }
+            if !store::is_id(&name) {
+                continue;
+            }
+            let config: VmConfig = match store::read_json(&e.path().join(CONFIG)) {
+                Ok(c) => c,
+                Err(err) => {
+                    tracing::error!("VM {name}: unreadable configuration, left alone: {err}");
+                    continue;
+                }
+            };
+            let last: Option<LastExit> = store::read_json(&e.path().join(LAST_EXIT)).ok();
+            let (state, reason, crash_log) = match last {
+                Some(l) if l.crashed => (VmState::Crashed, l.reason, l.crash_log),
+                Some(l) => (VmState::Off, l.reason, String::new()),
+                None => (VmState::Off, String::new(), String::new()),
+            };
+            vms.lock().insert(
+                name.clone(),
+                Entry {
+                    config,
+                    state,
+                    reason,
+                    changed_ms: now_ms(),
+                    crash_log,
+                    run: None,
+                    op: Arc::default(),
+                    stopping: false,
+                },
+            );
+            vms.recover(&name).await;
+        }
+        Ok(vms)
+    }
+
+    /// After an agent restart: adopt the VM's worker if it still runs, otherwise report
+    /// how it ended.
+    async fn recover(self: &Arc<Self>, id: &str) {
+        let dir = self.layout.vm(id);
+        let Ok(run) = store::read_json::<RunRecord>(&dir.join(RUN)) else {
+            return;
+        };
+        if process::is_same_process(&run) {
+            match self.attach(id, run.pid).await {
+                Ok(running) => {
+                    let paused = running
+                        .conn
+                        .call(request::Kind::Query(Empty {}))
+                        .await
+                        .ok()
+                        .and_then(|r| r.status)
+                        .is_some_and(|s| s.paused);
+                    let state = if paused {
+                        VmState::Paused
+                    } else {
+                        VmState::Running
+                    };
+                    self.set_running(
+                        id,
+                        running.clone(),
+                        state,
+                        "worker adopted after an agent restart",
+                    );
+                    let vms = self.clone();
+                    let id = id.to_string();
+                    tokio::spawn(async move {
+                        process::wait_pid(run.pid).await;
+                        vms.worker_exited(&id, &running, None).await;
+                    });
+                    return;
+                }
+                Err(e) => tracing::warn!("VM {id}: cannot reach its worker: {e}"),
+            }
+        }
+        let (state, reason) = self.exit_outcome(id, None, false);
+        let log = if state == VmState::Crashed {
+            self.log_tail(id)
+        } else {
+            String::new()
+        };
+        self.record_exit(id, state, &reason, &log);
+        let _ = std::fs::remove_file(dir.join(RUN));
+        self.update(id, |e| {
+            e.state = state;
+            e.reason = reason;
+            e.crash_log = log;
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Change an entry and publish it.
+    fn update(&self, id: &str, f: impl FnOnce(&mut Entry)) -> Option<Vm> {
+        let vm = {
+            let mut map = self.lock();
+            let e = map.get_mut(id)?;
+            f(e);
+            e.changed_ms = now_ms();
+            e.vm()
+        };
+        self.events.vm_changed(vm.clone());
+        Some(vm)
+    }
+
+    fn entry<T>(&self, id: &str, f: impl FnOnce(&Entry) -> T) -> AgentResult<T> {
+        let map = self.lock();
+        map.get(id)
+            .map(f)
+            .ok_or_else(|| AgentError::not_found("VM", id))
+    }
+
+    pub fn list(&self) -> Vec<Vm> {
+        let mut v: Vec<Vm> = self.lock().values().map(Entry::vm).collect();
+        v.sort_by(|a, b| a.created_ms.cmp(&b.created_ms).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    pub fn get(&self, id: &str) -> AgentResult<Vm> {
+        self.entry(id, Entry::vm)
+    }
+
+    /// The running worker of a VM, or FailedPrecondition.
+    pub fn running(&self, id: &str) -> AgentResult<Arc<Running>> {
+        self.entry(id, |e| (e.run.clone(), e.config.name.clone()))?
+            .0
+            .ok_or_else(|| AgentError::precondition(format!("VM '{id}' is not running")))
+    }
+
+    /// VM ids whose configuration uses the disk.
+    pub fn users_of(&self, disk_id: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|e| e.config.disks.iter().any(|d| d.disk_id == disk_id))
+            .map(|e| e.config.id.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Whether a VM that uses the disk is not off.
+    pub fn disk_busy(&self, disk_id: &str) -> bool {
+        self.lock()
+            .values()
+            .any(|e| e.run.is_some() && e.config.disks.iter().any(|d| d.disk_id == disk_id))
+    }
+
+    fn name_taken(&self, name: &str, except: &str) -> bool {
+        self.lock()
+            .values()
+            .any(|e| e.config.id != except && e.config.name == name)
+    }
+
+    pub fn create(&self, spec: &VmSpec) -> AgentResult<Vm> {
+        let mut config = validate(
+            spec,
+            &self.host,
+            |id| self.disks.get(id).is_ok(),
+            |n| self.name_taken(n, ""),
+        )?;
+        config.id = store::new_id();
+        config.created_ms = now_ms();
+        // Written under a hidden name and renamed: an agent killed half-way leaves either
+        // nothing or a whole VM.
+        let tmp = self.layout.vms().join(format!(".new-{}", config.id));
+        let dir = self.layout.vm(&config.id);
+        let io = |e| AgentError::internal("creating the VM's directory", e);
+        std::fs::create_dir_all(&tmp).map_err(io)?;
+        store::write_json(&tmp.join(CONFIG), &config).map_err(io)?;
+        std::fs::rename(&tmp, &dir).map_err(io)?;
+        store::sync_dir(&self.layout.vms()).map_err(io)?;
+        let entry = Entry {
+            config,
+            state: VmState::Off,
+            reason: "created".into(),
+            changed_ms: now_ms(),
+            crash_log: String::new(),
+            run: None,
+            op: Arc::default(),
+            stopping: false,
+        };
+        let vm = entry.vm();
+        self.lock().insert(vm.id.clone(), entry);
+        self.events.vm_changed(vm.clone());
+        Ok(vm)
+    }
+
+    pub async fn update_spec(&self, id: &str, spec: &VmSpec) -> AgentResult<Vm> {
+        let op = self.entry(id, |e| e.op.clone())?;
+        let _g = op.lock().await;
+        self.require(id, &[VmState::Off, VmState::Crashed], "change its settings")?;
+        let old = self.entry(id, |e| e.config.clone())?;
+        let mut config = validate(
+            spec,
+            &self.host,
+            |d| self.disks.get(d).is_ok(),
+            |n| self.name_taken(n, id),
+        )?;
+        config.id = old.id;
+        config.created_ms = old.created_ms;
+        store::write_json(&self.layout.vm(id).join(CONFIG), &config)
+            .map_err(|e| AgentError::internal("writing the VM's configuration", e))?;
+        self.update(id, |e| e.config = config)
+            .ok_or_else(|| AgentError::not_found("VM", id))
+    }
+
+    pub async fn delete(&self, id: &str) -> AgentResult<()> {
+        let op = self.entry(id, |e| e.op.clone())?;
+        let _g = op.lock().await;
+        self.require(id, &[VmState::Off, VmState::Crashed], "delete it")?;
+        let dir = self.layout.vm(id);
+        let gone = self.layout.vms().join(format!(".deleted-{id}"));
+        std::fs::rename(&dir, &gone).map_err(|e| AgentError::internal("deleting the VM", e))?;
+        let _ = store::sync_dir(&self.layout.vms());
+        let _ = std::fs::remove_dir_all(&gone);
+        self.lock().remove(id);
+        self.events.vm_deleted(id.to_string());
+        Ok(())
+    }
+
+    /// FailedPrecondition unless the VM is in one of `states`.
+    fn require(&self, id: &str, states: &[VmState], to: &str) -> AgentResult<()> {
+        let (state, name) = self.entry(id, |e| (e.state, e.config.name.clone()))?;
+        if states.contains(&state) {
+            Ok(())
+        } else {
+            Err(AgentError::precondition(format!(
+                "VM '{name}' is {}; cannot {to}",
+                state_word(state)
+            )))
+        }
+    }
+
+    pub async fn start(self: &Arc<Self>, id: &str) -> AgentResult<Vm> {
+        let op = self.entry(id, |e| e.op.clone())?;
+        let _g = op.lock().await;
+        self.require(id, &[VmState::Off, VmState::Crashed], "start it")?;
+        let config = self.entry(id, |e| e.config.clone())?;
+        let boot = self.host.boot_image(&config.boot_image).map_err(|_| {
+            AgentError::precondition(format!(
+                "boot image '{}' is no longer on this host",
+                config.boot_image
+            ))
+        })?;
+        let mut disks = Vec::new();
+        for d in &config.disks {
+            let path = self.disks.path_of(&d.disk_id).map_err(|_| {
+                AgentError::precondition(format!(
+                    "disk '{}' is no longer in the library",
+                    d.disk_id
+                ))
+            })?;
+            disks.push((path, d.read_only));
+        }
+        self.update(id, |e| {
+            e.state = VmState::Starting;
+            e.reason = "starting".into();
+            e.crash_log.clear();
+            e.stopping = false;
+        });
+        let dir = self.layout.vm(id);
+        let spawned = process::spawn(&self.host.worker_bin, &dir, &config, &boot, &disks);
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                self.update(id, |e| {
+                    e.state = VmState::Crashed;
+                    e.reason = "the worker could not be started".into();
+                });
+                return Err(AgentError::internal("spawning the worker", e));
+            }
+        };
+        let pid = child.id().map_or(0, |p| p as i32);
+        if let Ok(run) = RunRecord::of(pid) {
+            let _ = store::write_json(&dir.join(RUN), &run);
+        }
+        // Wait for the control socket; a worker that exits first failed to start.
+        let socket = dir.join(SOCKET);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let running = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let (state, reason) = self.exit_outcome(id, Some(status), false);
+                let log = self.log_tail(id);
+                self.record_exit(id, state, &reason, &log);
+                let _ = std::fs::remove_file(dir.join(RUN));
+                self.update(id, |e| {
+                    e.state = state;
+                    e.reason = reason.clone();
+                    e.crash_log = log;
+                });
+                return Err(AgentError::precondition(format!(
+                    "VM failed to start: {reason}"
+                )));
+            }
+            if socket.exists()
+                && let Ok(r) = self.attach(id, pid).await
+            {
+                break r;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                self.update(id, |e| {
+                    e.state = VmState::Crashed;
+                    e.reason = "the worker did not come up in time".into();
+                });
+                return Err(AgentError::Unavailable(
+                    "the VM's worker did not come up in time".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let vm = self.set_running(id, running.clone(), VmState::Running, "running");
+        let vms = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let status = child.wait().await.ok();
+            vms.worker_exited(&id, &running, status).await;
+        });
+        Ok(vm)
+    }
+
+    /// Connect to a worker and subscribe to its serial output.
+    async fn attach(&self, id: &str, pid: i32) -> AgentResult<Arc<Running>> {
+        let dir = self.layout.vm(id);
+        let serial = Arc::new(SerialHub::from_log(&dir.join(SERIAL_LOG)));
+        let hub = serial.clone();
+        let conn = WorkerConn::connect(&dir.join(SOCKET), move |b| hub.push(b), || {})
+            .await
+            .map_err(|e| AgentError::Unavailable(format!("cannot reach the VM's worker: {e}")))?;
+        conn.call(request::Kind::SubscribeSerial(Empty {})).await?;
+        Ok(Arc::new(Running {
+            pid,
+            conn,
+            serial,
+            screen: tokio::sync::Mutex::new(None),
+            exited: watch::channel(false).0,
+        }))
+    }
+
+    fn set_running(&self, id: &str, running: Arc<Running>, state: VmState, reason: &str) -> Vm {
+        self.update(id, |e| {
+            e.run = Some(running);
+            e.state = state;
+            e.reason = reason.into();
+        })
+        .unwrap_or_default()
+    }
+
+    /// The worker process ended: record how, and release what it held.
+    async fn worker_exited(
+        &self,
+        id: &str,
+        running: &Arc<Running>,
+        status: Option<std::process::ExitStatus>,
+    ) {
+        if let Some(s) = running.screen.lock().await.take() {
+            s.stop();
+        }
+        let stopping = self.entry(id, |e| e.stopping).unwrap_or(false);
+        let (state, reason) = self.exit_outcome(id, status, stopping);
+        let log = if state == VmState::Crashed {
+            self.log_tail(id)
+        } else {
+            String::new()
+        };
+        self.record_exit(id, state, &reason, &log);
+        let _ = std::fs::remove_file(self.layout.vm(id).join(RUN));
+        self.update(id, |e| {
+            if e.run.as_ref().is_some_and(|r| Arc::ptr_eq(r, running)) {
+                e.run = None;
+            }
+            e.state = state;
+            e.reason = reason;
+            e.crash_log = log;
+            e.stopping = false;
+        });
+        running.exited.send_replace(true);
+    }
+
+    /// What the worker's exit means, from its exit record (written by the worker) or, when
+    /// it left none, from how the process ended.
+    fn exit_outcome(
+        &self,
+        id: &str,
+        status: Option<std::process::ExitStatus>,
+        stopping: bool,
+    ) -> (VmState, String) {
+        let record: Option<ExitRecord> = store::read_json(&self.layout.vm(id).join(STATUS)).ok();
+        process::outcome(record.as_ref(), status, stopping, &self.layout.root)
+    }
+
+    /// Remember how the VM stopped (best effort: the state is also in memory).
+    fn record_exit(&self, id: &str, state: VmState, reason: &str, log: &str) {
+        let last = LastExit {
+            crashed: state == VmState::Crashed,
+            reason: reason.to_string(),
+            crash_log: log.to_string(),
+        };
+        if let Err(e) = store::write_json(&self.layout.vm(id).join(LAST_EXIT), &last) {
+            tracing::warn!("VM {id}: cannot record how it stopped: {e}");
+        }
+    }
+
+    fn log_tail(&self, id: &str) -> String {
+        process::log_tail(&self.layout.vm(id).join(WORKER_LOG), 20, &self.layout.root)
+    }
+
+    /// Force off: ask the worker to stop, kill it if it does not.
+    pub async fn stop(&self, id: &str) -> AgentResult<Vm> {
+        let op = self.entry(id, |e| e.op.clone())?;
+        let _g = op.lock().await;
+        self.require(
+            id,
+            &[
+                VmState::Starting,
+                VmState::Running,
+                VmState::Paused,
+                VmState::Stopping,
+            ],
+            "stop it",
+        )?;
+        let running = self.running(id)?;
+        let mut exited = running.exited.subscribe();
+        self.update(id, |e| {
+            e.state = VmState::Stopping;
+            e.reason = "stopping".into();
+            e.stopping = true;
+        });
+        let _ = running.conn.call(request::Kind::Stop(Empty {})).await;
+        let done = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|x| *x))
+            .await
+            .is_ok();
+        if !done {
+            tracing::warn!("VM {id}: worker {} did not stop; killing it", running.pid);
+            process::kill(running.pid);
+            let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|x| *x)).await;
+        }
+        self.get(id)
+    }
+
+    /// Press the power button.
+    pub async fn shutdown(&self, id: &str) -> AgentResult<Vm> {
+        self.require(id, &[VmState::Running], "shut it down")?;
+        let running = self.running(id)?;
+        running
+            .conn
+            .call(request::Kind::PowerButton(Empty {}))
+            .await?;
+        self.update(id, |e| {
+            e.reason = "shutdown requested (power button)".into()
+        })
+        .ok_or_else(|| AgentError::not_found("VM", id))
+    }
+
+    pub async fn pause(&self, id: &str) -> AgentResult<Vm> {
+        self.simple(
+            id,
+            &[VmState::Running],
+            "pause it",
+            request::Kind::Pause(Empty {}),
+            VmState::Paused,
+            "paused",
+        )
+        .await
+    }
+
+    pub async fn resume(&self, id: &str) -> AgentResult<Vm> {
+        self.simple(
+            id,
+            &[VmState::Paused],
+            "resume it",
+            request::Kind::Resume(Empty {}),
+            VmState::Running,
+            "running",
+        )
+        .await
+    }
+
+    pub async fn reset(&self, id: &str) -> AgentResult<Vm> {
+        self.simple(
+            id,
+            &[VmState::Running, VmState::Paused],
+            "reset it",
+            request::Kind::Reset(Empty {}),
+            VmState::Running,
+            "reset",
+        )
+        .await
+    }
+
+    async fn simple(
+        &self,
+        id: &str,
+        from: &[VmState],
+        to: &str,
+        req: request::Kind,
+        state: VmState,
+        reason: &str,
+    ) -> AgentResult<Vm> {
+        let op = self.entry(id, |e| e.op.clone())?;
+        let _g = op.lock().await;
+        self.require(id, from, to)?;
+        let running = self.running(id)?;
+        running.conn.call(req).await?;
+        self.update(id, |e| {
+            e.state = state;
+            e.reason = reason.into();
+        })
+        .ok_or_else(|| AgentError::not_found("VM", id))
+    }
+
+    /// The VM's screen, started on first use.
+    pub async fn screen(&self, id: &str) -> AgentResult<Arc<Screen>> {
+        let running = self.running(id)?;
+        let mut slot = running.screen.lock().await;
+        if let Some(s) = slot.as_ref() {
+            return Ok(s.clone());
+        }
+        let (fb, fd) = running.conn.framebuffer().await?;
+        let len = rustix::fs::fstat(&fd)
+            .map_err(|e| AgentError::internal("guest memory file", std::io::Error::from(e)))?
+            .st_size as u64;
+        let g = Geometry::validate(&fb, len).ok_or_else(|| {
+            AgentError::internal(
+                "framebuffer",
+                anyhow::anyhow!("worker sent a bad geometry {fb:?}"),
+            )
+        })?;
+        let s =
+            Screen::start(fd, g).map_err(|e| AgentError::internal("starting screen capture", e))?;
+        *slot = Some(s.clone());
+        Ok(s)
+    }
+
+    /// VMs marked autostart that are off.
+    pub fn autostart_ids(&self) -> Vec<String> {
+        self.lock()
+            .values()
+            .filter(|e| e.config.autostart && e.state == VmState::Off)
+            .map(|e| e.config.id.clone())
+            .collect()
+    }
+
+    /// The path of a VM's directory (tests and diagnostics).
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.layout.vm(id)
+    }
+
+    /// Whether any VM has this name (for the demo VM).
+    pub fn find_by_name(&self, name: &str) -> Option<String> {
+        self.lock()
+            .values()
+            .find(|e| e.config.name == name)
+            .map(|e| e.config.id.clone())
+    }
+}
+
+fn state_word(s: VmState) -> &'static str {
+    match s {
+        VmState::Off | VmState::Unspecified => "off",
+        VmState::Starting => "starting",
+        VmState::Running => "running",
+        VmState::Paused => "paused",
+        VmState::Stopping => "stopping",
+        VmState::Crashed => "crashed",
+    }
+}
+
+/// Replace the state directory in text for clients with a neutral word.
+pub fn scrub(text: &str, root: &Path) -> String {
+    let root = root.display().to_string();
+    if root.is_empty() {
+        return text.to_string();
+    }
+    text.replace(&root, "<state>")
+}

@@ -1,0 +1,196 @@
+//! The agent's side of the internal worker protocol (`parvis.worker.v1`) over the Unix
+//! socket in the VM's directory.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::framing::{Decoder, encode};
+use proto::worker::{Event, Reply, Request, event, request};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{Mutex as AsyncMutex, oneshot};
+
+use crate::error::{AgentError, AgentResult};
+
+/// How long a request may take before the worker is considered hung.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>;
+
+/// One connection to a worker.
+#[derive(Debug)]
+pub struct WorkerConn {
+    socket: PathBuf,
+    writer: AsyncMutex<OwnedWriteHalf>,
+    pending: Pending,
+    next_id: AtomicU64,
+}
+
+impl WorkerConn {
+    /// Connect; `on_serial` gets every chunk of serial output once subscribed. When the
+    /// worker closes the connection, `on_close` runs and pending requests fail.
+    pub async fn connect(
+        socket: &Path,
+        on_serial: impl Fn(bytes::Bytes) + Send + 'static,
+        on_close: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<Arc<Self>> {
+        let stream = UnixStream::connect(socket).await?;
+        let (mut rd, wr) = stream.into_split();
+        let pending: Pending = Arc::default();
+        let conn = Arc::new(WorkerConn {
+            socket: socket.to_owned(),
+            writer: AsyncMutex::new(wr),
+            pending: pending.clone(),
+            next_id: AtomicU64::new(1),
+        });
+        tokio::spawn(async move {
+            let mut dec = Decoder::default();
+            let mut buf = vec![0u8; 64 << 10];
+            'outer: loop {
+                let n = match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                dec.push(&buf[..n]);
+                loop {
+                    match dec.next_message::<Event>() {
+                        Ok(Some(Event {
+                            kind: Some(event::Kind::Reply(r)),
+                        })) => {
+                            let tx = pending
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .remove(&r.id);
+                            if let Some(tx) = tx {
+                                let _ = tx.send(r);
+                            }
+                        }
+                        Ok(Some(Event {
+                            kind: Some(event::Kind::SerialOutput(b)),
+                        })) => on_serial(b),
+                        Ok(Some(Event { kind: None })) => {}
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!("bad message from a worker: {e}");
+                            break 'outer;
+                        }
+                    }
+                }
+            }
+            pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            on_close();
+        });
+        Ok(conn)
+    }
+
+    /// Send a request and wait for its reply; a reply with an error becomes
+    /// FailedPrecondition with the worker's message.
+    pub async fn call(&self, kind: request::Kind) -> AgentResult<Reply> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let bytes = encode(&Request {
+            id,
+            kind: Some(kind),
+        });
+        {
+            let mut w = self.writer.lock().await;
+            if w.write_all(&bytes).await.is_err() {
+                return Err(gone());
+            }
+        }
+        let reply = match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => return Err(gone()),
+            Err(_) => {
+                return Err(AgentError::Unavailable(
+                    "the VM's worker did not answer in time".into(),
+                ));
+            }
+        };
+        if reply.error.is_empty() {
+            Ok(reply)
+        } else {
+            Err(AgentError::precondition(reply.error.clone()))
+        }
+    }
+
+    /// Ask for the guest memory file and the framebuffer's place in it. Done on its own
+    /// blocking connection, since the file descriptor arrives as ancillary data.
+    pub async fn framebuffer(&self) -> AgentResult<(proto::worker::Framebuffer, OwnedFd)> {
+        let socket = self.socket.clone();
+        tokio::task::spawn_blocking(move || framebuffer_blocking(&socket))
+            .await
+            .map_err(|e| AgentError::internal("framebuffer request", e))?
+    }
+}
+
+fn gone() -> AgentError {
+    AgentError::Unavailable("the VM's worker is gone".into())
+}
+
+fn framebuffer_blocking(socket: &Path) -> AgentResult<(proto::worker::Framebuffer, OwnedFd)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+    use std::io::{IoSliceMut, Write};
+    use std::os::unix::net::UnixStream as StdUnix;
+
+    let mut s = StdUnix::connect(socket).map_err(|_| gone())?;
+    s.set_read_timeout(Some(REQUEST_TIMEOUT)).ok();
+    s.write_all(&encode(&Request {
+        id: 1,
+        kind: Some(request::Kind::Framebuffer(proto::worker::Empty {})),
+    }))
+    .map_err(|_| gone())?;
+    let mut dec = Decoder::default();
+    let mut fd: Option<OwnedFd> = None;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut anc = RecvAncillaryBuffer::new(&mut space);
+        let n = recvmsg(
+            &s,
+            &mut [IoSliceMut::new(&mut buf)],
+            &mut anc,
+            RecvFlags::CMSG_CLOEXEC,
+        )
+        .map_err(|_| gone())?
+        .bytes;
+        for msg in anc.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = msg {
+                for f in fds {
+                    fd.get_or_insert(f);
+                }
+            }
+        }
+        if n == 0 {
+            return Err(gone());
+        }
+        dec.push(&buf[..n]);
+        match dec.next_message::<Event>() {
+            Ok(Some(Event {
+                kind: Some(event::Kind::Reply(r)),
+            })) => {
+                if !r.error.is_empty() {
+                    return Err(AgentError::precondition(r.error));
+                }
+                let fb = r.framebuffer.ok_or_else(|| {
+                    AgentError::internal("framebuffer", anyhow::anyhow!("reply without geometry"))
+                })?;
+                let fd = fd.ok_or_else(|| {
+                    AgentError::internal("framebuffer", anyhow::anyhow!("reply without a file"))
+                })?;
+                return Ok((fb, fd));
+            }
+            Ok(_) => continue,
+            Err(e) => return Err(AgentError::internal("framebuffer reply", e)),
+        }
+    }
+}
