@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 pub struct Artifacts {
     /// Folder with `vmlinux`, `vmlinuz`, `l2-initramfs.cpio`, `l1-initramfs.cpio`.
     pub images: PathBuf,
-    /// Folder with the static `parvis-worker`.
+    /// Folder with the static `parvis-worker` and `parvis-agent`.
     pub bin: PathBuf,
 }
 
@@ -78,6 +78,9 @@ pub fn static_target_dir() -> PathBuf {
         .join("l1-static")
 }
 
+/// The programs built statically for the test host.
+pub const L1_PROGRAMS: [&str; 2] = ["parvis-worker", "parvis-agent"];
+
 fn build_static_worker() -> Result<PathBuf> {
     let target = static_target_dir();
     let status = Command::new(env!("CARGO"))
@@ -91,20 +94,23 @@ fn build_static_worker() -> Result<PathBuf> {
             "hypervisor",
             "--bin",
             "parvis-worker",
+            "-p",
+            "agent",
+            "--bin",
+            "parvis-agent",
         ])
         .env("CARGO_TARGET_DIR", &target)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .status()
-        .context("cannot run cargo to build the static worker")?;
+        .context("cannot run cargo to build the static programs")?;
     if !status.success() {
-        bail!("building the static parvis-worker failed ({status})");
+        bail!("building the static parvis-worker and parvis-agent failed ({status})");
     }
     let bin = target.join("x86_64-unknown-linux-gnu/release");
-    if !bin.join("parvis-worker").is_file() {
-        bail!(
-            "{} is missing after the build",
-            bin.join("parvis-worker").display()
-        );
+    for name in L1_PROGRAMS {
+        if !bin.join(name).is_file() {
+            bail!("{} is missing after the build", bin.join(name).display());
+        }
     }
     Ok(bin)
 }

@@ -9,6 +9,7 @@
 pub mod bench_support;
 pub mod build;
 pub mod disk_bench;
+pub mod live;
 pub mod markers;
 pub mod testhost;
 

@@ -90,7 +90,7 @@ impl Outcome {
     }
 }
 
-const HEADER: &str = r#"set -u
+pub(crate) const HEADER: &str = r#"set -u
 export PATH="$BIN:$PATH"
 cd "$SHARE"
 # run NAME ARGS...: run a worker with a watchdog; serial output to NAME.out, stderr to
@@ -161,20 +161,25 @@ impl Scenario {
     fn run_emulated(self, art: &crate::Artifacts, share: tempfile::TempDir) -> Result<Outcome> {
         let bin = share.path().join("bin");
         std::fs::create_dir_all(&bin)?;
-        std::fs::copy(art.bin.join("parvis-worker"), bin.join("parvis-worker"))
-            .context("cannot copy parvis-worker into the share")?;
+        copy_bins(art, &bin)?;
         let header = "export BIN=/host/bin IMAGES=/images SHARE=/host\n";
         let path = share.path().join("scenario.sh");
         let body = std::fs::read_to_string(&path)?;
         std::fs::write(&path, format!("{header}{body}"))?;
-        let mut cmd = l1_command(art, share.path(), self.l1_memory_mib, &["-serial", "stdio"]);
+        let mut cmd = l1_command(
+            art,
+            share.path(),
+            self.l1_memory_mib,
+            &["-serial", "stdio"],
+            None,
+        );
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let child = cmd
             .spawn()
             .context("cannot start qemu-system-x86_64 (install Debian's qemu-system-x86)")?;
-        let (lines, _) = collect(child, self.timeout, &self.name)?;
+        let (lines, _) = collect(child, self.timeout, &self.name, None)?;
         let log = join(&lines);
         if marker(&log, "PARVIS-L1-KVM") != Some("ok") {
             bail!("the test host has no usable /dev/kvm:\n{}", tail(&log, 40));
@@ -207,7 +212,7 @@ impl Scenario {
             .stderr(Stdio::piped())
             .spawn()
             .context("cannot start sh")?;
-        let (lines, status) = collect(child, self.timeout, &self.name)?;
+        let (lines, status) = collect(child, self.timeout, &self.name, None)?;
         Ok(Outcome {
             status: status.unwrap_or(-1),
             lines,
@@ -220,8 +225,24 @@ impl Scenario {
 /// The QEMU command line of the test host (L1): TCG with an SVM-capable EPYC, the L1 kernel
 /// and initramfs, `share` as 9p tag `host0`, and the scenario at `/host/scenario.sh`.
 /// `serial` chooses how L1's console is connected.
-fn l1_command(art: &crate::Artifacts, share: &Path, memory_mib: u32, serial: &[&str]) -> Command {
+pub(crate) fn l1_command(
+    art: &crate::Artifacts,
+    share: &Path,
+    memory_mib: u32,
+    serial: &[&str],
+    forward: Option<(u16, u16)>,
+) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
+    if let Some((host, guest)) = forward {
+        // User-mode networking: L1 is 10.0.2.15; only the forwarded port is reachable,
+        // from this machine's loopback.
+        cmd.args([
+            "-netdev",
+            &format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{host}-10.0.2.15:{guest}"),
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ]);
+    }
     cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "1"])
         .args(["-m", &format!("{memory_mib}M")])
         .args(["-display", "none", "-monitor", "none", "-no-reboot"])
@@ -244,11 +265,26 @@ fn l1_command(art: &crate::Artifacts, share: &Path, memory_mib: u32, serial: &[&
 
 type Lines = Vec<(Duration, String)>;
 
+/// Copy the static programs the test host runs into `dir` (the share's `bin`).
+pub(crate) fn copy_bins(art: &crate::Artifacts, dir: &Path) -> Result<()> {
+    for name in crate::build::L1_PROGRAMS {
+        std::fs::copy(art.bin.join(name), dir.join(name))
+            .with_context(|| format!("cannot copy {name} into the share"))?;
+    }
+    Ok(())
+}
+
 /// Read the child's stdout line by line with arrival times until it exits or `timeout`
 /// passes (then it is killed and the run is an error).
-fn collect(mut child: Child, timeout: Duration, name: &str) -> Result<(Lines, Option<i32>)> {
+/// `sink`, when given, receives the lines as they arrive (for a scenario still running).
+pub(crate) fn collect(
+    mut child: Child,
+    timeout: Duration,
+    name: &str,
+    sink: Option<Arc<Mutex<Lines>>>,
+) -> Result<(Lines, Option<i32>)> {
     let start = Instant::now();
-    let lines = Arc::new(Mutex::new(Vec::new()));
+    let lines = sink.unwrap_or_default();
     let stdout = child.stdout.take().context("no stdout")?;
     let reader = {
         let lines = lines.clone();
@@ -260,7 +296,10 @@ fn collect(mut child: Child, timeout: Duration, name: &str) -> Result<(Lines, Op
                 if std::env::var_os("PARVIS_TEST_ECHO").is_some() {
                     eprintln!("{l}");
                 }
-                lines.lock().unwrap().push((start.elapsed(), l));
+                lines
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((start.elapsed(), l));
             }
         })
     };
@@ -272,7 +311,7 @@ fn collect(mut child: Child, timeout: Duration, name: &str) -> Result<(Lines, Op
             let _ = child.kill();
             let _ = child.wait();
             let _ = reader.join();
-            let log = join(&lines.lock().unwrap());
+            let log = join(&lines.lock().unwrap_or_else(|e| e.into_inner()));
             bail!(
                 "scenario {name} did not finish within {} s; last output:\n{}",
                 timeout.as_secs(),
@@ -282,11 +321,11 @@ fn collect(mut child: Child, timeout: Duration, name: &str) -> Result<(Lines, Op
         std::thread::sleep(Duration::from_millis(50));
     };
     let _ = reader.join();
-    let lines = std::mem::take(&mut *lines.lock().unwrap());
+    let lines = lines.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok((lines, status.code()))
 }
 
-fn join(lines: &[(Duration, String)]) -> String {
+pub(crate) fn join(lines: &[(Duration, String)]) -> String {
     lines
         .iter()
         .map(|(_, l)| l.as_str())
@@ -314,8 +353,7 @@ pub fn run_interactive(script: &str) -> Result<i32> {
         Mode::Emulated => {
             let bin = share.path().join("bin");
             std::fs::create_dir_all(&bin)?;
-            std::fs::copy(art.bin.join("parvis-worker"), bin.join("parvis-worker"))
-                .context("cannot copy parvis-worker into the share")?;
+            copy_bins(art, &bin)?;
             std::fs::write(
                 share.path().join("scenario.sh"),
                 format!("export BIN=/host/bin IMAGES=/images SHARE=/host\n{body}"),
@@ -335,6 +373,7 @@ pub fn run_interactive(script: &str) -> Result<i32> {
                     "-serial",
                     "chardev:con",
                 ],
+                None,
             )
             .status()
             .context("cannot start qemu-system-x86_64 (run tests/setup-host.sh)")?
