@@ -12,6 +12,7 @@ pub mod disk_bench;
 pub mod live;
 pub mod markers;
 pub mod testhost;
+pub mod upload_bench;
 
 pub use build::{Artifacts, artifacts};
 pub use markers::{marker, marker_all};

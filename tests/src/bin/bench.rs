@@ -180,9 +180,9 @@ fn args() -> Result<Args> {
             }
             "--keep" => a.keep = Some(it.next().context("--keep needs a folder")?.into()),
             "--only" => {
-                let v = it.next().context("--only needs boot or disk")?;
-                if v != "boot" && v != "disk" {
-                    bail!("--only takes boot or disk, not {v}");
+                let v = it.next().context("--only needs boot, disk or upload")?;
+                if v != "boot" && v != "disk" && v != "upload" {
+                    bail!("--only takes boot, disk or upload, not {v}");
                 }
                 a.only = Some(v);
             }
@@ -198,12 +198,13 @@ fn args() -> Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "bench [--runs N] [--keep DIR] [--only boot|disk] [--disk-gib G] [--disk-dir DIR]:\n\
+                    "bench [--runs N] [--keep DIR] [--only boot|disk|upload] [--disk-gib G] [--disk-dir DIR]:\n\
                      boot: boot time and memory of parvis-worker versus QEMU microvm and q35 \
                      (N timed boots each, default 3; --keep DIR keeps the raw results)\n\
                      disk: image conversion versus qemu-img convert on a G GiB half-allocated \
                      image (default 4) and an empty 100 GiB VHDX, in --disk-dir (default a \
-                     temporary folder), best of N runs"
+                     temporary folder), best of N runs\n\
+                     upload: a 1 GiB upload to parvis-agent over TLS on loopback versus cp + sync"
                 );
                 std::process::exit(0);
             }
@@ -227,10 +228,18 @@ fn main() -> ExitCode {
 fn run() -> Result<bool> {
     let args = args()?;
     let mut ok = true;
-    if args.only.as_deref() != Some("disk") {
+    let want = |what: &str| args.only.as_deref().is_none_or(|o| o == what);
+    if want("boot") {
         ok &= run_boot(&args)?;
     }
-    if args.only.as_deref() != Some("boot") {
+    if want("upload") {
+        let tmp = tempfile::Builder::new()
+            .prefix("parvis-upload-bench-")
+            .tempdir_in(args.disk_dir.clone().unwrap_or_else(std::env::temp_dir))?;
+        let r = parvis_tests::upload_bench::run(tmp.path(), 1)?;
+        parvis_tests::upload_bench::print(&r);
+    }
+    if want("disk") {
         let tmp;
         let dir = match &args.disk_dir {
             Some(d) => d.clone(),

@@ -1,0 +1,182 @@
+//! Disk upload throughput: a real `parvis-agent` (TLS on loopback) receiving a file
+//! through `DiskService.UploadDisk`, against copying the same file with `cp` + `sync`
+//! on the same filesystem (what the disk alone allows).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use proto::client::{self, Target};
+use proto::v1::{BeginUploadRequest, UploadChunk, UploadRef, UploadState};
+use sha2::{Digest, Sha256};
+
+/// Measured figures.
+#[derive(Debug)]
+pub struct UploadResult {
+    pub bytes: u64,
+    /// Until the agent reported the disk usable (hash + structure check included).
+    pub upload_secs: f64,
+    /// Streaming alone (until the last chunk was acknowledged).
+    pub stream_secs: f64,
+    pub cp_secs: f64,
+}
+
+/// Upload a `gib` GiB raw image to a fresh agent in `dir`.
+pub fn run(dir: &Path, gib: u64) -> Result<UploadResult> {
+    let art = crate::build::artifacts()?;
+    let state = dir.join("agent-state");
+    let mut agent = Command::new(art.bin.join("parvis-agent"))
+        .arg("--state-dir")
+        .arg(&state)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--tls",
+            "--worker",
+            "/bin/false",
+            "--log",
+            "warn",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start parvis-agent")?;
+    let out = agent.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(out).lines();
+    let (mut addr, mut fp, mut token) = (None, None, None);
+    while token.is_none() {
+        let l = lines.next().context("the agent exited early")??;
+        if let Some(rest) = l.split(" listening on ").nth(1) {
+            addr = rest.split_whitespace().next().map(str::to_string);
+        }
+        if let Some(f) = l.strip_prefix("TLS certificate SHA-256 fingerprint: ") {
+            fp = Some(f.trim().to_string());
+        }
+        if let Some(t) = l.strip_prefix("token: ") {
+            token = Some(t.trim().to_string());
+        }
+    }
+    let target = Target {
+        addr: addr.context("no address printed")?,
+        fingerprint: fp,
+        token: token.unwrap_or_default(),
+    };
+    let file = dir.join("upload.raw");
+    let size = gib << 30;
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&file)?);
+        let block = crate::pattern(1 << 20, 7);
+        for i in 0..(size >> 20) {
+            let mut b = block.clone();
+            b[..8].copy_from_slice(&i.to_le_bytes());
+            f.write_all(&b)?;
+        }
+        f.flush()?;
+    }
+    let data = std::fs::read(&file)?;
+    let sha = hex::encode(Sha256::digest(&data));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (upload_secs, stream_secs) = rt.block_on(async {
+        let mut c = client::connect(&target).await?;
+        let start = Instant::now();
+        let st = c
+            .disk
+            .begin_upload(BeginUploadRequest {
+                name: "bench".into(),
+                size,
+                sha256: sha,
+            })
+            .await?
+            .into_inner();
+        let id = st.upload_id.clone();
+        let chunk = 1usize << 20;
+        let bytes = bytes::Bytes::from(data);
+        let msgs = (0..bytes.len().div_ceil(chunk)).map(move |i| UploadChunk {
+            upload_id: if i == 0 { id.clone() } else { String::new() },
+            offset: (i * chunk) as u64,
+            data: bytes.slice(i * chunk..((i + 1) * chunk).min(bytes.len())),
+        });
+        c.disk.upload_disk(tokio_stream::iter(msgs)).await?;
+        let stream_secs = start.elapsed().as_secs_f64();
+        loop {
+            let st = c
+                .disk
+                .get_upload(UploadRef {
+                    upload_id: st.upload_id.clone(),
+                })
+                .await?
+                .into_inner();
+            if st.state == UploadState::Done as i32 {
+                break;
+            }
+            if st.state != UploadState::Verifying as i32
+                && st.state != UploadState::Receiving as i32
+            {
+                bail!("upload ended as {st:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok::<_, anyhow::Error>((start.elapsed().as_secs_f64(), stream_secs))
+    })?;
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let copy = dir.join("copy.raw");
+    let _ = Command::new("sync").status();
+    let start = Instant::now();
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cp '{}' '{}' && sync",
+            file.display(),
+            copy.display()
+        ))
+        .status()?
+        .success();
+    let cp_secs = start.elapsed().as_secs_f64();
+    if !ok {
+        bail!("cp failed");
+    }
+    let _ = std::fs::remove_file(&copy);
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_dir_all(&state);
+    Ok(UploadResult {
+        bytes: size,
+        upload_secs,
+        stream_secs,
+        cp_secs,
+    })
+}
+
+/// Print the figures and ratios.
+pub fn print(r: &UploadResult) {
+    let mb = r.bytes as f64 / 1e6;
+    println!(
+        "upload ({} MiB raw image, TLS on loopback, 1 MiB chunks)",
+        r.bytes >> 20
+    );
+    println!(
+        "  parvis upload, until the disk is usable: {:.2} s  {:.0} MB/s",
+        r.upload_secs,
+        mb / r.upload_secs
+    );
+    println!(
+        "  parvis upload, streaming only:          {:.2} s  {:.0} MB/s",
+        r.stream_secs,
+        mb / r.stream_secs
+    );
+    println!(
+        "  cp + sync of the same file (peer):      {:.2} s  {:.0} MB/s",
+        r.cp_secs,
+        mb / r.cp_secs
+    );
+    println!(
+        "  ratio upload/cp speed: {:.2}x (streaming only {:.2}x)",
+        r.cp_secs / r.upload_secs,
+        r.cp_secs / r.stream_secs
+    );
+}
