@@ -46,6 +46,8 @@ pub async fn serve(
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(32 << 20))
+        // Large HTTP/2 frames: uploads and full screens are megabytes per message.
+        .max_frame_size(Some(1 << 20))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)));
     if let Some(tls) = &opts.tls {
         builder = builder

@@ -358,8 +358,14 @@ async fn data_past_the_end_and_parallel_streams_are_refused() {
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // ... so a second one is refused.
+    // Once its first chunk is in the file...
+    let partial = lib.layout.uploads().join(&id).join("data.partial");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&partial).unwrap().len() < MIB as u64 {
+        assert!(Instant::now() < deadline, "the first stream never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ... a second stream is refused.
     let e = lib
         .lib
         .upload_stream(stream_of(&id, 0, &data[..MIB], MIB, false))
@@ -894,6 +900,140 @@ async fn create_resize_and_delete() {
         env.lib.get("../etc/passwd"),
         Err(AgentError::NotFound { .. })
     ));
+}
+
+/// The gRPC handlers over a whole agent: `attached_to`, delete refusal, task RPCs.
+#[tokio::test]
+async fn the_service_knows_which_vms_use_a_disk() {
+    use agent::service::disk::DiskSvc;
+    use proto::v1::disk_service_server::DiskService;
+    use proto::v1::{DiskAttachment, DiskRef, ListDisksRequest, TaskRef, VmSpec};
+    use tokio_stream::StreamExt;
+    use tonic::Request;
+
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::new(dir.path().join("state"));
+    layout.create().unwrap();
+    std::fs::create_dir_all(layout.boot().join("linux")).unwrap();
+    std::fs::write(layout.boot().join("linux/kernel"), b"not really").unwrap();
+    let events = Arc::new(EventBus::default());
+    let tasks = Arc::new(Tasks::new(events.clone()));
+    let disks = Arc::new(DiskLibrary::open(&layout, events.clone(), tasks.clone()).unwrap());
+    let host = agent::host::HostFacts::gather(dir.path().join("no-such-worker"), layout.boot());
+    let vms = agent::vms::Vms::load(layout.clone(), events.clone(), disks.clone(), host.clone())
+        .await
+        .unwrap();
+    let agent = Arc::new(agent::Agent {
+        layout,
+        events,
+        tasks,
+        disks,
+        vms,
+        host,
+    });
+    let svc = DiskSvc::new(agent.clone());
+
+    let d = svc
+        .create_disk(Request::new(CreateDiskRequest {
+            name: "root".into(),
+            format: DiskFormat::Vhdx as i32,
+            size: 256 << 20,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let vm = agent
+        .vms
+        .create(&VmSpec {
+            name: "web".into(),
+            cpus: 1,
+            memory_bytes: 256 << 20,
+            disks: vec![DiskAttachment {
+                disk_id: d.id.clone(),
+                read_only: false,
+            }],
+            boot_image: "linux".into(),
+            ..Default::default()
+        })
+        .unwrap();
+
+    let list = svc
+        .list_disks(Request::new(ListDisksRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .disks;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].attached_to, vec![vm.id.clone()]);
+    let got = svc
+        .get_disk(Request::new(DiskRef {
+            disk_id: d.id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.attached_to, vec![vm.id.clone()]);
+    assert!(got.check_findings.is_empty(), "{got:?}");
+
+    let st = svc
+        .delete_disk(Request::new(DiskRef {
+            disk_id: d.id.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::FailedPrecondition);
+    assert!(st.message().contains(&vm.id), "{}", st.message());
+
+    // A convert, watched to its end through the task RPCs.
+    let t = svc
+        .convert_disk(Request::new(ConvertDiskRequest {
+            disk_id: d.id.clone(),
+            format: DiskFormat::Vhd as i32,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut watch = svc
+        .watch_task(Request::new(TaskRef {
+            task_id: t.id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(u) = watch.next().await {
+        last = Some(u.unwrap());
+    }
+    let last = last.unwrap();
+    assert_eq!(last.state, TaskState::Succeeded as i32, "{last:?}");
+    let copy = svc
+        .get_disk(Request::new(DiskRef {
+            disk_id: last.disk_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(copy.name, "root.vhd");
+    assert!(copy.attached_to.is_empty());
+    let st = svc
+        .cancel_task(Request::new(TaskRef { task_id: t.id }))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::FailedPrecondition);
+
+    // Unused: deleted.
+    svc.delete_disk(Request::new(DiskRef {
+        disk_id: copy.id.clone(),
+    }))
+    .await
+    .unwrap();
+    let st = svc
+        .get_disk(Request::new(DiskRef { disk_id: copy.id }))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::NotFound);
 }
 
 /// Upload throughput over real gRPC on loopback (release build recommended).

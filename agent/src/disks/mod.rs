@@ -115,10 +115,13 @@ pub struct DiskLibrary {
 
 impl std::fmt::Debug for DiskLibrary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // try_lock: formatting must never wait for (or deadlock on) the library's locks.
+        let disks = self.inner.disks.try_lock().map(|m| m.len()).ok();
+        let uploads = self.inner.uploads.try_lock().map(|m| m.len()).ok();
         f.debug_struct("DiskLibrary")
             .field("root", &self.inner.layout.disks())
-            .field("disks", &self.inner.lock_disks().len())
-            .field("uploads", &self.inner.lock_uploads().len())
+            .field("disks", &disks)
+            .field("uploads", &uploads)
             .finish()
     }
 }
