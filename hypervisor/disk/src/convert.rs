@@ -5,6 +5,15 @@
 //! destination (a fresh image, which reads as zeros) stays sparse. Several worker threads
 //! each take the next chunk, read it, test it and write it: reading and writing overlap
 //! across threads, which is what makes conversion of large images fast on one disk.
+//!
+//! Two hints keep the host busy: each worker asks the source to [prefetch] the chunk the
+//! next round of workers will take, and the destination to [start writing back] what it
+//! has just written. Without the latter, all the data would sit dirty in the page cache
+//! (below the kernel's background writeback threshold for images of a few GiB) and be
+//! written only by the final flush, after the copy instead of during it.
+//!
+//! [prefetch]: BlockDevice::prefetch
+//! [start writing back]: BlockDevice::start_writeback
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -82,6 +91,7 @@ pub fn convert(
         });
     }
     let chunk = opts.chunk_size.max(4096) as u64 / 4096 * 4096;
+    let lookahead = chunk * opts.threads.max(1) as u64;
     let next = AtomicU64::new(0);
     let done = AtomicU64::new(0);
     let stats = Mutex::new(ConvertStats::default());
@@ -110,6 +120,12 @@ pub fn convert(
                         break;
                     }
                     let len = chunk.min(total - start);
+                    // Ask for the chunk the next round of workers will take, so the host
+                    // reads ahead while this one is copied.
+                    let ahead = start + lookahead;
+                    if ahead < total {
+                        src.prefetch(ahead, chunk.min(total - ahead));
+                    }
                     if let Err(e) = copy_chunk(src, dst, start, len, &mut buf, &mut local) {
                         stop.store(true, Ordering::Relaxed);
                         failure
@@ -157,7 +173,10 @@ fn copy_chunk(
             let b = &mut buf[..ext_len as usize];
             src.read_at(b, off).map_err(ConvertError::Read)?;
             stats.read += ext_len;
-            write_nonzero(dst, b, off, stats)?;
+            if write_nonzero(dst, b, off, stats)? {
+                // Let the host write this back now rather than all at the final flush.
+                dst.start_writeback(off, ext_len);
+            }
         }
         off += ext_len;
     }
@@ -165,18 +184,20 @@ fn copy_chunk(
 }
 
 /// Write the parts of `data` (at disk offset `off`) that are not all zero, in runs of whole
-/// 4 KiB pieces (512-byte pieces at the edges when the data is not 4 KiB aligned).
+/// 4 KiB pieces (512-byte pieces at the edges when the data is not 4 KiB aligned). Returns
+/// whether anything was written.
 fn write_nonzero(
     dst: &dyn BlockDevice,
     data: &[u8],
     off: u64,
     stats: &mut ConvertStats,
-) -> Result<(), ConvertError> {
+) -> Result<bool, ConvertError> {
     let piece = if off.is_multiple_of(4096) && data.len().is_multiple_of(4096) {
         4096
     } else {
         512
     };
+    let before = stats.written;
     let mut run_start: Option<usize> = None;
     let flush_run = |from: usize, to: usize, stats: &mut ConvertStats| {
         stats.written += (to - from) as u64;
@@ -203,7 +224,7 @@ fn write_nonzero(
     if let Some(r) = run_start {
         flush_run(r, data.len(), stats)?;
     }
-    Ok(())
+    Ok(stats.written > before)
 }
 
 /// Whether every byte is zero (word at a time).
@@ -320,6 +341,83 @@ mod tests {
             first_difference(&src, &dst, 0..size, &cancel, &|_, _| {}).unwrap(),
             Some(3 << 20)
         );
+    }
+
+    /// A device that records the hints it is given.
+    struct Hinted {
+        dev: RawFile,
+        writeback: Mutex<Vec<(u64, u64)>>,
+        prefetch: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl BlockDevice for Hinted {
+        fn size(&self) -> u64 {
+            self.dev.size()
+        }
+        fn logical_sector_size(&self) -> u32 {
+            512
+        }
+        fn physical_sector_size(&self) -> u32 {
+            512
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+            self.dev.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
+            self.dev.write_at(buf, offset)
+        }
+        fn flush(&self) -> Result<(), DiskError> {
+            self.dev.flush()
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+            self.dev.discard(offset, len)
+        }
+        fn allocation(&self, offset: u64, len: u64) -> Result<crate::Allocation, DiskError> {
+            self.dev.allocation(offset, len)
+        }
+        fn start_writeback(&self, offset: u64, len: u64) {
+            self.writeback.lock().unwrap().push((offset, len));
+            self.dev.start_writeback(offset, len);
+        }
+        fn prefetch(&self, offset: u64, len: u64) {
+            self.prefetch.lock().unwrap().push((offset, len));
+            self.dev.prefetch(offset, len);
+        }
+    }
+
+    #[test]
+    fn hints_run_ahead_of_reads_and_behind_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mib = 1u64 << 20;
+        let hinted = |name: &str| Hinted {
+            dev: raw(dir.path(), name, 8 * mib),
+            writeback: Mutex::new(Vec::new()),
+            prefetch: Mutex::new(Vec::new()),
+        };
+        let src = hinted("src");
+        // Data in chunk 2, an allocated but zero chunk 5, holes elsewhere.
+        src.write_at(&[9; 4096], 2 * mib + 8192).unwrap();
+        src.write_at(&vec![0; mib as usize], 5 * mib).unwrap();
+        let dst = hinted("dst");
+        let opts = ConvertOptions {
+            threads: 1,
+            chunk_size: mib as usize,
+        };
+        convert(&src, &dst, opts, &AtomicBool::new(false), &|_, _| {}).unwrap();
+        // Each chunk asks for the next one; the last has nothing ahead.
+        let want: Vec<(u64, u64)> = (1..8).map(|k| (k * mib, mib)).collect();
+        assert_eq!(*src.prefetch.lock().unwrap(), want);
+        // Write-back is requested only where something was written (the source's data
+        // extent: the rest of the chunk is a hole).
+        assert_eq!(*dst.writeback.lock().unwrap(), vec![(2 * mib + 8192, 4096)]);
+        assert!(dst.prefetch.lock().unwrap().is_empty());
+        assert!(src.writeback.lock().unwrap().is_empty());
+        let mut b = vec![0u8; 4096];
+        dst.read_at(&mut b, 2 * mib + 8192).unwrap();
+        assert_eq!(b, vec![9; 4096]);
     }
 
     #[test]

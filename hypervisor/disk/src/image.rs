@@ -296,4 +296,10 @@ impl BlockDevice for Image {
     fn allocation(&self, offset: u64, len: u64) -> Result<crate::Allocation, DiskError> {
         self.device().allocation(offset, len)
     }
+    fn start_writeback(&self, offset: u64, len: u64) {
+        self.device().start_writeback(offset, len)
+    }
+    fn prefetch(&self, offset: u64, len: u64) {
+        self.device().prefetch(offset, len)
+    }
 }

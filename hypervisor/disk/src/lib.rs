@@ -215,6 +215,21 @@ pub trait BlockDevice: Send + Sync {
 
     /// The allocation status of the first extent starting at `offset`, at most `len` bytes long.
     fn allocation(&self, offset: u64, len: u64) -> Result<Allocation, DiskError>;
+
+    /// A hint that `len` bytes at `offset` were just written and will not be read soon:
+    /// start writing them back to the host's storage without waiting, so that a later
+    /// [`BlockDevice::flush`] has less to do. Long sequential writers (conversion) call it
+    /// as they go. Not a durability guarantee; the default does nothing.
+    fn start_writeback(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
+
+    /// A hint that `len` bytes at `offset` will be read soon: start reading them into the
+    /// host's cache without waiting. Sequential readers (conversion) call it ahead of
+    /// themselves. The default does nothing.
+    fn prefetch(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
 }
 
 /// Check that a request is whole 512-byte sectors at a 512-byte offset, as the image

@@ -206,6 +206,18 @@ impl BlockDevice for RawFile {
         }
     }
 
+    fn start_writeback(&self, offset: u64, len: u64) {
+        if !self.read_only {
+            crate::storage::start_writeback(&self.file, offset, len);
+        }
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) {
+        if check_range(offset, len, self.size).is_ok() {
+            crate::storage::prefetch(&self.file, offset, len);
+        }
+    }
+
     /// Holes in a sparse file are [`AllocationState::Unallocated`], found with
     /// `SEEK_DATA`/`SEEK_HOLE`; where those are not supported, everything is data.
     fn allocation(&self, offset: u64, len: u64) -> Result<Allocation, DiskError> {

@@ -24,6 +24,23 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Make completed writes durable.
     fn sync(&self) -> io::Result<()>;
+    /// Release the space of `len` bytes at `offset` without changing the length. The range
+    /// reads as zeros where the space was released; storage that cannot release space
+    /// leaves it as it is (the default). Callers only punch ranges nothing refers to.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+    /// Start writing back `len` bytes at `offset` without waiting (see
+    /// [`crate::BlockDevice::start_writeback`]); the default does nothing.
+    fn start_writeback(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
+    /// Start reading `len` bytes at `offset` into the cache without waiting (see
+    /// [`crate::BlockDevice::prefetch`]); the default does nothing.
+    fn prefetch(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
 }
 
 /// A host file.
@@ -45,6 +62,47 @@ impl Storage for FileStorage {
     }
     fn sync(&self) -> io::Result<()> {
         self.0.sync_data()
+    }
+    /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`; a no-op where the file system cannot.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{FallocateFlags, fallocate};
+        use rustix::io::Errno;
+        if len == 0 {
+            return Ok(());
+        }
+        match fallocate(
+            &self.0,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if e == Errno::OPNOTSUPP || e == Errno::NOSYS || e == Errno::NODEV => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn start_writeback(&self, offset: u64, len: u64) {
+        start_writeback(&self.0, offset, len);
+    }
+    fn prefetch(&self, offset: u64, len: u64) {
+        prefetch(&self.0, offset, len);
+    }
+}
+
+/// `posix_fadvise(WILLNEED)`: Linux starts asynchronous readahead of the range. Errors are
+/// ignored: it is only a hint.
+pub(crate) fn prefetch(file: &File, offset: u64, len: u64) {
+    if let Some(len) = std::num::NonZeroU64::new(len) {
+        let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::WillNeed);
+    }
+}
+
+/// `posix_fadvise(DONTNEED)`: Linux starts asynchronous writeback of the range's dirty pages
+/// (and drops its clean ones from the page cache, which a converter's output does not
+/// need). Errors are ignored: it is only a hint.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
+    if let Some(len) = std::num::NonZeroU64::new(len) {
+        let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::DontNeed);
     }
 }
 
@@ -114,6 +172,14 @@ impl Storage for MemStorage {
     fn sync(&self) -> io::Result<()> {
         Ok(())
     }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut d = self.lock();
+        let n = d.len() as u64;
+        let start = offset.min(n) as usize;
+        let end = offset.saturating_add(len).min(n) as usize;
+        d[start..end].fill(0);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -132,6 +198,8 @@ mod tests {
         assert_eq!(s.contents(), vec![1, 2, 3, 0, 0, 0, 9, 9]);
         assert!(s.write_at(&[0; 10], 8).is_err());
         assert!(s.set_len(17).is_err());
+        s.punch_hole(1, 100).unwrap();
+        assert_eq!(s.contents(), vec![1, 0, 0, 0, 0, 0, 0, 0]);
         s.set_len(2).unwrap();
         assert_eq!(s.len().unwrap(), 2);
     }
@@ -146,5 +214,14 @@ mod tests {
         s.read_at(&mut b, 10).unwrap();
         assert_eq!(&b, b"hello");
         assert!(s.read_at(&mut b, 12).is_err());
+        // Punching a hole keeps the length and reads zeros where it succeeded.
+        s.write_at(&[7; 8192], 4096).unwrap();
+        s.punch_hole(4096, 4096).unwrap();
+        assert_eq!(s.len().unwrap(), 4096 + 8192);
+        let mut z = [1u8; 4096];
+        s.read_at(&mut z, 4096).unwrap();
+        assert!(z == [0; 4096] || z == [7; 4096]);
+        s.read_at(&mut z, 8192).unwrap();
+        assert_eq!(z, [7; 4096]);
     }
 }

@@ -436,3 +436,133 @@ fn hostile_qemu_images() {
     // None of this modified the source image.
     assert_eq!(std::fs::read(&img).unwrap(), good);
 }
+
+/// Whether `a` and `b` hold the same bytes over `0..len` (sparse-aware: ranges both report
+/// unallocated are not read). Returns the first differing offset.
+fn first_diff(a: &dyn BlockDevice, b: &dyn BlockDevice, len: u64) -> Option<u64> {
+    parvis_disk::convert::first_difference(
+        a,
+        b,
+        0..len,
+        &std::sync::atomic::AtomicBool::new(false),
+        &|_, _| {},
+    )
+    .unwrap()
+}
+
+/// qemu's raw conversion of `img` compared (sparse-aware) with the raw file `want`.
+fn qemu_raw_matches(img: &Path, want: &Path, len: u64) {
+    let out = img.with_extension("qemu.raw");
+    to_raw(img, &out);
+    let q = parvis_disk::RawFile::open(&out, true).unwrap();
+    let w = parvis_disk::RawFile::open(want, true).unwrap();
+    assert_eq!(q.size(), len, "qemu's raw size of {}", img.display());
+    assert_eq!(first_diff(&q, &w, len), None, "{}", img.display());
+    drop(q);
+    std::fs::remove_file(&out).unwrap();
+}
+
+#[test]
+fn grow_beyond_the_bat_padding_relocates_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 64 GiB rounded to a CHS size, so that qemu (which sizes `pvis` and `qemu` images by
+    // geometry) sees exactly the size Parvis does.
+    let big = Geometry::for_sectors((64u64 << 30) / 512).total_sectors() * 512;
+    let small = 16 * MIB;
+    // A Parvis-made and a qemu-made dynamic image of 16 MiB with data in most blocks: one
+    // BAT sector (128 entries, 256 MiB) directly followed by the first data block.
+    let pv = d.join("pv.vhd");
+    let qv = d.join("qv.vhd");
+    drop(Vhd::create(&pv, &VhdCreateOptions::dynamic(small)).unwrap());
+    ok("qemu-img", &["create", "-q", "-f", "vpc", s(&qv), "16M"]);
+    let qsmall = qemu_size(&["-f", "vpc", s(&qv)]);
+    for (img, size) in [(&pv, small), (&qv, qsmall)] {
+        let raw = img.with_extension("want.raw");
+        let v = Vhd::open(img, false).unwrap();
+        assert_eq!(v.size(), size);
+        let mut w = writes_for(size);
+        w.push((0x3c, 5 * MIB + 512, 3 * MIB));
+        write_both(&v, &raw, &w);
+        v.flush().unwrap();
+        v.resize(big).unwrap();
+        // A block allocated after the move goes behind the relocated table.
+        write_both(&v, &raw, &[(0x6e, 40 << 30, 8192)]);
+        v.flush().unwrap();
+        let r = v.check().unwrap();
+        assert!(r.errors.is_empty(), "{r:?}");
+        drop(v);
+        assert_eq!(qemu_size(&["-f", "vpc", s(img)]), big);
+        // Parvis reads the old data, zeros in the new area and the new block.
+        let v = Vhd::open(img, true).unwrap();
+        assert_eq!(v.size(), big);
+        let mut b = vec![0xffu8; 4096];
+        for at in [size, 1 << 30, big - 4096] {
+            v.read_at(&mut b, at).unwrap();
+            assert!(b.iter().all(|&x| x == 0), "{at:#x}");
+        }
+        let want = parvis_disk::RawFile::open(&raw, true).unwrap();
+        assert_eq!(first_diff(&v, &want, big), None, "{}", img.display());
+        drop(v);
+        // qemu reads the same.
+        qemu_raw_matches(img, &raw, big);
+        // qemu allocates a block in the grown image without hitting the moved table.
+        qemu_write(img, &[(0x71, 50 << 30, MIB)]);
+        let v = Vhd::open(img, false).unwrap();
+        let r = v.check().unwrap();
+        assert!(r.errors.is_empty(), "after qemu's write: {r:?}");
+        v.read_at(&mut b, 50 << 30).unwrap();
+        assert!(b.iter().all(|&x| x == 0x71));
+        v.read_at(&mut b, 40 << 30).unwrap();
+        assert!(
+            b.iter()
+                .enumerate()
+                .all(|(i, &x)| x == 0x6e ^ (i / 512) as u8)
+        );
+        drop(v);
+        std::fs::remove_file(&raw).unwrap();
+    }
+}
+
+#[test]
+fn grow_differencing_child_beyond_the_bat_padding() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let big = Geometry::for_sectors((64u64 << 30) / 512).total_sectors() * 512;
+    let base = d.join("base.vhd");
+    let full = d.join("full.raw"); // what the child reads: the parent's data under its own
+    let own = d.join("own.raw"); // the child's own blocks (all qemu sees: it ignores parents)
+    let b = Vhd::create(&base, &VhdCreateOptions::dynamic(big)).unwrap();
+    write_both(&b, &full, &[(0xb0, 0, 4 * MIB), (0xb1, 30 << 30, MIB)]);
+    drop(b);
+    // A 16 MiB child: BAT, then the two parent locators, then blocks.
+    let child = d.join("child.vhd");
+    let c = Vhd::create(
+        &child,
+        &VhdCreateOptions {
+            size: 16 * MIB,
+            ..VhdCreateOptions::differencing(&base)
+        },
+    )
+    .unwrap();
+    let w = [(0xc0, 4096, 4096), (0xc1, 16 * MIB - 512, 512)];
+    write_both(&c, &full, &w);
+    write_both(&c, &own, &w);
+    c.flush().unwrap();
+    c.resize(big).unwrap();
+    let w = [(0xc2, 30 << 30, 4096)];
+    write_both(&c, &full, &w);
+    write_both(&c, &own, &w);
+    c.flush().unwrap();
+    assert!(c.check().unwrap().errors.is_empty());
+    drop(c);
+    let c = Vhd::open(&child, true).unwrap();
+    assert_eq!(c.size(), big);
+    let f = parvis_disk::RawFile::open(&full, true).unwrap();
+    assert_eq!(first_diff(&c, &f, big), None);
+    drop(c);
+    assert_eq!(qemu_size(&["-f", "vpc", s(&child)]), big);
+    let o = File::options().write(true).open(&own).unwrap();
+    o.set_len(big).unwrap();
+    qemu_raw_matches(&child, &own, big);
+}

@@ -180,3 +180,41 @@ fn child_without_a_directory_cannot_find_its_parent() {
         Err(DiskError::Parent { .. })
     ));
 }
+
+#[test]
+fn shrinking_a_child_drops_blocks_and_bitmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let bp = dir.path().join("base.vhdx");
+    // 8 GiB parent: a child's sector bitmap covers 4 GiB (2 MiB blocks, 512-byte sectors),
+    // so the child has two chunks.
+    let v = Vhdx::create(&bp, &VhdxCreateOptions::dynamic(8 << 30)).unwrap();
+    v.write_at(&pattern(1, 1 << 20), 0).unwrap();
+    drop(v);
+    let cp = dir.path().join("child.avhdx");
+    let c = Vhdx::create(&cp, &VhdxCreateOptions::differencing(&bp)).unwrap();
+    // Partial blocks: each allocates a payload block and its chunk's bitmap block.
+    c.write_at(&pattern(2, 4096), 4096).unwrap();
+    c.write_at(&pattern(3, 4096), (6 << 30) + 8192).unwrap();
+    c.flush().unwrap();
+    let len0 = std::fs::metadata(&cp).unwrap().len();
+    c.resize(2 << 30).unwrap();
+    // The second chunk's payload block (2 MiB) and bitmap (1 MiB) were at the end.
+    assert_eq!(std::fs::metadata(&cp).unwrap().len(), len0 - 3 * MIB);
+    let r = c.check().unwrap();
+    assert!(r.errors.is_empty(), "{r:?}");
+    // Growing again: the dropped range reads from the parent (zeros there), the kept
+    // partial block still reads both its own and the parent's sectors.
+    c.resize(8 << 30).unwrap();
+    let mut b = vec![0xffu8; 16384];
+    c.read_at(&mut b, 6 << 30).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    c.read_at(&mut b, 0).unwrap();
+    let mut want = pattern(1, 16384);
+    want[4096..8192].copy_from_slice(&pattern(2, 4096));
+    assert_eq!(b, want);
+    drop(c);
+    let c = Vhdx::open(&cp, &RO).unwrap();
+    assert!(c.check().unwrap().errors.is_empty());
+    c.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, want);
+}

@@ -262,6 +262,13 @@ impl Storage for CutStorage {
     fn sync(&self) -> io::Result<()> {
         Ok(())
     }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.allowed() {
+            self.inner.punch_hole(offset, len)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -282,6 +289,9 @@ impl Storage for Shared {
     }
     fn sync(&self) -> io::Result<()> {
         self.0.sync()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.punch_hole(offset, len)
     }
 }
 
@@ -356,4 +366,60 @@ fn every_power_cut_leaves_old_or_new_contents() {
     }
     assert!(first_flush_done.is_some());
     assert!(replays > 0, "no cut left a log to replay");
+}
+
+#[test]
+fn every_power_cut_during_a_shrink_is_safe() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("s.vhdx");
+    let mut o = VhdxCreateOptions::dynamic(8 * MIB);
+    o.block_size = 1 << 20;
+    let v = Vhdx::create(&img, &o).unwrap();
+    // File order: block 7, block 1, block 3. Shrinking to 2 MiB keeps block 1, punches
+    // block 7 (a kept block follows it) and cuts block 3 off the end.
+    v.write_at(&[0xa7; 4096], 7 * MIB).unwrap();
+    v.write_at(&[0xa1; 4096], MIB).unwrap();
+    v.write_at(&[0xa3; 4096], 3 * MIB).unwrap();
+    drop(v);
+    let base = std::fs::read(&img).unwrap();
+    let shrink = |limit: usize| -> (Vec<u8>, usize) {
+        let cut = std::sync::Arc::new(CutStorage::new(base.clone(), limit));
+        let v =
+            Vhdx::open_storage(Box::new(Shared(cut.clone())), &opts(false, false), None).unwrap();
+        v.resize(2 * MIB).unwrap();
+        drop(v);
+        let n = cut.count.lock().unwrap().0;
+        (cut.inner.contents(), n)
+    };
+    let (done, total) = shrink(usize::MAX);
+    assert!(total > 5);
+    assert_eq!(done.len() as u64, base.len() as u64 - MIB);
+    for limit in 0..=total {
+        let (bytes, _) = shrink(limit);
+        let s = MemStorage::new(bytes.clone(), 1 << 30);
+        let v = match Vhdx::open_storage(Box::new(s), &opts(true, false), None) {
+            Ok(v) => v,
+            Err(DiskError::NeedsLogReplay) => {
+                let s = MemStorage::new(bytes, 1 << 30);
+                Vhdx::open_storage(Box::new(s), &opts(false, true), None)
+                    .unwrap_or_else(|e| panic!("cut after {limit} writes: replay failed: {e}"))
+            }
+            Err(e) => panic!("cut after {limit} writes: {e}"),
+        };
+        let r = v.check().unwrap();
+        assert!(r.errors.is_empty(), "cut after {limit}: {r:?}");
+        let mut b = vec![0u8; 4096];
+        v.read_at(&mut b, MIB).unwrap();
+        assert_eq!(b, [0xa1; 4096], "cut after {limit}: kept block");
+        assert!(v.size() == 8 * MIB || v.size() == 2 * MIB);
+        if v.size() == 8 * MIB {
+            for (off, val) in [(3 * MIB, 0xa3), (7 * MIB, 0xa7)] {
+                v.read_at(&mut b, off).unwrap();
+                assert!(
+                    b.iter().all(|&x| x == val) || b.iter().all(|&x| x == 0),
+                    "cut after {limit}: dropped block at {off:#x} is torn"
+                );
+            }
+        }
+    }
 }

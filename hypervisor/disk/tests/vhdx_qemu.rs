@@ -389,3 +389,95 @@ fn small_images_for_fuzz_seeds() {
         save_seed(name, &bytes);
     }
 }
+
+/// (file length, bytes the host file system allocated for it).
+fn file_usage(p: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).unwrap();
+    (m.len(), m.blocks() * 512)
+}
+
+#[test]
+fn shrink_gives_back_the_space_of_dropped_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut o = VhdxCreateOptions::dynamic(64 * MIB);
+    o.block_size = 1 << 20;
+    // Dropped blocks at the end of the file: the file is cut.
+    let tail = d.join("tail.vhdx");
+    let v = Vhdx::create(&tail, &o).unwrap();
+    v.write_at(&pattern(1, 8 << 20), 0).unwrap();
+    v.write_at(&pattern(2, 2 << 20), 50 * MIB).unwrap();
+    v.write_at(&pattern(3, 4096), 60 * MIB).unwrap();
+    v.flush().unwrap();
+    let (len0, used0) = file_usage(&tail);
+    let alloc0 = v.info().allocated;
+    v.resize(32 * MIB).unwrap();
+    let (len1, used1) = file_usage(&tail);
+    assert_eq!(len1, len0 - 3 * MIB, "three 1 MiB blocks cut off the end");
+    // (The last block held 4 KiB of data: blocks are allocated sparse.)
+    assert!(used1 + 2 * MIB + 4096 <= used0, "{used0} -> {used1}");
+    assert_eq!(v.info().allocated, alloc0 - 3 * MIB);
+    assert!(v.check().unwrap().errors.is_empty());
+    // New blocks go at the new end of the file.
+    v.write_at(&pattern(4, 4096), 20 * MIB).unwrap();
+    drop(v);
+    assert_eq!(file_usage(&tail).0, len1 + MIB);
+    qemu_check(&tail);
+    let raw = d.join("tail.raw");
+    to_raw(&tail, &raw);
+    let v = Vhdx::open(&tail, &ro()).unwrap();
+    assert_same(&v, &raw);
+    let mut b = vec![0u8; 8 << 20];
+    v.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, pattern(1, 8 << 20));
+    v.read_at(&mut b[..4096], 20 * MIB).unwrap();
+    assert_eq!(b[..4096], pattern(4, 4096));
+    drop(v);
+
+    // Dropped blocks before blocks that stay: they become holes.
+    let mid = d.join("mid.vhdx");
+    let v = Vhdx::create(&mid, &o).unwrap();
+    v.write_at(&pattern(5, 4 << 20), 40 * MIB).unwrap();
+    v.write_at(&pattern(6, 2 << 20), 2 * MIB).unwrap();
+    v.flush().unwrap();
+    let (len0, used0) = file_usage(&mid);
+    v.resize(16 * MIB).unwrap();
+    drop(v);
+    let (len1, used1) = file_usage(&mid);
+    assert_eq!(len1, len0, "the kept blocks lie behind the dropped ones");
+    assert!(
+        used1 + 4 * MIB <= used0,
+        "holes punched: {used0} -> {used1}"
+    );
+    qemu_check(&mid);
+    let raw = d.join("mid.raw");
+    to_raw(&mid, &raw);
+    let v = Vhdx::open(&mid, &ro()).unwrap();
+    assert_same(&v, &raw);
+    v.read_at(&mut b[..2 << 20], 2 * MIB).unwrap();
+    assert_eq!(b[..2 << 20], pattern(6, 2 << 20));
+    assert!(v.check().unwrap().errors.is_empty());
+    drop(v);
+
+    // A fixed image loses the tail of its data area.
+    let fixed = d.join("fixed.vhdx");
+    let mut o = VhdxCreateOptions::fixed(64 * MIB);
+    o.block_size = 1 << 20;
+    let v = Vhdx::create(&fixed, &o).unwrap();
+    v.write_at(&pattern(7, 4096), 10 * MIB).unwrap();
+    let (len0, _) = file_usage(&fixed);
+    v.resize(16 * MIB + 512).unwrap();
+    assert_eq!(v.info().allocated, 16 * MIB + 512);
+    drop(v);
+    assert_eq!(file_usage(&fixed).0, len0 - 47 * MIB);
+    qemu_check(&fixed);
+    let raw = d.join("fixed.raw");
+    to_raw(&fixed, &raw);
+    let v = Vhdx::open(&fixed, &ro()).unwrap();
+    assert_same(&v, &raw);
+    v.read_at(&mut b[..4096], 10 * MIB).unwrap();
+    assert_eq!(b[..4096], pattern(7, 4096));
+    let r = v.check().unwrap();
+    assert!(r.errors.is_empty() && r.warnings.is_empty(), "{r:?}");
+}

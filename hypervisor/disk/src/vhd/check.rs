@@ -81,10 +81,14 @@ impl Vhd {
                 h.max_table_entries,
                 st.bat.len()
             )),
+            Ok(h) if h.table_offset != st.table_offset => r.errors.push(format!(
+                "dynamic header puts the BAT at {:#x}, the open image at {:#x}",
+                h.table_offset, st.table_offset
+            )),
             Ok(_) => {}
         }
         // BAT, as on disk.
-        let toff = d.header.table_offset;
+        let toff = st.table_offset;
         let bat = dynamic::read_bat(s, toff, st.bat.len() as u32)?;
         if st.dirty.is_empty() && bat != st.bat {
             r.errors

@@ -191,8 +191,9 @@ impl Vhd {
     }
 
     /// Grow the virtual disk to `new_size` bytes. Fixed images move their footer; dynamic
-    /// and differencing images need room in their BAT (the table is never relocated; its
-    /// sector padding may be used), and a differencing image cannot outgrow its parent.
+    /// and differencing images extend their BAT, in place when the space after it is free
+    /// and otherwise by relocating it to the end of the file (see `grow_bat`); a
+    /// differencing image cannot outgrow its parent.
     /// Shrinking is `Unsupported`. If the creator's size rule is CHS and the geometry
     /// cannot express the new size exactly, the creator becomes `pvis` (current size).
     pub fn resize(&self, new_size: u64) -> Result<(), DiskError> {
@@ -247,12 +248,15 @@ impl Vhd {
                 {
                     return Err(unsupported("growing a differencing VHD beyond its parent"));
                 }
+                // Entries of blocks allocated since the last flush go to the current table
+                // first (after their data is synced), so whatever the table becomes it
+                // only references durable blocks.
+                self.write_bat(&mut st)?;
                 let need = new_size.div_ceil(d.block_size);
                 let have = st.bat.len() as u64;
                 if need > have {
                     self.grow_bat(&mut st, need)?;
                 }
-                self.write_bat(&mut st)?;
                 let end = st.next_free;
                 s.write_at(&f.raw, end)
                     .map_err(io_err("write VHD footer", end))?;
@@ -269,47 +273,104 @@ impl Vhd {
 }
 
 impl Vhd {
-    /// Extend the BAT to `need` entries inside the padding of its last sector, rewriting
-    /// the header's entry count. The table is never moved (that would mean relocating the
-    /// first data blocks), so anything beyond the padding is `Unsupported`.
+    /// Give the BAT `need` entries (more than it has), rewriting the dynamic header.
+    ///
+    /// The table grows in place when the space after it is free: up to the nearest
+    /// structure that follows it (another metadata structure or a data block), or without
+    /// limit when it is the last thing before the trailing footer (which then moves
+    /// behind it). Otherwise the whole table is relocated to the end of the file. The
+    /// alternative, moving the data blocks that follow the table out of its way, would copy
+    /// guest data and, in a differencing image, the parent locators; those are described in
+    /// the header's second sector, so the header could no longer be switched by one sector
+    /// write.
+    ///
+    /// Crash safety: the caller has written the dirty BAT entries (so every entry copied is
+    /// durable). The new entries (or the relocated table) and a footer behind them are
+    /// written and synced first, while the header still describes the old table, which is
+    /// intact; then the first sector of the header (table offset, entry count and checksum
+    /// all lie in it) is rewritten and synced. A crash at any point leaves an image that
+    /// Parvis and qemu open with either the old or the new table. The space of a relocated
+    /// table is not reused.
     fn grow_bat(&self, st: &mut super::State, need: u64) -> Result<(), DiskError> {
         let Some(d) = &self.dynamic else {
             return Ok(());
         };
-        let toff = d.header.table_offset;
-        let have = st.bat.len() as u64;
-        let end = toff + have * 4;
-        let room = if toff.is_multiple_of(512) {
-            (round_up(end, 512) - toff) / 4
-        } else {
-            have
-        };
-        let new_end = toff + need * 4;
-        let hoff = d.header_offset;
-        let clash = (hoff < new_end && end < hoff + dynamic::HEADER_SIZE as u64)
-            || d.header.locators.iter().any(|l| {
-                l.data_length > 0
-                    && l.data_offset < new_end
-                    && end < l.data_offset + u64::from(l.data_length)
-            });
-        if need > room || clash {
+        if need > u64::from(MAX_BAT_ENTRIES) {
             return Err(unsupported(format!(
-                "growing this VHD: it needs {need} BAT entries but the table has room for {room} \
-                 and relocating the BAT is not implemented"
+                "{need} VHD BAT entries (the limit is {MAX_BAT_ENTRIES})"
             )));
         }
         let s = &self.storage;
-        let fill = vec![0xffu8; ((need - have) * 4) as usize];
-        s.write_at(&fill, end)
-            .map_err(io_err("write VHD BAT", end))?;
+        let toff = st.table_offset;
+        let have = st.bat.len() as u64;
+        let end = toff + have * 4;
+        let span = d.bitmap_size + d.block_size;
+        // The nearest structure starting at or after the table: the header, locator
+        // payloads (of any disk type, to be safe) and data blocks.
+        let hoff = d.header_offset;
+        let next_structure = std::iter::once((hoff, hoff + dynamic::HEADER_SIZE as u64))
+            .chain(
+                d.header
+                    .locators
+                    .iter()
+                    .filter(|l| l.data_length > 0)
+                    .map(|l| (l.data_offset, l.data_offset + u64::from(l.data_length))),
+            )
+            .chain(
+                st.bat
+                    .iter()
+                    .filter(|&&e| e != dynamic::UNALLOCATED)
+                    .map(|&e| (u64::from(e) * 512, u64::from(e) * 512 + span)),
+            )
+            .filter(|&(_, e)| e > toff)
+            .map(|(start, _)| start)
+            .min();
+        let new_bytes = round_up(need * 4, 512);
+        let in_place = match next_structure {
+            // Something overlaps the table's start (never in a valid image): relocate.
+            Some(start) if start <= toff => false,
+            Some(start) => toff.is_multiple_of(512) && round_up(toff + need * 4, 512) <= start,
+            None => toff.is_multiple_of(512),
+        };
+        let (new_toff, table_end) = if in_place {
+            let table_end = round_up(toff + need * 4, 512);
+            // The table may reach over the trailing footer: put a footer behind it first.
+            if table_end > st.next_free {
+                s.write_at(&st.footer.raw, table_end)
+                    .map_err(io_err("write VHD footer", table_end))?;
+            }
+            let fill = vec![0xffu8; (table_end - end) as usize];
+            s.write_at(&fill, end)
+                .map_err(io_err("write VHD BAT", end))?;
+            (toff, table_end)
+        } else {
+            let at = st.next_free;
+            let mut table = vec![0xffu8; new_bytes as usize];
+            for (i, e) in st.bat.iter().enumerate() {
+                table[i * 4..i * 4 + 4].copy_from_slice(&e.to_be_bytes());
+            }
+            s.write_at(&st.footer.raw, at + new_bytes)
+                .map_err(io_err("write VHD footer", at + new_bytes))?;
+            s.write_at(&table, at)
+                .map_err(io_err("write VHD BAT", at))?;
+            (at, at + new_bytes)
+        };
         s.sync().map_err(io_err("flush", 0))?;
-        let mut raw = *d.header.raw;
+        let mut raw = st.header_raw.clone();
+        raw[16..24].copy_from_slice(&new_toff.to_be_bytes());
         raw[28..32].copy_from_slice(&(need as u32).to_be_bytes());
-        let sum = footer::checksum(&raw, 36);
+        let sum = footer::checksum(&raw[..], 36);
         raw[36..40].copy_from_slice(&sum.to_be_bytes());
-        s.write_at(&raw, hoff)
+        s.write_at(&raw[..512], hoff)
             .map_err(io_err("write VHD dynamic header", hoff))?;
+        s.sync().map_err(io_err("flush", 0))?;
+        st.header_raw = raw;
+        st.table_offset = new_toff;
         st.bat.resize(need as usize, dynamic::UNALLOCATED);
+        if table_end > st.next_free {
+            st.next_free = table_end;
+            st.end_footer_len = FOOTER_SIZE;
+        }
         Ok(())
     }
 }

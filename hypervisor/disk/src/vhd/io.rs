@@ -183,13 +183,32 @@ impl Vhd {
         Ok(())
     }
 
+    /// Call `f(file offset, length)` for the data of `len` bytes at `offset` held in this
+    /// file (allocated blocks, whatever their bitmaps say); nothing when out of range.
+    fn for_each_present(&self, offset: u64, len: u64, f: impl Fn(u64, u64)) {
+        if check_range(offset, len, self.size()).is_err() {
+            return;
+        }
+        let Some(d) = &self.dynamic else {
+            return f(offset, len);
+        };
+        let st = self.read_state();
+        let mut pos = offset;
+        while pos < offset + len {
+            let in_block = pos % d.block_size;
+            let n = (d.block_size - in_block).min(offset + len - pos);
+            let entry = self.entry(&st, pos / d.block_size);
+            if entry != UNALLOCATED {
+                f(u64::from(entry) * 512 + d.bitmap_size + in_block, n);
+            }
+            pos += n;
+        }
+    }
+
     /// Write the dirty BAT sectors: sync first so that they never point at data that is not
     /// durable yet.
     pub(super) fn write_bat(&self, st: &mut State) -> Result<(), DiskError> {
-        let Some(d) = &self.dynamic else {
-            return Ok(());
-        };
-        if st.dirty.is_empty() {
+        if self.dynamic.is_none() || st.dirty.is_empty() {
             return Ok(());
         }
         self.storage.sync().map_err(io_err("flush", 0))?;
@@ -201,7 +220,7 @@ impl Vhd {
                 .iter()
                 .flat_map(|e| e.to_be_bytes())
                 .collect();
-            let at = d.header.table_offset + sector * 512;
+            let at = st.table_offset + sector * 512;
             if let Err(e) = self.storage.write_at(&bytes, at) {
                 st.dirty.insert(sector);
                 return Err(io_err("write VHD BAT", at)(e));
@@ -287,6 +306,16 @@ impl BlockDevice for Vhd {
         let mut st = self.write_state();
         self.write_bat(&mut st)?;
         self.storage.sync().map_err(io_err("flush", 0))
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        if !self.read_only {
+            self.for_each_present(offset, len, |at, n| self.storage.start_writeback(at, n));
+        }
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) {
+        self.for_each_present(offset, len, |at, n| self.storage.prefetch(at, n));
     }
 
     /// A successful no-op: VHD has no way to deallocate a block short of rewriting the

@@ -105,6 +105,10 @@ struct State {
     next_free: u64,
     /// BAT sectors (512-byte units from the table offset) changed since the last flush.
     dirty: BTreeSet<u64>,
+    /// Dynamic and differencing images: the file offset of the BAT (it moves when a grow
+    /// relocates the table) and the dynamic header as on disk.
+    table_offset: u64,
+    header_raw: Box<[u8; HEADER_SIZE]>,
 }
 
 fn io_err(op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> DiskError {
@@ -240,6 +244,8 @@ impl Vhd {
                     bat: Vec::new(),
                     next_free: data_end,
                     dirty: BTreeSet::new(),
+                    table_offset: 0,
+                    header_raw: Box::new([0; HEADER_SIZE]),
                 }),
             });
         }
@@ -364,6 +370,7 @@ impl Vhd {
             _ => (None, None),
         };
         let bitmap_size = u64::from(header.bitmap_size());
+        let header_raw = header.raw.clone();
         Ok(Vhd {
             storage,
             read_only,
@@ -383,6 +390,8 @@ impl Vhd {
                 bat,
                 next_free,
                 dirty: BTreeSet::new(),
+                table_offset: toff,
+                header_raw,
             }),
         })
     }

@@ -132,30 +132,154 @@ fn fixed_round_trip_resize_and_old_footer() {
 }
 
 #[test]
-fn dynamic_resize_within_bat_padding_only() {
+fn dynamic_resize_extends_or_relocates_the_bat() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("r.vhd");
     let v = Vhd::create(&p, &VhdCreateOptions::dynamic(4 * MIB)).unwrap();
     v.write_at(&[5; 512], 0).unwrap();
-    // 2 entries -> one BAT sector has room for 128 (256 MiB).
+    let toff = |v: &Vhd| v.read_state().table_offset;
+    assert_eq!(toff(&v), 1536);
+    // 2 entries -> one BAT sector has room for 128 (256 MiB): extended in place.
     v.resize(256 * MIB).unwrap();
+    assert_eq!(toff(&v), 1536);
     v.write_at(&[6; 512], 256 * MIB - 512).unwrap();
-    let e = v.resize(256 * MIB + 2 * MIB).unwrap_err();
-    assert!(
-        matches!(e, DiskError::Unsupported { ref what } if what.contains("BAT")),
-        "{e}"
-    );
+    // Beyond the padding the first data block is in the way: the table moves to the end.
+    let end_before = v.storage.len().unwrap() - 512;
+    v.resize(8 << 30).unwrap();
+    assert_eq!(toff(&v), end_before);
+    assert_eq!(v.read_state().bat.len(), 4096);
+    let r = v.check().unwrap();
+    assert!(r.errors.is_empty(), "{r:?}");
+    // The table is now the last structure: growing again extends it in place.
+    v.resize(16 << 30).unwrap();
+    assert_eq!(toff(&v), end_before);
+    v.write_at(&[7; 512], (16 << 30) - 512).unwrap();
+    // ... until a block follows it: then it moves again (unflushed entries included).
+    v.resize(32 << 30).unwrap();
+    assert!(toff(&v) > end_before);
     assert!(matches!(v.resize(MIB), Err(DiskError::Unsupported { .. })));
     v.flush().unwrap();
-    assert!(v.check().unwrap().errors.is_empty(), "{:?}", v.check());
+    let r = v.check().unwrap();
+    assert!(r.errors.is_empty(), "{r:?}");
     drop(v);
     let v = Vhd::open(&p, true).unwrap();
-    assert_eq!(v.size(), 256 * MIB);
+    assert_eq!(v.size(), 32 << 30);
+    assert!(v.check().unwrap().errors.is_empty());
     let mut b = [0u8; 512];
-    v.read_at(&mut b, 256 * MIB - 512).unwrap();
-    assert_eq!(b, [6; 512]);
-    v.read_at(&mut b, 0).unwrap();
-    assert_eq!(b, [5; 512]);
+    for (at, want) in [
+        (0, 5),
+        (256 * MIB - 512, 6),
+        ((16 << 30) - 512, 7),
+        (256 * MIB, 0),
+        ((8 << 30) - 512, 0),
+        ((32 << 30) - 512, 0),
+    ] {
+        v.read_at(&mut b, at).unwrap();
+        assert_eq!(b, [want; 512], "at {at:#x}");
+    }
+    // The BAT limit still applies.
+    let small = dir.path().join("s.vhd");
+    let opts = VhdCreateOptions {
+        block_size: 4096,
+        ..VhdCreateOptions::dynamic(MIB)
+    };
+    let v = Vhd::create(&small, &opts).unwrap();
+    assert!(matches!(
+        v.resize(1 << 40),
+        Err(DiskError::Unsupported { ref what }) if what.contains("BAT")
+    ));
+}
+
+/// Storage that keeps a copy of its contents after every change: each copy is what the
+/// file would hold after a crash right after that write.
+#[derive(Debug)]
+struct Snapshots {
+    inner: MemStorage,
+    snaps: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Storage for Snapshots {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)?;
+        self.snaps.lock().unwrap().push(self.inner.contents());
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)?;
+        self.snaps.lock().unwrap().push(self.inner.contents());
+        Ok(())
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn bat_relocation_is_crash_safe() {
+    let dir = tempfile::tempdir().unwrap();
+    // A dynamic image and a differencing one (its parent locators follow the BAT), both
+    // 4 MiB with data in their first blocks, grown to 8 GiB (the table is relocated).
+    let dynamic = small_dynamic(dir.path());
+    let base = dir.path().join("base.vhd");
+    drop(Vhd::create(&base, &VhdCreateOptions::dynamic(8 << 30)).unwrap());
+    let child = dir.path().join("child.vhd");
+    let c = Vhd::create(
+        &child,
+        &VhdCreateOptions {
+            size: 4 * MIB,
+            ..VhdCreateOptions::differencing(&base)
+        },
+    )
+    .unwrap();
+    c.write_at(&pattern(4096, 1), 0).unwrap();
+    c.write_at(&pattern(512, 3), 4 * MIB - 512).unwrap();
+    drop(c);
+    let diff = std::fs::read(&child).unwrap();
+    for image in [dynamic, diff] {
+        let snaps = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let storage = Snapshots {
+            inner: MemStorage::new(image, 64 * MIB),
+            snaps: snaps.clone(),
+        };
+        let v = Vhd::open_storage(Box::new(storage), false, None).unwrap();
+        let toff = v.read_state().table_offset;
+        // An allocation not yet flushed when the resize starts.
+        v.write_at(&pattern(1024, 4), 3 * MIB).unwrap();
+        // (A crash inside the allocation itself is `recovers_from_a_missing_trailing_footer`.)
+        snaps.lock().unwrap().clear();
+        v.resize(8 << 30).unwrap();
+        assert_ne!(v.read_state().table_offset, toff, "relocated");
+        drop(v);
+        let snaps = std::mem::take(&mut *snaps.lock().unwrap());
+        assert!(snaps.len() > 4);
+        let mut saw_new = false;
+        for (i, snap) in snaps.into_iter().enumerate() {
+            let v = Vhd::open_storage(mem(snap), true, None)
+                .unwrap_or_else(|e| panic!("crash after write {i}: {e}"));
+            assert!(v.size() == 4 * MIB || v.size() == 8 << 30, "{i}");
+            saw_new |= v.size() == 8 << 30;
+            let r = v.check().unwrap();
+            assert!(r.errors.is_empty(), "crash after write {i}: {r:?}");
+            let mut b = vec![0u8; 4096];
+            v.read_at(&mut b, 0).unwrap();
+            assert_eq!(b, pattern(4096, 1), "{i}");
+            v.read_at(&mut b[..512], 4 * MIB - 512).unwrap();
+            assert_eq!(b[..512], pattern(512, 3), "{i}");
+            // The unflushed block is either absent (zeros) or complete.
+            v.read_at(&mut b[..1024], 3 * MIB).unwrap();
+            assert!(
+                b[..1024] == pattern(1024, 4) || b[..1024] == [0; 1024],
+                "{i}"
+            );
+        }
+        assert!(saw_new);
+    }
 }
 
 #[test]

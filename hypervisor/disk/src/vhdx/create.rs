@@ -7,10 +7,13 @@
 //!
 //! **Resize.** Growing extends the BAT in place when its region has room, otherwise writes a
 //! new, larger BAT at the end of the file and switches both region table copies to it
-//! through the log; fixed images get their new blocks allocated. Shrinking drops (marks
-//! NOT_PRESENT) every block wholly past the new end, leaking its space in the file, and
-//! zeroes the part of a kept block past the new end, so growing again reads zeros there.
-//! The new virtual size is written through the log with the rest, so it changes atomically.
+//! through the log; fixed images get their new blocks allocated. Shrinking zeroes the part
+//! of a kept block past the new end (so growing again reads zeros there), drops (marks
+//! NOT_PRESENT, through the log) every block wholly past the new end and the sector bitmaps
+//! of chunks wholly past it, and once that is durable gives their space back: the file is
+//! truncated after the last structure still in use, and dropped blocks before that become
+//! holes (`fallocate` punch, where the file system can). The new virtual size is written
+//! through the log afterwards, so it changes atomically.
 
 use std::fs::OpenOptions;
 use std::path::{Component, Path, PathBuf};
@@ -333,14 +336,35 @@ impl Vhdx {
                         .map_err(io_err("write", at))?;
                 }
             }
-            for b in geo.data_blocks..old.data_blocks {
-                let idx = old.payload_index(b);
-                if st.bat[idx] != 0 {
+            // Drop every block past the new end (payload blocks, and the sector bitmaps of
+            // chunks wholly past it), remembering the file space they held.
+            let mut freed = Vec::new();
+            let mut drop_entry = |st: &mut super::State, idx: usize| {
+                let e = st.bat[idx];
+                let state = bat::state(e);
+                let len = if old.is_bitmap_index(idx as u64) {
+                    (st.meta.has_parent && state == bat::SB_PRESENT).then_some(MIB)
+                } else {
+                    (state == FULLY_PRESENT || state == PARTIALLY_PRESENT).then_some(bs)
+                };
+                if let Some(len) = len {
+                    freed.push((bat::offset(e), len));
+                }
+                if e != 0 {
                     st.bat[idx] = bat::entry(NOT_PRESENT, 0);
                     st.dirty_bat.insert(idx as u64 * 8 / LOG_SECTOR as u64);
                 }
+            };
+            for b in geo.data_blocks..old.data_blocks {
+                drop_entry(st, old.payload_index(b));
             }
+            for idx in geo.entries..old.entries {
+                drop_entry(st, idx as usize);
+            }
+            // The entries go through the log (after the data sync) like any metadata
+            // update; only once they are durable is the space given back.
             self.flush_locked(st)?;
+            self.release(st, &freed)?;
         }
         let mut table = st.bat.clone();
         table.resize(geo.entries as usize, 0);
@@ -413,6 +437,56 @@ impl Vhdx {
         st.meta.virtual_size = new_size;
         self.size.store(new_size, Ordering::Relaxed);
         self.flush_locked(st)
+    }
+}
+
+impl Vhdx {
+    /// Give back the file space of blocks no BAT entry refers to any more (`freed`: file
+    /// offset and length of each). The file is cut after the last structure still in use
+    /// (blocks, log, regions), so dropped blocks at its end go with the tail; the others
+    /// become holes. Called only once the entries that referred to them are durable.
+    fn release(&self, st: &mut super::State, freed: &[(u64, u64)]) -> Result<(), DiskError> {
+        if freed.is_empty() {
+            return Ok(());
+        }
+        let s = self.storage.as_ref();
+        let h = &st.headers.current;
+        let mut used = format::HEADER_SECTION_END.max(h.log_offset + u64::from(h.log_length));
+        for r in &st.regions.entries {
+            used = used.max(r.end());
+        }
+        for (i, &e) in st.bat.iter().enumerate() {
+            let off = bat::offset(e);
+            if off == 0 {
+                continue;
+            }
+            // Payload entries in any state that names an offset keep their space (ZERO or
+            // UNMAPPED blocks may keep it allocated); sector bitmaps only in differencing
+            // images (elsewhere the entries are ignored).
+            let len = if st.geo.is_bitmap_index(i as u64) {
+                if !st.meta.has_parent || bat::state(e) != bat::SB_PRESENT {
+                    continue;
+                }
+                MIB
+            } else {
+                st.geo.block_size
+            };
+            used = used.max(off.saturating_add(len));
+        }
+        let keep = round_up(used, MIB).unwrap_or(u64::MAX);
+        let file_len = s.len().map_err(io_err("stat", 0))?;
+        for &(off, len) in freed {
+            let end = off.saturating_add(len).min(file_len).min(keep);
+            if off < end {
+                s.punch_hole(off, end - off)
+                    .map_err(io_err("punch hole", off))?;
+            }
+        }
+        if file_len > keep {
+            s.set_len(keep).map_err(io_err("truncate", keep))?;
+        }
+        st.next_free = st.next_free.min(keep);
+        s.sync().map_err(io_err("flush", 0))
     }
 }
 

@@ -321,6 +321,63 @@ impl Vhdx {
         Ok(())
     }
 
+    /// The common case of a write, under the shared lock so that writers proceed in
+    /// parallel: every block it touches is FULLY_PRESENT, so no metadata changes, and the
+    /// session has started. Returns false (nothing written) when that is not the case.
+    pub(super) fn write_present(&self, buf: &[u8], offset: u64) -> Result<bool, DiskError> {
+        let st = self.read_state();
+        check_range(offset, buf.len() as u64, self.size())?;
+        let ls = st.geo.logical;
+        let whole_sectors = offset.is_multiple_of(ls) && (buf.len() as u64).is_multiple_of(ls);
+        if !st.session_started || buf.is_empty() || (st.meta.has_parent && !whole_sectors) {
+            return Ok(false);
+        }
+        let bs = st.geo.block_size;
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            if Self::state_of(&st, pos / bs) != FULLY_PRESENT {
+                return Ok(false);
+            }
+            pos = (pos / bs + 1) * bs;
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let inb = pos % bs;
+            let n = ((bs - inb) as usize).min(buf.len() - done);
+            let e = st.bat[st.geo.payload_index(pos / bs)];
+            let at = bat::offset(e) + inb;
+            self.storage
+                .write_at(&buf[done..done + n], at)
+                .map_err(io_err("write", at))?;
+            done += n;
+        }
+        Ok(true)
+    }
+
+    /// Call `f(file offset, length)` for the parts of `len` bytes at `offset` held in this
+    /// file (FULLY_PRESENT and PARTIALLY_PRESENT blocks); nothing when out of range.
+    fn for_each_present(&self, offset: u64, len: u64, f: impl Fn(u64, u64)) {
+        if check_range(offset, len, self.size()).is_err() {
+            return;
+        }
+        let st = self.read_state();
+        let bs = st.geo.block_size;
+        let mut pos = offset;
+        while pos < offset + len {
+            let inb = pos % bs;
+            let n = (bs - inb).min(offset + len - pos);
+            let e = st.bat.get(st.geo.payload_index(pos / bs)).copied();
+            if let Some(e) =
+                e.filter(|&e| matches!(bat::state(e), FULLY_PRESENT | PARTIALLY_PRESENT))
+            {
+                f(bat::offset(e) + inb, n);
+            }
+            pos += n;
+        }
+    }
+
     fn state_of(st: &State, block: u64) -> u64 {
         bat::state(
             st.bat
@@ -360,6 +417,9 @@ impl BlockDevice for Vhdx {
             return Err(DiskError::ReadOnly);
         }
         check_sector_aligned(offset, buf.len() as u64)?;
+        if self.write_present(buf, offset)? {
+            return Ok(());
+        }
         let mut st = self.write_state();
         check_range(offset, buf.len() as u64, self.size())?;
         if buf.is_empty() {
@@ -386,6 +446,16 @@ impl BlockDevice for Vhdx {
         }
         let mut st = self.write_state();
         self.flush_locked(&mut st)
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        if !self.read_only {
+            self.for_each_present(offset, len, |at, n| self.storage.start_writeback(at, n));
+        }
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) {
+        self.for_each_present(offset, len, |at, n| self.storage.prefetch(at, n));
     }
 
     /// Accepted and ignored: VHDX blocks are not freed (the range keeps its contents).

@@ -98,7 +98,9 @@ impl Variant {
 }
 
 /// An open VHDX image. All [`crate::BlockDevice`] methods take `&self`; the BAT and
-/// metadata sit behind an `RwLock`, so reads proceed in parallel.
+/// metadata sit behind an `RwLock`, so reads proceed in parallel, and so do writes that
+/// only touch FULLY_PRESENT blocks (anything that changes metadata takes the lock
+/// exclusively).
 pub struct Vhdx {
     storage: Box<dyn Storage>,
     read_only: bool,

@@ -427,3 +427,42 @@ fn mutated_images_never_panic() {
         exercise(Cow::new(base.clone(), &patches, len), &mut rng);
     }
 }
+
+#[test]
+fn writes_to_present_blocks_run_in_parallel_and_others_allocate() {
+    // Blocks 0, 1 and 2 are present (from `image`); 3.. are not.
+    let v = std::sync::Arc::new(open(image(VhdxKind::Dynamic, 8 * MIB), true).unwrap());
+    let before = v.read_state().bat.clone();
+    // Before the session's first write the slow path runs (it writes the session header).
+    assert!(!v.write_present(&[1; 512], 0).unwrap());
+    v.write_at(&[1; 512], 0).unwrap();
+    // Present blocks: the shared-lock path takes it, the BAT does not change.
+    assert!(v.write_present(&[2; 4096], MIB).unwrap());
+    assert_eq!(v.read_state().bat, before);
+    // A write reaching into an absent block falls back (and allocates it).
+    assert!(!v.write_present(&[3; 8192], 3 * MIB - 4096).unwrap());
+    v.write_at(&[3; 8192], 3 * MIB - 4096).unwrap();
+    assert_ne!(v.read_state().bat, before);
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let v = v.clone();
+            std::thread::spawn(move || {
+                for k in 0..64u64 {
+                    let at = u64::from(t) * (MIB / 2) + k * 8192;
+                    v.write_at(&[t + 10; 8192], at).unwrap();
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let mut b = vec![0u8; 3 * MIB as usize + 4096];
+    v.read_at(&mut b, 0).unwrap();
+    for t in 0..4u8 {
+        let r = (u64::from(t) * (MIB / 2)) as usize..(u64::from(t) * (MIB / 2) + MIB / 2) as usize;
+        assert!(b[r].iter().all(|&x| x == t + 10), "thread {t}");
+    }
+    assert!(b[3 * MIB as usize - 4096..].iter().all(|&x| x == 3));
+    v.flush().unwrap();
+    let r = v.check().unwrap();
+    assert!(r.errors.is_empty(), "{r:?}");
+}
