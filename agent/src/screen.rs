@@ -81,11 +81,7 @@ struct TileData {
 
 impl TileData {
     fn new(generation: u64, raw: Vec<u8>) -> Self {
-        let mut lz4 = Vec::with_capacity(4 + lz4_flex::block::get_maximum_output_size(raw.len()));
-        lz4.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-        lz4.resize(4 + lz4_flex::block::get_maximum_output_size(raw.len()), 0);
-        let n = lz4_flex::block::compress_into(&raw, &mut lz4[4..]).unwrap_or(0);
-        lz4.truncate(4 + n);
+        let lz4 = proto::tiles::encode_lz4(&raw);
         TileData {
             generation,
             raw: raw.into(),
@@ -388,23 +384,6 @@ fn pack_tile(g: &Geometry, fb: &[u8], i: usize) -> Vec<u8> {
     out
 }
 
-/// Decode a tile as a client does (used by tests and the CLI's screenshot).
-pub fn decode_tile(t: &Tile) -> Option<Vec<u8>> {
-    let want = t.width as usize * t.height as usize * 4;
-    let raw = match TileEncoding::try_from(t.encoding).ok()? {
-        TileEncoding::Raw => t.data.to_vec(),
-        TileEncoding::Lz4 | TileEncoding::Unspecified => {
-            let (len, body) = t.data.split_first_chunk::<4>()?;
-            if u32::from_le_bytes(*len) as usize != want {
-                return None;
-            }
-            lz4_flex::block::decompress(body, want).ok()?
-        }
-        TileEncoding::Zstd => zstd::bulk::decompress(&t.data, want).ok()?,
-    };
-    (raw.len() == want).then_some(raw)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,7 +406,7 @@ mod tests {
 
     fn apply(fb: &mut [u8], g: &Geometry, u: &FrameUpdate) {
         for t in &u.tiles {
-            let px = decode_tile(t).expect("tile decodes");
+            let px = proto::tiles::decode(t).expect("tile decodes");
             for r in 0..t.height {
                 let dst = ((t.y + r) * g.width + t.x) as usize * 4;
                 let src = (r * t.width) as usize * 4;

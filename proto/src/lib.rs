@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod framing;
+pub mod tiles;
 
 /// Version of the `parvis.v1` API family, reported by the agent and the worker.
 pub const API_VERSION: &str = "parvis.v1";

@@ -367,9 +367,9 @@ fn decode(t: &proto::v1::Tile) -> Result<Vec<u8>> {
         "tile encoding {}",
         t.encoding
     );
-    let (len, body) = t.data.split_first_chunk::<4>().context("short tile")?;
-    ensure!(u32::from_le_bytes(*len) as usize == want, "tile length");
-    Ok(lz4_flex::block::decompress(body, want)?)
+    let px = proto::tiles::decode(t)?;
+    ensure!(px.len() == want, "tile length");
+    Ok(px)
 }
 
 async fn screen_shows_pattern(c: &mut Clients, id: &str) -> Result<()> {

@@ -38,33 +38,32 @@ pub struct ExitRecord {
     pub reason: String,
 }
 
-fn start_time(pid: i32) -> std::io::Result<u64> {
+/// From /proc/PID/stat: whether the process is a zombie, and its start time in clock
+/// ticks since boot (field 22). The command name may contain spaces and parentheses, so
+/// fields are counted after the last ')'.
+fn proc_stat(pid: i32) -> std::io::Result<(bool, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name may contain spaces and parentheses: fields start after the last ')'.
     let rest = stat
         .rsplit_once(')')
         .map(|(_, r)| r)
         .ok_or(std::io::ErrorKind::InvalidData)?;
-    rest.split_whitespace()
-        .nth(19)
+    let mut fields = rest.split_whitespace();
+    let zombie = fields.next() == Some("Z");
+    let start = fields
+        .nth(18)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::ErrorKind::InvalidData.into())
+        .ok_or(std::io::ErrorKind::InvalidData)?;
+    Ok((zombie, start))
+}
+
+fn start_time(pid: i32) -> std::io::Result<u64> {
+    proc_stat(pid).map(|(_, start)| start)
 }
 
 /// Whether the recorded worker is still the same live process.
 pub fn is_same_process(run: &RunRecord) -> bool {
-    if run.pid <= 0 {
-        return false;
-    }
-    let alive = start_time(run.pid).is_ok_and(|t| t == run.start_time);
-    let state_ok = std::fs::read_to_string(format!("/proc/{}/stat", run.pid))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-        .is_some_and(|zombie| !zombie);
-    alive && state_ok
+    run.pid > 0
+        && proc_stat(run.pid).is_ok_and(|(zombie, start)| !zombie && start == run.start_time)
 }
 
 /// Wait until a process that is not our child ends.

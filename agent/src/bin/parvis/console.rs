@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use proto::client::Clients;
-use proto::v1::{FrameUpdate, FramebufferRequest, PixelFormat, SerialInput, Tile, TileEncoding};
+use proto::v1::{FrameUpdate, FramebufferRequest, PixelFormat, SerialInput, TileEncoding};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::remote::{CtrlC, Rpc, status_error};
@@ -182,7 +182,7 @@ pub fn decode_frame(u: &FrameUpdate) -> Result<Vec<u8>> {
         if tx + tw > w || ty + th > h {
             bail!("a tile at {tx},{ty} ({tw}x{th}) is outside the {w}x{h} screen");
         }
-        let px = tile_pixels(t)?;
+        let px = proto::tiles::decode(t)?;
         for row in 0..th {
             let src = &px[row * tw * 4..(row + 1) * tw * 4];
             let dst_off = ((ty + row) * w + tx) * 3;
@@ -197,37 +197,6 @@ pub fn decode_frame(u: &FrameUpdate) -> Result<Vec<u8>> {
     Ok(rgb)
 }
 
-/// A tile's BGRX pixels, decompressed.
-fn tile_pixels(t: &Tile) -> Result<Vec<u8>> {
-    let want = t.width as usize * t.height as usize * 4;
-    let px = match TileEncoding::try_from(t.encoding) {
-        Ok(TileEncoding::Raw) => t.data.to_vec(),
-        Ok(TileEncoding::Lz4 | TileEncoding::Unspecified) => {
-            if t.data.len() < 4 {
-                bail!("an LZ4 tile is too short");
-            }
-            let len = u32::from_le_bytes([t.data[0], t.data[1], t.data[2], t.data[3]]) as usize;
-            if len != want {
-                bail!("an LZ4 tile says {len} bytes, not {want}");
-            }
-            lz4_flex::block::decompress(&t.data[4..], len)
-                .map_err(|e| anyhow!("a tile does not decompress: {e}"))?
-        }
-        Ok(TileEncoding::Zstd) => zstd::bulk::decompress(&t.data, want)
-            .map_err(|e| anyhow!("a tile does not decompress: {e}"))?,
-        Err(_) => bail!("unknown tile encoding {}", t.encoding),
-    };
-    if px.len() != want {
-        bail!(
-            "a {}x{} tile has {} bytes, not {want}",
-            t.width,
-            t.height,
-            px.len()
-        );
-    }
-    Ok(px)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,7 +208,7 @@ mod tests {
         let right_raw: Vec<u8> = [[10u8, 20, 30, 0]; 4].concat();
         let mut lz = (right_raw.len() as u32).to_le_bytes().to_vec();
         lz.extend(lz4_flex::block::compress(&right_raw));
-        let tile = |x, data: Vec<u8>, enc: TileEncoding| Tile {
+        let tile = |x, data: Vec<u8>, enc: TileEncoding| proto::v1::Tile {
             x,
             y: 0,
             width: 2,
