@@ -579,15 +579,23 @@ async fn upload(live: &mut Live, c: &mut Clients, t: &Target) -> Result<String> 
         h.abort();
         let _ = h.await;
     }
-    // A wrong resume offset is refused with the expected one.
-    let st = c
-        .disk
-        .get_upload(UploadRef {
-            upload_id: id.clone(),
-        })
-        .await?
-        .into_inner();
-    let resume = st.verified_offset;
+    // The agent may still be storing chunks that arrived before the cut: wait until the
+    // verified offset stops moving. Then a wrong resume offset is refused with it.
+    let mut resume = u64::MAX;
+    loop {
+        let st = c
+            .disk
+            .get_upload(UploadRef {
+                upload_id: id.clone(),
+            })
+            .await?
+            .into_inner();
+        if st.verified_offset == resume {
+            break;
+        }
+        resume = st.verified_offset;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     ensure!(resume <= half, "verified {resume} > sent {half}");
     if resume + 512 < file.len() as u64 {
         let e = send_range(c, &id, &file, resume + 512, file.len() as u64)
