@@ -79,7 +79,7 @@ pub fn static_target_dir() -> PathBuf {
 }
 
 /// The programs built statically for the test host.
-pub const L1_PROGRAMS: [&str; 2] = ["parvis-worker", "parvis-agent"];
+pub const L1_PROGRAMS: [&str; 3] = ["parvis-worker", "parvis-agent", "parvis"];
 
 fn build_static_worker() -> Result<PathBuf> {
     let target = static_target_dir();
@@ -98,13 +98,15 @@ fn build_static_worker() -> Result<PathBuf> {
             "agent",
             "--bin",
             "parvis-agent",
+            "--bin",
+            "parvis",
         ])
         .env("CARGO_TARGET_DIR", &target)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .status()
         .context("cannot run cargo to build the static programs")?;
     if !status.success() {
-        bail!("building the static parvis-worker and parvis-agent failed ({status})");
+        bail!("building the static parvis-worker, parvis-agent and parvis failed ({status})");
     }
     let bin = target.join("x86_64-unknown-linux-gnu/release");
     for name in L1_PROGRAMS {

@@ -9,6 +9,8 @@
 pub mod bench_support;
 pub mod build;
 pub mod disk_bench;
+pub mod fb_bench;
+pub mod fbstamp;
 pub mod live;
 pub mod markers;
 pub mod testhost;

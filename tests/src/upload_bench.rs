@@ -25,44 +25,8 @@ pub struct UploadResult {
 
 /// Upload a `gib` GiB raw image to a fresh agent in `dir`.
 pub fn run(dir: &Path, gib: u64) -> Result<UploadResult> {
-    let art = crate::build::artifacts()?;
     let state = dir.join("agent-state");
-    let mut agent = Command::new(art.bin.join("parvis-agent"))
-        .arg("--state-dir")
-        .arg(&state)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--tls",
-            "--worker",
-            "/bin/false",
-            "--log",
-            "warn",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start parvis-agent")?;
-    let out = agent.stdout.take().context("no stdout")?;
-    let mut lines = BufReader::new(out).lines();
-    let (mut addr, mut fp, mut token) = (None, None, None);
-    while token.is_none() {
-        let l = lines.next().context("the agent exited early")??;
-        if let Some(rest) = l.split(" listening on ").nth(1) {
-            addr = rest.split_whitespace().next().map(str::to_string);
-        }
-        if let Some(f) = l.strip_prefix("TLS certificate SHA-256 fingerprint: ") {
-            fp = Some(f.trim().to_string());
-        }
-        if let Some(t) = l.strip_prefix("token: ") {
-            token = Some(t.trim().to_string());
-        }
-    }
-    let target = Target {
-        addr: addr.context("no address printed")?,
-        fingerprint: fp,
-        token: token.unwrap_or_default(),
-    };
+    let (mut agent, target) = spawn_agent(&state, &["--worker", "/bin/false"])?;
     let file = dir.join("upload.raw");
     let size = gib << 30;
     {
@@ -150,6 +114,44 @@ pub fn run(dir: &Path, gib: u64) -> Result<UploadResult> {
         stream_secs,
         cp_secs,
     })
+}
+
+/// Start a real `parvis-agent` with TLS on a free loopback port, with `args` added (the
+/// worker, …), and read its address, certificate fingerprint and token.
+pub fn spawn_agent(state: &Path, args: &[&str]) -> Result<(std::process::Child, Target)> {
+    let art = crate::build::artifacts()?;
+    let mut agent = Command::new(art.bin.join("parvis-agent"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--listen", "127.0.0.1:0", "--tls", "--log", "warn"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start parvis-agent")?;
+    let out = agent.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(out).lines();
+    let (mut addr, mut fp, mut token) = (None, None, None);
+    while token.is_none() {
+        let l = lines.next().context("the agent exited early")??;
+        if let Some(rest) = l.split(" listening on ").nth(1) {
+            addr = rest.split_whitespace().next().map(str::to_string);
+        }
+        if let Some(f) = l.strip_prefix("TLS certificate SHA-256 fingerprint: ") {
+            fp = Some(f.trim().to_string());
+        }
+        if let Some(t) = l.strip_prefix("token: ") {
+            token = Some(t.trim().to_string());
+        }
+    }
+    // Keep reading: the agent prints more after the token, and a closed pipe would end it.
+    std::thread::spawn(move || lines.for_each(drop));
+    let target = Target {
+        addr: addr.context("no address printed")?,
+        fingerprint: fp,
+        token: token.unwrap_or_default(),
+    };
+    Ok((agent, target))
 }
 
 /// Print the figures and ratios.

@@ -180,9 +180,9 @@ fn args() -> Result<Args> {
             }
             "--keep" => a.keep = Some(it.next().context("--keep needs a folder")?.into()),
             "--only" => {
-                let v = it.next().context("--only needs boot, disk or upload")?;
-                if v != "boot" && v != "disk" && v != "upload" {
-                    bail!("--only takes boot, disk or upload, not {v}");
+                let v = it.next().context("--only needs a benchmark's name")?;
+                if !BENCHES.contains(&v.as_str()) {
+                    bail!("--only takes one of {}, not {v}", BENCHES.join(", "));
                 }
                 a.only = Some(v);
             }
@@ -198,13 +198,15 @@ fn args() -> Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "bench [--runs N] [--keep DIR] [--only boot|disk|upload] [--disk-gib G] [--disk-dir DIR]:\n\
+                    "bench [--runs N] [--keep DIR] [--only NAME] [--disk-gib G] [--disk-dir DIR]:\n\
                      boot: boot time and memory of parvis-worker versus QEMU microvm and q35 \
                      (N timed boots each, default 3; --keep DIR keeps the raw results)\n\
                      disk: image conversion versus qemu-img convert on a G GiB half-allocated \
                      image (default 4) and an empty 100 GiB VHDX, in --disk-dir (default a \
                      temporary folder), best of N runs\n\
-                     upload: a 1 GiB upload to parvis-agent over TLS on loopback versus cp + sync"
+                     upload: a 1 GiB upload to parvis-agent over TLS on loopback versus cp + sync\n\
+                     fb: the agent's framebuffer stream at 1920x1080 (full-screen changes at \
+                     60 Hz, typing, idle): frames/s, bytes per update, latency p50/p99"
                 );
                 std::process::exit(0);
             }
@@ -213,6 +215,9 @@ fn args() -> Result<Args> {
     }
     Ok(a)
 }
+
+/// What `--only` can name.
+const BENCHES: &[&str] = &["boot", "disk", "upload", "fb"];
 
 fn main() -> ExitCode {
     match run() {
@@ -231,6 +236,13 @@ fn run() -> Result<bool> {
     let want = |what: &str| args.only.as_deref().is_none_or(|o| o == what);
     if want("boot") {
         ok &= run_boot(&args)?;
+    }
+    if want("fb") {
+        let tmp = tempfile::Builder::new()
+            .prefix("parvis-fb-bench-")
+            .tempdir()?;
+        let r = parvis_tests::fb_bench::run(tmp.path(), 1920, 1080, 5.0)?;
+        parvis_tests::fb_bench::print(&r);
     }
     if want("upload") {
         let tmp = tempfile::Builder::new()

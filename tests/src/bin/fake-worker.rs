@@ -1,0 +1,297 @@
+//! A stand-in for `parvis-worker` that runs no guest: it speaks the worker control protocol
+//! on `--control`, shares a framebuffer memfd like the real worker, and draws on it at the
+//! rate a guest would. It lets the framebuffer benchmark measure the agent's screen pipeline
+//! (capture, diff, compress, gRPC, client decode) on a machine whose `/dev/kvm` cannot run a
+//! guest, with writer and reader on one clock.
+//!
+//! The workload is chosen through the VM's serial console, one word per line:
+//! `full` (a full-screen change every 1/60 s), `typing` (one 8×16 glyph every 100 ms) and
+//! `idle` (nothing). Every drawn frame carries a stamp at an 8×16 cell origin: four pixels
+//! `[MAGIC, seq, t_lo, t_hi]`, where `t` is CLOCK_MONOTONIC in nanoseconds taken after the
+//! rest of the frame was written. Drawn pixels always have 0xFF in their top byte, so they
+//! can never be read as the magic.
+
+use std::fs::File;
+use std::io::{IoSlice, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use parvis_tests::fbstamp::{MAGIC, monotonic_ns};
+use proto::framing::{self, Decoder};
+use proto::worker::{Event, Framebuffer, Reply, Request, Status, event, request};
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+
+const IDLE: u8 = 0;
+const FULL: u8 = 1;
+const TYPING: u8 = 2;
+
+struct Args {
+    control: PathBuf,
+    status: Option<PathBuf>,
+    width: u32,
+    height: u32,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut control = None;
+    let mut status = None;
+    let (mut width, mut height) = (1024, 768);
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--control" => control = it.next().map(PathBuf::from),
+            "--status-file" => status = it.next().map(PathBuf::from),
+            "--framebuffer" => {
+                let v = it.next().context("--framebuffer needs WxH")?;
+                let (w, h) = v.split_once('x').context("--framebuffer needs WxH")?;
+                width = w.parse()?;
+                height = h.parse()?;
+            }
+            _ => {}
+        }
+    }
+    Ok(Args {
+        control: control.context("--control is required")?,
+        status,
+        width,
+        height,
+    })
+}
+
+struct Shared {
+    fb: File,
+    width: u32,
+    height: u32,
+    mode: AtomicU8,
+    status: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    if args.width == 0 || args.height == 0 || args.width > 8192 || args.height > 8192 {
+        bail!("bad framebuffer size");
+    }
+    let len = u64::from(args.width) * u64::from(args.height) * 4;
+    let fd = rustix::fs::memfd_create("fake-vram", rustix::fs::MemfdFlags::CLOEXEC)?;
+    let fb = File::from(fd);
+    fb.set_len(len)?;
+    let _ = std::fs::remove_file(&args.control);
+    let listener = UnixListener::bind(&args.control).context("binding the control socket")?;
+    let shared = Arc::new(Shared {
+        fb,
+        width: args.width,
+        height: args.height,
+        mode: AtomicU8::new(IDLE),
+        status: args.status,
+    });
+    {
+        let s = shared.clone();
+        std::thread::spawn(move || draw_loop(&s));
+    }
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let s = shared.clone();
+        std::thread::spawn(move || session(conn, &s));
+    }
+    Ok(())
+}
+
+fn draw_loop(s: &Shared) {
+    let w = s.width as usize;
+    let h = s.height as usize;
+    // A row pattern that shifts every frame: a full-screen change that still compresses a
+    // little, like a scrolling page.
+    let base: Vec<u32> = (0..w * 2)
+        .map(|i| {
+            let v = (i as u32).wrapping_mul(2_654_435_761) >> 8;
+            0xFF00_0000 | (v & 0x00FF_FFFF)
+        })
+        .collect();
+    let mut frame = vec![0u8; w * h * 4];
+    let mut seq: u32 = 0;
+    let mut next = Instant::now();
+    loop {
+        let mode = s.mode.load(Ordering::Relaxed);
+        let period = match mode {
+            FULL => Duration::from_micros(16_667),
+            TYPING => Duration::from_millis(100),
+            _ => Duration::from_millis(50),
+        };
+        next += period;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else {
+            next = now;
+        }
+        if mode == IDLE {
+            continue;
+        }
+        seq = seq.wrapping_add(1);
+        if mode == FULL {
+            let shift = (seq as usize * 7) % w;
+            for (y, row) in frame.chunks_exact_mut(w * 4).enumerate() {
+                let start = (shift + y) % w;
+                for (px, v) in row.chunks_exact_mut(4).zip(&base[start..start + w]) {
+                    px.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            if s.fb.write_all_at(&frame[16..], 16).is_err() {
+                return;
+            }
+            let stamp = stamp(seq);
+            if s.fb.write_all_at(&stamp, 0).is_err() {
+                return;
+            }
+        } else {
+            // One glyph per keystroke, in reading order over 8×16 cells.
+            let cols = w / 8;
+            let rows = h / 16;
+            let cell = (seq as usize) % (cols * rows);
+            let (cx, cy) = ((cell % cols) * 8, (cell / cols) * 16);
+            for gy in 0..16 {
+                let mut line = [0u8; 32];
+                for gx in 0..8 {
+                    let on = (seq as usize)
+                        .wrapping_mul(31)
+                        .wrapping_add(gx * 7 + gy * 13)
+                        % 3;
+                    let v: u32 = if on == 0 { 0xFFFF_FFFF } else { 0xFF10_1010 };
+                    line[gx * 4..gx * 4 + 4].copy_from_slice(&v.to_le_bytes());
+                }
+                let off = ((cy + gy) * w + cx) * 4;
+                let from = if gy == 0 { 16 } else { 0 };
+                if s.fb
+                    .write_all_at(&line[from..], (off + from) as u64)
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let off = (cy * w + cx) * 4;
+            if s.fb.write_all_at(&stamp(seq), off as u64).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn stamp(seq: u32) -> [u8; 16] {
+    let t = monotonic_ns();
+    let mut b = [0u8; 16];
+    b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    b[4..8].copy_from_slice(&seq.to_le_bytes());
+    b[8..16].copy_from_slice(&t.to_le_bytes());
+    b
+}
+
+fn send(conn: &UnixStream, ev: &Event, fd: Option<&OwnedFd>) -> std::io::Result<()> {
+    let bytes = framing::encode(ev);
+    let mut sent = 0;
+    if let Some(fd) = fd {
+        let fds = [fd.as_fd()];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(std::io::Error::other("no room for SCM_RIGHTS"));
+        }
+        sent = rustix::net::sendmsg(
+            conn,
+            &[IoSlice::new(&bytes)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )?;
+    }
+    let mut w = conn;
+    w.write_all(&bytes[sent..])
+}
+
+fn session(conn: UnixStream, s: &Shared) {
+    let mut decoder = Decoder::default();
+    let mut buf = vec![0u8; 16 << 10];
+    let mut line = Vec::new();
+    loop {
+        let n = match (&conn).read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        decoder.push(&buf[..n]);
+        while let Ok(Some(req)) = decoder.next_message::<Request>() {
+            let mut reply = Reply {
+                id: req.id,
+                ..Default::default()
+            };
+            let mut fd = None;
+            let mut exit = false;
+            match req.kind {
+                Some(request::Kind::Query(_)) => {
+                    reply.status = Some(Status {
+                        paused: false,
+                        pid: std::process::id(),
+                        version: "fake-worker".into(),
+                        ..Default::default()
+                    });
+                }
+                Some(request::Kind::Framebuffer(_)) => {
+                    // The agent gets a read-only file, like from the real worker.
+                    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&s.fb));
+                    match std::fs::File::open(path) {
+                        Ok(f) => {
+                            fd = Some(OwnedFd::from(f));
+                            reply.framebuffer = Some(Framebuffer {
+                                offset: 0,
+                                width: s.width,
+                                height: s.height,
+                                stride: s.width * 4,
+                                bytes_per_pixel: 4,
+                            });
+                        }
+                        Err(e) => reply.error = e.to_string(),
+                    }
+                }
+                Some(request::Kind::SerialInput(bytes)) => {
+                    for b in bytes {
+                        if b == b'\n' || b == b'\r' {
+                            let word = String::from_utf8_lossy(&line).trim().to_string();
+                            line.clear();
+                            let m = match word.as_str() {
+                                "full" => FULL,
+                                "typing" => TYPING,
+                                "idle" => IDLE,
+                                _ => continue,
+                            };
+                            s.mode.store(m, Ordering::Relaxed);
+                        } else if line.len() < 64 {
+                            line.push(b);
+                        }
+                    }
+                }
+                Some(request::Kind::Stop(_)) | Some(request::Kind::PowerButton(_)) => exit = true,
+                Some(request::Kind::Input(_)) => {
+                    reply.error = "this VM has no input device yet".into();
+                }
+                Some(_) => {}
+                None => reply.error = "empty request".into(),
+            }
+            let ev = Event {
+                kind: Some(event::Kind::Reply(reply)),
+            };
+            if send(&conn, &ev, fd.as_ref()).is_err() {
+                return;
+            }
+            if exit {
+                if let Some(p) = &s.status {
+                    let _ = std::fs::write(p, "{\"code\":0,\"reason\":\"\"}\n");
+                }
+                std::process::exit(0);
+            }
+        }
+    }
+}
