@@ -333,6 +333,13 @@ impl Vms {
         Ok(())
     }
 
+    /// A disk's name for messages (its id if it is gone).
+    fn disk_label(&self, disk_id: &str) -> String {
+        self.disks
+            .name_of(disk_id)
+            .unwrap_or_else(|_| disk_id.to_string())
+    }
+
     /// FailedPrecondition unless the VM is in one of `states`.
     fn require(&self, id: &str, states: &[VmState], to: &str) -> AgentResult<()> {
         let (state, name) = self.entry(id, |e| (e.state, e.config.name.clone()))?;
@@ -366,13 +373,39 @@ impl Vms {
                 ))
             })?;
             disks.push((path, d.read_only));
+            if let Some(why) = self.disks.busy_reason(&d.disk_id) {
+                return Err(AgentError::precondition(format!(
+                    "disk '{}' is {why}; cannot start VM '{}'",
+                    self.disk_label(&d.disk_id),
+                    config.name
+                )));
+            }
         }
-        self.update(id, |e| {
+        // A disk written by one running VM is used by no other; checked and claimed (the
+        // move to Starting) under one lock, so two starts cannot both pass.
+        let vm = {
+            let mut map = self.lock();
+            if let Some((disk, other)) = disk_conflict(&map, id, &config) {
+                drop(map);
+                return Err(AgentError::precondition(format!(
+                    "disk '{}' is in use by VM '{}', which is {}; cannot start VM '{}'",
+                    self.disk_label(&disk),
+                    other.0,
+                    state_word(other.1),
+                    config.name
+                )));
+            }
+            let e = map
+                .get_mut(id)
+                .ok_or_else(|| AgentError::not_found("VM", id))?;
             e.state = VmState::Starting;
             e.reason = "starting".into();
             e.crash_log.clear();
             e.stopping = false;
-        });
+            e.changed_ms = now_ms();
+            e.vm()
+        };
+        self.events.vm_changed(vm);
         let dir = self.layout.vm(id);
         let spawned = process::spawn(&self.host.worker_bin, &dir, &config, &boot, &disks);
         let mut child = match spawned {
@@ -689,4 +722,85 @@ pub fn scrub(text: &str, root: &Path) -> String {
         return text.to_string();
     }
     text.replace(&root, "<state>")
+}
+
+/// The first disk of `config` that another VM which is not off also uses, where either of
+/// the two writes it: (disk id, (other VM's name, its state)).
+fn disk_conflict(
+    map: &HashMap<String, Entry>,
+    id: &str,
+    config: &VmConfig,
+) -> Option<(String, (String, VmState))> {
+    map.iter()
+        .filter(|(other, e)| {
+            other.as_str() != id && !matches!(e.state, VmState::Off | VmState::Crashed)
+        })
+        .find_map(|(_, e)| {
+            config.disks.iter().find_map(|d| {
+                e.config
+                    .disks
+                    .iter()
+                    .find(|o| o.disk_id == d.disk_id && !(o.read_only && d.read_only))
+                    .map(|_| (d.disk_id.clone(), (e.config.name.clone(), e.state)))
+            })
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use config::DiskRef;
+
+    fn entry(name: &str, state: VmState, disks: &[(&str, bool)]) -> Entry {
+        Entry {
+            config: VmConfig {
+                id: name.into(),
+                name: name.into(),
+                cpus: 1,
+                memory_bytes: 64 << 20,
+                disks: disks
+                    .iter()
+                    .map(|(d, ro)| DiskRef {
+                        disk_id: (*d).into(),
+                        read_only: *ro,
+                    })
+                    .collect(),
+                boot_image: "default".into(),
+                cmdline: String::new(),
+                display_width: 1024,
+                display_height: 768,
+                autostart: false,
+                created_ms: 0,
+            },
+            state,
+            reason: String::new(),
+            changed_ms: 0,
+            crash_log: String::new(),
+            run: None,
+            op: Arc::default(),
+            stopping: false,
+        }
+    }
+
+    #[test]
+    fn a_written_disk_belongs_to_one_running_vm() {
+        let mut map = HashMap::new();
+        map.insert("a".to_string(), entry("a", VmState::Running, &[("d1", false)]));
+        map.insert("b".to_string(), entry("b", VmState::Off, &[("d1", false)]));
+        map.insert("c".to_string(), entry("c", VmState::Paused, &[("d2", true)]));
+        let me = |disks: &[(&str, bool)]| entry("me", VmState::Off, disks).config;
+        // Written by a running VM: refused, whichever way this VM attaches it.
+        let hit = disk_conflict(&map, "me", &me(&[("d1", true)])).unwrap();
+        assert_eq!(hit, ("d1".to_string(), ("a".to_string(), VmState::Running)));
+        assert!(disk_conflict(&map, "me", &me(&[("d1", false)])).is_some());
+        // Read-only on both sides: shared. Writing what a paused VM reads: refused.
+        assert!(disk_conflict(&map, "me", &me(&[("d2", true)])).is_none());
+        assert!(disk_conflict(&map, "me", &me(&[("d2", false)])).is_some());
+        // A VM that is off holds nothing, and a VM never conflicts with itself.
+        map.get_mut("a").unwrap().state = VmState::Off;
+        assert!(disk_conflict(&map, "me", &me(&[("d1", false)])).is_none());
+        assert!(disk_conflict(&map, "c", &map["c"].config).is_none());
+        // Unrelated disks never conflict.
+        assert!(disk_conflict(&map, "me", &me(&[("d3", false)])).is_none());
+    }
 }
