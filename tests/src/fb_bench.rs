@@ -93,7 +93,7 @@ fn fake_worker() -> Result<PathBuf> {
 }
 
 /// CPU seconds (user + system) a process has used so far; 0 if it is gone.
-fn cpu_secs(pid: u32) -> f64 {
+pub fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let Some((_, rest)) = stat.rsplit_once(')') else {
         return 0.0;

@@ -21,6 +21,9 @@ pub struct UploadResult {
     /// Streaming alone (until the last chunk was acknowledged).
     pub stream_secs: f64,
     pub cp_secs: f64,
+    /// CPU seconds the agent and this client used during the upload.
+    pub cpu_agent: f64,
+    pub cpu_client: f64,
 }
 
 /// Upload a `gib` GiB raw image to a fresh agent in `dir`.
@@ -45,6 +48,7 @@ pub fn run(dir: &Path, gib: u64) -> Result<UploadResult> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let cpu0 = [agent.id(), std::process::id()].map(crate::fb_bench::cpu_secs);
     let (upload_secs, stream_secs) = rt.block_on(async {
         let mut c = client::connect(&target).await?;
         let start = Instant::now();
@@ -87,6 +91,7 @@ pub fn run(dir: &Path, gib: u64) -> Result<UploadResult> {
         }
         Ok::<_, anyhow::Error>((start.elapsed().as_secs_f64(), stream_secs))
     })?;
+    let cpu1 = [agent.id(), std::process::id()].map(crate::fb_bench::cpu_secs);
     let _ = agent.kill();
     let _ = agent.wait();
     let copy = dir.join("copy.raw");
@@ -113,6 +118,8 @@ pub fn run(dir: &Path, gib: u64) -> Result<UploadResult> {
         upload_secs,
         stream_secs,
         cp_secs,
+        cpu_agent: cpu1[0] - cpu0[0],
+        cpu_client: cpu1[1] - cpu0[1],
     })
 }
 
@@ -175,6 +182,18 @@ pub fn print(r: &UploadResult) {
         "  cp + sync of the same file (peer):      {:.2} s  {:.0} MB/s",
         r.cp_secs,
         mb / r.cp_secs
+    );
+    let gb = r.bytes as f64 / 1e9;
+    println!(
+        "  CPU per GB: agent {:.2} s, client {:.2} s (so one free core each would allow {:.0} MB/s)",
+        r.cpu_agent / gb,
+        r.cpu_client / gb,
+        1e3 / (r.cpu_agent.max(r.cpu_client) / gb)
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "  load average after the run: {}",
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     );
     println!(
         "  ratio upload/cp speed: {:.2}x (streaming only {:.2}x)",
