@@ -8,6 +8,7 @@
 
 pub mod bench_support;
 pub mod build;
+pub mod console_bench;
 pub mod disk_bench;
 pub mod fb_bench;
 pub mod fbstamp;

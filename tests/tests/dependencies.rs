@@ -15,8 +15,18 @@ struct Graph {
 }
 
 fn graph() -> Graph {
+    graph_for(None)
+}
+
+/// The graph as resolved for one target platform (`--filter-platform`): only the
+/// dependencies that platform builds.
+fn graph_for(platform: Option<&str>) -> Graph {
+    let mut args = vec!["metadata", "--format-version", "1", "--locked"];
+    if let Some(p) = platform {
+        args.extend(["--filter-platform", p]);
+    }
     let out = Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--locked"])
+        .args(&args)
         .current_dir(parvis_tests::build::workspace())
         .output()
         .expect("cargo metadata runs");
@@ -118,6 +128,56 @@ fn console_gui_depends_on_proto_and_portable_crates_only() {
     for bad in VMM_CRATES.iter().chain(&["parvis_disk", "agent"]) {
         assert!(!deps.contains(*bad), "console-gui must not depend on {bad}");
     }
+}
+
+/// Crates that exist for Linux only (or for the VMM): none may reach the console's Windows
+/// build.
+const LINUX_ONLY: &[&str] = &[
+    "nix",
+    "rustix-linux-procfs",
+    "vm-memory",
+    "kvm-ioctls",
+    "kvm-bindings",
+    "vmm-sys-util",
+    "linux-loader",
+    "wayland-client",
+    "wayland-sys",
+    "x11-dl",
+    "x11rb",
+    "smithay-clipboard",
+    "xkbcommon-dl",
+    "zbus",
+    "ashpd",
+];
+
+#[test]
+fn console_gui_resolves_for_windows_without_linux_only_crates() {
+    // Only the linux target's std is installed here, so Windows cannot be compiled; this
+    // checks what a Windows build would link.
+    let g = graph_for(Some("x86_64-pc-windows-msvc"));
+    let deps = g.closure("console_gui");
+    for bad in LINUX_ONLY
+        .iter()
+        .chain(VMM_CRATES)
+        .chain(&["parvis_disk", "agent"])
+    {
+        assert!(
+            !deps.contains(*bad),
+            "console-gui's Windows build would pull in {bad}"
+        );
+    }
+    // The filter really selected Windows: its platform crates are there, and so is the UI.
+    assert!(
+        deps.contains("windows-sys") || deps.contains("windows"),
+        "no Windows platform crate in {deps:?}"
+    );
+    for needed in ["eframe", "egui_glow", "rfd", "proto", "tokio", "arboard"] {
+        assert!(deps.contains(needed), "console-gui should use {needed}");
+    }
+    // And on Linux the same crate does use the Linux window-system crates (the check above
+    // is not vacuous).
+    let linux = graph_for(Some("x86_64-unknown-linux-gnu")).closure("console_gui");
+    assert!(linux.contains("x11-dl") || linux.contains("wayland-client"));
 }
 
 #[test]

@@ -205,6 +205,8 @@ fn args() -> Result<Args> {
                      image (default 4) and an empty 100 GiB VHDX, in --disk-dir (default a \
                      temporary folder), best of N runs\n\
                      upload: a 1 GiB upload to parvis-agent over TLS on loopback versus cp + sync\n\
+                     console: the desktop console, headless: UI frame time with 50 hosts / \
+                     1,000 VMs, and console fps at 1920x1080 with full-screen tile updates\n\
                      fb: the agent's framebuffer stream at 1920x1080 (full-screen changes at \
                      60 Hz, typing, idle): frames/s, bytes per update, latency p50/p99"
                 );
@@ -217,7 +219,7 @@ fn args() -> Result<Args> {
 }
 
 /// What `--only` can name.
-const BENCHES: &[&str] = &["boot", "disk", "upload", "fb"];
+const BENCHES: &[&str] = &["boot", "disk", "upload", "fb", "console"];
 
 fn main() -> ExitCode {
     match run() {
@@ -236,6 +238,10 @@ fn run() -> Result<bool> {
     let want = |what: &str| args.only.as_deref().is_none_or(|o| o == what);
     if want("boot") {
         ok &= run_boot(&args)?;
+    }
+    if want("console") {
+        let r = parvis_tests::console_bench::run(300)?;
+        parvis_tests::console_bench::print(&r);
     }
     if want("fb") {
         let tmp = tempfile::Builder::new()

@@ -1,0 +1,875 @@
+//! The desktop console (`console_gui`) driven through egui_kittest against real agents:
+//! a `parvis-agent` started on loopback by each test (hosts, inventory, uploads, dead
+//! hosts), and, in `test_host_console_shows_the_running_guest`, an agent with real VMs
+//! inside the emulated test host (start a VM, watch its screen, send keys, serial), which
+//! also launches the real window under Xvfb and saves a screenshot to
+//! `tests/output/console-running-guest.png`.
+//!
+//! Run: `cargo test -p parvis-tests --test console` (the test-host one takes minutes;
+//! `-- --skip test_host` leaves it out).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use console_gui::ConsoleApp;
+use console_gui::app::{JobState, Selection};
+use console_gui::backend::HostStatus;
+use console_gui::config::{Config, HostConfig};
+use console_gui::upload::Phase;
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use proto::client::{self, Clients, Target};
+use proto::v1::{CreateVmRequest, UploadRef, UploadState, VmSpec, VmState};
+
+// ---- A real agent on loopback ----------------------------------------------------------------
+
+struct Agent {
+    child: Child,
+    addr: String,
+    token: String,
+    fingerprint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent_binary() -> PathBuf {
+    let art =
+        parvis_tests::artifacts().unwrap_or_else(|e| panic!("cannot build parvis-agent: {e:#}"));
+    art.bin.join("parvis-agent")
+}
+
+impl Agent {
+    /// `parvis-agent` with TLS on 127.0.0.1 (a free port), no usable worker: it serves
+    /// hosts, VMs, disks and uploads; VMs cannot run.
+    fn start() -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(state.join("boot/default")).unwrap();
+        std::fs::write(state.join("boot/default/kernel"), b"not a kernel").unwrap();
+        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+        let mut child = Command::new(agent_binary())
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--listen", "127.0.0.1:0", "--tls", "--worker", "/bin/false"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("parvis-agent starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let (mut addr, mut token, mut fingerprint) = (None, None, None);
+        while token.is_none() {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "the agent printed no token; its log:\n{}",
+                        std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
+                    )
+                });
+            if let Some(rest) = line.split(" listening on ").nth(1) {
+                addr = rest.split_whitespace().next().map(str::to_string);
+            } else if let Some(fp) = line.strip_prefix("TLS certificate SHA-256 fingerprint: ") {
+                fingerprint = Some(fp.trim().to_string());
+            } else if let Some(t) = line.strip_prefix("token: ") {
+                token = Some(t.trim().to_string());
+            }
+        }
+        Agent {
+            child,
+            addr: addr.expect("the agent printed its address"),
+            token: token.unwrap(),
+            fingerprint: fingerprint.expect("the agent printed its fingerprint"),
+            _dir: dir,
+        }
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            addr: self.addr.clone(),
+            fingerprint: Some(self.fingerprint.clone()),
+            token: self.token.clone(),
+        }
+    }
+
+    fn host(&self, name: &str) -> HostConfig {
+        HostConfig {
+            name: name.into(),
+            addr: self.addr.clone(),
+            token: self.token.clone(),
+            fingerprint: Some(self.fingerprint.clone()),
+        }
+    }
+}
+
+/// A tokio runtime and a client for checking the agent's side.
+struct Check {
+    rt: tokio::runtime::Runtime,
+    c: Clients,
+}
+
+impl Check {
+    fn new(t: &Target) -> Check {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let c = rt
+            .block_on(client::connect(t))
+            .expect("the test connects to the agent");
+        Check { rt, c }
+    }
+
+    fn create_vm(&mut self, spec: VmSpec) -> String {
+        let c = &mut self.c;
+        self.rt
+            .block_on(c.vm.create_vm(CreateVmRequest { spec: Some(spec) }))
+            .expect("CreateVm")
+            .into_inner()
+            .id
+    }
+
+    /// Type `bytes` into the VM's serial console.
+    fn serial_send(&mut self, vm_id: &str, bytes: &[u8]) {
+        let msg = proto::v1::SerialInput {
+            vm_id: vm_id.to_string(),
+            data: bytes.to_vec().into(),
+        };
+        let c = &mut self.c;
+        self.rt.block_on(async {
+            let mut out = c
+                .console
+                .serial_console(tokio_stream::iter(vec![msg]))
+                .await
+                .expect("SerialConsole")
+                .into_inner();
+            // Read until the guest echoes the command: the bytes reached it.
+            let want = String::from_utf8_lossy(bytes).trim().to_string();
+            let mut seen = String::new();
+            let echo = async {
+                while let Ok(Some(m)) = out.message().await {
+                    seen.push_str(&String::from_utf8_lossy(&m.data));
+                    if !m.scrollback && seen.contains(&want) {
+                        break;
+                    }
+                }
+            };
+            // The screen check that follows says whether the command ran.
+            let _ = tokio::time::timeout(Duration::from_secs(30), echo).await;
+        });
+    }
+
+    fn upload_state(&mut self, id: &str) -> proto::v1::UploadStatus {
+        let c = &mut self.c;
+        self.rt
+            .block_on(c.disk.get_upload(UploadRef {
+                upload_id: id.to_string(),
+            }))
+            .expect("GetUpload")
+            .into_inner()
+    }
+}
+
+fn spec(name: &str, cmdline: &str) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        cpus: 1,
+        memory_bytes: 256 << 20,
+        boot_image: "default".into(),
+        cmdline: cmdline.into(),
+        display_width: 1024,
+        display_height: 768,
+        ..Default::default()
+    }
+}
+
+// ---- Driving the app ----------------------------------------------------------------------------
+
+type App = Harness<'static, ConsoleApp>;
+
+fn app(config: Option<PathBuf>) -> App {
+    Harness::builder()
+        .with_size([1400.0, 900.0])
+        .with_accessibility_check(false)
+        .build_eframe(move |cc| ConsoleApp::new(&cc.egui_ctx, config).expect("the app starts"))
+}
+
+fn steps(h: &mut App, n: usize) {
+    for _ in 0..n {
+        h.step();
+    }
+}
+
+/// Run frames until `cond` holds (the network answers on its own threads).
+fn wait(h: &mut App, what: &str, secs: u64, mut cond: impl FnMut(&mut App) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        h.step();
+        if cond(h) {
+            return;
+        }
+        if Instant::now() > deadline {
+            let s = h.state();
+            let jobs: Vec<String> = s
+                .jobs()
+                .iter()
+                .map(|j| format!("{} {:?}", j.title, j.state))
+                .collect();
+            let hosts: Vec<String> = s
+                .hosts()
+                .iter()
+                .map(|h| format!("{}: {:?}, {} VMs", h.cfg.name, h.status, h.vms.len()))
+                .collect();
+            panic!(
+                "{what}: not within {secs} s\nhosts: {hosts:?}\njobs: {jobs:?}\nevents: {:?}",
+                s.event_log().take(10).collect::<Vec<_>>()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(15));
+    }
+}
+
+fn type_into(h: &mut App, label: &str, text: &str) {
+    h.get_by_label(label).focus();
+    h.step();
+    h.get_by_label(label).type_text(text);
+    h.step();
+}
+
+/// Some widget's label contains `text`.
+fn has_text(h: &App, text: &str) -> bool {
+    h.get_all_by_label_contains(text).next().is_some()
+}
+
+/// Click, then let new windows lay themselves out (a window is invisible in its first frame).
+fn click(h: &mut App, label: &str) {
+    h.get_by_label(label).click();
+    steps(h, 4);
+}
+
+fn host_status(h: &App, name: &str) -> Option<HostStatus> {
+    h.state().host_by_name(name).map(|h| h.status.clone())
+}
+
+fn vm_names(h: &App, host: &str) -> Vec<String> {
+    let mut v: Vec<String> = h
+        .state()
+        .host_by_name(host)
+        .map(|h| {
+            h.vms
+                .values()
+                .filter_map(|v| v.spec.as_ref().map(|s| s.name.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn vm_state(h: &App, host: &str, vm: &str) -> Option<i32> {
+    h.state().host_by_name(host).and_then(|h| {
+        h.vms
+            .values()
+            .find(|v| v.spec.as_ref().is_some_and(|s| s.name == vm))
+            .map(|v| v.state)
+    })
+}
+
+fn write_config(dir: &Path, hosts: Vec<HostConfig>) -> PathBuf {
+    let p = dir.join("console.json");
+    Config { hosts }.save(&p).unwrap();
+    p
+}
+
+/// A file dropped onto the window (only its path: the console streams from it).
+#[derive(Debug)]
+struct Dropped(PathBuf);
+
+impl egui::DroppedFile for Dropped {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        Err("the console must not load a dropped disk image into memory".into())
+    }
+}
+
+fn drop_file(h: &mut App, path: &Path) {
+    h.input_mut()
+        .dropped_files
+        .push(Arc::new(Dropped(path.to_path_buf())));
+    h.step();
+}
+
+/// A 64 MiB dynamic VHDX whose first 6 MiB hold a pattern.
+fn make_vhdx(path: &Path) {
+    use parvis_disk::image::{CreateOptions, Variant, create};
+    let img = create(
+        path,
+        &CreateOptions {
+            format: parvis_disk::ImageFormat::Vhdx,
+            variant: Variant::Dynamic,
+            size: 64 << 20,
+            block_size: None,
+            logical_sector_size: 512,
+        },
+    )
+    .unwrap();
+    img.device()
+        .write_at(&parvis_tests::pattern(6 << 20, 7), 0)
+        .unwrap();
+    img.device().flush().unwrap();
+}
+
+fn last_job(h: &App) -> (u64, String, JobState) {
+    let j = &h.state().jobs()[0];
+    (j.id, j.title.clone(), j.state.clone())
+}
+
+fn upload_phase(h: &App, job: u64) -> Option<(Phase, u64, u64, String)> {
+    h.state()
+        .jobs()
+        .iter()
+        .find(|j| j.id == job)
+        .and_then(|j| j.upload.as_ref())
+        .map(|(p, _)| {
+            let (phase, done, total) = p.get();
+            (phase, done, total, p.upload_id())
+        })
+}
+
+// ---- Tests against a loopback agent ----------------------------------------------------------
+
+#[test]
+fn add_host_confirm_fingerprint_and_follow_the_inventory() {
+    let agent = Agent::start();
+    let mut check = Check::new(&agent.target());
+    check.create_vm(spec("alpha", ""));
+    check.create_vm(spec("beta", ""));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("console.json");
+    let mut h = app(Some(cfg.clone()));
+    steps(&mut h, 2);
+
+    click(&mut h, "Add host…");
+    type_into(&mut h, "Host name", "lab");
+    type_into(&mut h, "Address", &agent.addr);
+    type_into(&mut h, "Token", &agent.token);
+    click(&mut h, "Connect to host");
+    // Trust on first use: the fingerprint is shown for confirmation before anything is saved.
+    let fp = agent.fingerprint.clone();
+    wait(&mut h, "the fingerprint shown for confirmation", 30, |h| {
+        h.query_by_label(&fp).is_some()
+    });
+    assert!(!cfg.exists(), "nothing is saved before the user confirms");
+    click(&mut h, "Trust and save");
+    wait(&mut h, "the host online with its two VMs", 30, |h| {
+        host_status(h, "lab") == Some(HostStatus::Online) && vm_names(h, "lab").len() == 2
+    });
+    assert!(h.query_by_label("alpha").is_some() && h.query_by_label("beta").is_some());
+    let saved = Config::load(&cfg).unwrap();
+    assert_eq!(saved.hosts.len(), 1);
+    assert!(client::same_fingerprint(
+        saved.hosts[0].fingerprint.as_deref().unwrap(),
+        &agent.fingerprint
+    ));
+
+    // Live updates from the event stream: a VM made elsewhere appears by itself.
+    check.create_vm(spec("gamma", ""));
+    wait(&mut h, "the new VM listed", 20, |h| {
+        h.query_by_label("gamma").is_some()
+    });
+
+    // Search narrows the list.
+    type_into(&mut h, "Search:", "gam");
+    steps(&mut h, 2);
+    assert!(h.query_by_label("gamma").is_some());
+    assert!(h.query_by_label("alpha").is_none(), "search hides alpha");
+    h.get_by_label("Search:").focus();
+    h.step();
+    for _ in 0..3 {
+        h.key_press(egui::Key::Backspace);
+    }
+    steps(&mut h, 3);
+    assert!(h.query_by_label("alpha").is_some());
+
+    // Start (this machine cannot run VMs: the outcome is reported in plain words).
+    click(&mut h, "alpha");
+    assert!(matches!(h.state().selection, Some(Selection::Vm(..))));
+    click(&mut h, "Start");
+    let (_, title, _) = last_job(&h);
+    assert_eq!(title, "Start VM 'alpha'");
+    wait(&mut h, "the start to end", 30, |h| {
+        last_job(h).2 != JobState::Running
+    });
+    if let JobState::Failed(e) = last_job(&h).2 {
+        assert!(!e.contains("Status {"), "errors are in plain words: {e}");
+        assert!(has_text(&h, "cannot start the VM"));
+    }
+
+    // Delete, with confirmation.
+    click(&mut h, "beta");
+    click(&mut h, "Delete…");
+    assert!(has_text(&h, "Delete VM 'beta'?"));
+    click(&mut h, "Delete");
+    wait(&mut h, "beta gone", 20, |h| {
+        !vm_names(h, "lab").contains(&"beta".into())
+    });
+
+    // A fresh app connects to the saved host at once.
+    drop(h);
+    let mut h = app(Some(cfg));
+    wait(&mut h, "the saved host reconnected", 30, |h| {
+        host_status(h, "lab") == Some(HostStatus::Online) && vm_names(h, "lab").len() == 2
+    });
+}
+
+#[test]
+fn dropped_vhdx_uploads_and_becomes_a_vm() {
+    let agent = Agent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), vec![agent.host("lab")]);
+    let image = dir.path().join("web.vhdx");
+    make_vhdx(&image);
+    let mut h = app(Some(cfg));
+    wait(&mut h, "online", 30, |h| {
+        host_status(h, "lab") == Some(HostStatus::Online)
+    });
+
+    // Not a disk image: refused before anything is sent.
+    let junk = dir.path().join("notes.vhdx");
+    std::fs::write(&junk, vec![b'x'; 4 << 20]).unwrap();
+    drop_file(&mut h, &junk);
+    wait(&mut h, "the bad file refused", 20, |h| {
+        last_job(h).2 != JobState::Running
+    });
+    match last_job(&h).2 {
+        JobState::Failed(e) => assert!(e.contains("neither a VHDX"), "{e}"),
+        s => panic!("a text file was accepted: {s:?}"),
+    }
+
+    drop_file(&mut h, &image);
+    let (job, title, _) = last_job(&h);
+    assert_eq!(title, "Import web.vhdx");
+    let mut saw_progress = false;
+    wait(&mut h, "the upload to finish", 120, |h| {
+        if let Some((_, done, total, _)) = upload_phase(h, job) {
+            saw_progress |= total > 0 && done > 0;
+        }
+        last_job(h).2 != JobState::Running
+    });
+    assert!(saw_progress, "progress was shown");
+    match last_job(&h).2 {
+        JobState::Succeeded(t) => assert!(t.contains("web.vhdx"), "{t}"),
+        s => panic!("the upload did not succeed: {s:?}"),
+    }
+    // On success the console offers a VM made from the new disk.
+    wait(&mut h, "the offer to create a VM", 10, |h| {
+        has_text(h, "Create a VM from it?")
+    });
+    click(&mut h, "Create VM…");
+    assert!(
+        h.query_by_label("VM name").is_some(),
+        "the create-VM dialog opened"
+    );
+    click(&mut h, "Create");
+    wait(&mut h, "the VM made from the disk", 30, |h| {
+        vm_names(h, "lab") == vec!["web".to_string()]
+    });
+    let host = h.state().host_by_name("lab").unwrap();
+    let vm = host.vms.values().next().unwrap();
+    let disk = host.disks.values().find(|d| d.name == "web.vhdx").unwrap();
+    assert_eq!(vm.spec.as_ref().unwrap().disks[0].disk_id, disk.id);
+    assert_eq!(disk.virtual_size, 64 << 20);
+}
+
+#[test]
+fn uploads_pause_resume_and_cancel() {
+    let agent = Agent::start();
+    let mut check = Check::new(&agent.target());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), vec![agent.host("lab")]);
+    let mut h = app(Some(cfg.clone()));
+    wait(&mut h, "online", 30, |h| {
+        host_status(h, "lab") == Some(HostStatus::Online)
+    });
+    h.state_mut().selection = h.state().host_by_name("lab").map(|x| Selection::Host(x.id));
+    // Every upload pauses by itself once the agent holds 2 MiB.
+    h.state_mut().upload_pause_at = Some(2 << 20);
+
+    // Pause, then resume from the agent's verified offset.
+    let first = dir.path().join("first.vhdx");
+    make_vhdx(&first);
+    drop_file(&mut h, &first);
+    let (job, _, _) = last_job(&h);
+    wait(&mut h, "the upload paused", 60, |h| {
+        upload_phase(h, job).is_some_and(|p| p.0 == Phase::Paused)
+    });
+    let (_, done, total, id) = upload_phase(&h, job).unwrap();
+    assert_eq!(done, 2 << 20);
+    assert!(total > done);
+    let s = check.upload_state(&id);
+    assert_eq!(s.state, UploadState::Receiving as i32);
+    assert_eq!(s.verified_offset, 2 << 20, "the agent holds what was sent");
+    click(&mut h, "Resume");
+    wait(&mut h, "the resumed upload to finish", 120, |h| {
+        last_job(h).2 != JobState::Running
+    });
+    assert!(
+        matches!(last_job(&h).2, JobState::Succeeded(_)),
+        "{:?}",
+        last_job(&h).2
+    );
+    assert_eq!(check.upload_state(&id).state, UploadState::Done as i32);
+    steps(&mut h, 3);
+    if h.query_by_label("Not now").is_some() {
+        click(&mut h, "Not now");
+    }
+
+    // Cancel mid-way: the agent drops the upload.
+    let second = dir.path().join("second.vhdx");
+    make_vhdx(&second);
+    drop_file(&mut h, &second);
+    let (job, _, _) = last_job(&h);
+    wait(&mut h, "the second upload paused", 60, |h| {
+        upload_phase(h, job).is_some_and(|p| p.0 == Phase::Paused)
+    });
+    let id = upload_phase(&h, job).unwrap().3;
+    click(&mut h, "Cancel");
+    wait(&mut h, "the cancel to land", 30, |h| {
+        last_job(h).2 != JobState::Running
+    });
+    match last_job(&h).2 {
+        JobState::Failed(e) => assert!(e.contains("cancelled"), "{e}"),
+        s => panic!("not cancelled: {s:?}"),
+    }
+    assert_eq!(check.upload_state(&id).state, UploadState::Cancelled as i32);
+
+    // Restart: importing the same file again resumes the host's upload without hashing it
+    // again (the console remembers unfinished uploads beside its config).
+    let third = dir.path().join("third.vhdx");
+    make_vhdx(&third);
+    drop_file(&mut h, &third);
+    let (job, _, _) = last_job(&h);
+    wait(&mut h, "the third upload paused", 60, |h| {
+        upload_phase(h, job).is_some_and(|p| p.0 == Phase::Paused)
+    });
+    let id = upload_phase(&h, job).unwrap().3;
+    drop(h);
+    let mut h = app(Some(cfg));
+    wait(&mut h, "online again", 30, |h| {
+        host_status(h, "lab") == Some(HostStatus::Online)
+    });
+    h.state_mut().selection = h.state().host_by_name("lab").map(|x| Selection::Host(x.id));
+    drop_file(&mut h, &third);
+    let (job, _, _) = last_job(&h);
+    let mut hashed = false;
+    wait(&mut h, "the resumed upload to finish", 120, |h| {
+        hashed |= upload_phase(h, job).is_some_and(|p| p.0 == Phase::Hashing);
+        last_job(h).2 != JobState::Running
+    });
+    assert!(
+        matches!(last_job(&h).2, JobState::Succeeded(_)),
+        "{:?}",
+        last_job(&h).2
+    );
+    assert_eq!(
+        upload_phase(&h, job).unwrap().3,
+        id,
+        "the same upload went on"
+    );
+    assert!(!hashed, "a resumed upload is not hashed again");
+    assert_eq!(check.upload_state(&id).state, UploadState::Done as i32);
+}
+
+#[test]
+fn dead_hosts_are_shown_offline_and_the_ui_keeps_responding() {
+    let agent = Agent::start();
+    // Nothing listens here.
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    // Accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let fake_fp = client::fingerprint_of(b"no certificate");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        vec![
+            agent.host("alive"),
+            HostConfig {
+                name: "refused".into(),
+                addr: refused,
+                token: "pvs_x".into(),
+                fingerprint: Some(fake_fp.clone()),
+            },
+            HostConfig {
+                name: "silent".into(),
+                addr: silent_addr,
+                token: "pvs_x".into(),
+                fingerprint: Some(fake_fp),
+            },
+        ],
+    );
+    let mut h = app(Some(cfg));
+    let mut slowest = Duration::ZERO;
+    let mut frames = 0u32;
+    let mut timed = |h: &mut App, what: &str, secs: u64, cond: &dyn Fn(&App) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let t = Instant::now();
+            h.step();
+            slowest = slowest.max(t.elapsed());
+            frames += 1;
+            if cond(h) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: not within {secs} s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    timed(&mut h, "alive online, refused offline", 30, &|h| {
+        host_status(h, "alive") == Some(HostStatus::Online)
+            && matches!(host_status(h, "refused"), Some(HostStatus::Offline { .. }))
+    });
+    if let Some(HostStatus::Offline { error, .. }) = host_status(&h, "refused") {
+        assert!(error.contains("nothing answers"), "{error}");
+    }
+    assert!(has_text(&h, "offline: nothing answers"));
+    // The silent host stays "connecting" without holding up a single frame, then gives up.
+    timed(&mut h, "silent offline", 40, &|h| {
+        matches!(host_status(h, "silent"), Some(HostStatus::Offline { .. }))
+    });
+    // A host that dies is noticed.
+    drop(agent);
+    timed(&mut h, "the killed host offline", 40, &|h| {
+        matches!(host_status(h, "alive"), Some(HostStatus::Offline { .. }))
+    });
+    assert!(frames > 100, "only {frames} frames");
+    assert!(
+        slowest < Duration::from_millis(250),
+        "a frame took {slowest:?} while hosts were slow or dead"
+    );
+    drop(silent);
+}
+
+// ---- The test host: a running guest ---------------------------------------------------------
+
+const SCRIPT: &str = r#"
+STATE=$(mktemp -d)/state
+mkdir -p "$STATE/boot/default"
+ln -s "$IMAGES/vmlinuz" "$STATE/boot/default/kernel"
+ln -s "$IMAGES/l2-initramfs.cpio" "$STATE/boot/default/initrd"
+echo "console=ttyS0 quiet parvis.test=hold" >"$STATE/boot/default/cmdline"
+parvis-agent --state-dir "$STATE" --listen "$AGENT_LISTEN" $AGENT_TLS --worker "$BIN/parvis-worker" >>agent.out 2>>agent.err &
+echo $! >agent.pid
+serve_commands
+kill "$(cat agent.pid)" 2>/dev/null
+for p in $(cat "$STATE"/vms/*/run.json 2>/dev/null | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p'); do kill -9 "$p" 2>/dev/null; done
+true
+"#;
+
+/// The guest's `parvis.test=fb` pattern: four horizontal bands, red, green, blue, white.
+fn band(y: usize, h: usize) -> egui::Color32 {
+    match (y / (h / 4)).min(3) {
+        0 => egui::Color32::from_rgb(255, 0, 0),
+        1 => egui::Color32::from_rgb(0, 255, 0),
+        2 => egui::Color32::from_rgb(0, 0, 255),
+        _ => egui::Color32::from_rgb(255, 255, 255),
+    }
+}
+
+fn shows_pattern(img: &egui::ColorImage) -> bool {
+    let [w, h] = img.size;
+    w > 0
+        && (0..h).step_by(7).all(|y| {
+            (0..w)
+                .step_by(13)
+                .all(|x| img.pixels[y * w + x] == band(y, h))
+        })
+}
+
+/// Where the screenshot artefact goes: `tests/output/` in the workspace (git-ignored).
+fn output_dir() -> PathBuf {
+    parvis_tests::build::workspace().join("tests/output")
+}
+
+#[test]
+fn test_host_console_shows_the_running_guest() {
+    use parvis_tests::live::Live;
+    let live = Live::start("console", SCRIPT, Duration::from_secs(1500), 2048)
+        .unwrap_or_else(|e| panic!("the test host did not start: {e:#}"));
+    let out = live
+        .wait_file("agent.out", "token: ", Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let value = |key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("the agent printed no {key}"))
+    };
+    let host = HostConfig {
+        name: "testhost".into(),
+        addr: live.addr.clone(),
+        token: value("token: "),
+        fingerprint: Some(value("TLS certificate SHA-256 fingerprint: ")),
+    };
+    let target = Target {
+        addr: host.addr.clone(),
+        fingerprint: host.fingerprint.clone(),
+        token: host.token.clone(),
+    };
+    let mut check = Check::new(&target);
+    // fb draws the pattern; the shell on the serial console then lets the test draw more.
+    let web = check.create_vm(spec("web", "console=ttyS0 parvis.test=fb,shell"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), vec![host]);
+    let mut h = app(Some(cfg.clone()));
+    wait(&mut h, "the test host online with VM web", 60, |h| {
+        host_status(h, "testhost") == Some(HostStatus::Online)
+            && vm_names(h, "testhost") == vec!["web".to_string()]
+    });
+
+    // Start it from the inventory.
+    click(&mut h, "web");
+    click(&mut h, "Start");
+    wait(&mut h, "web running", 180, |h| {
+        vm_state(h, "testhost", "web") == Some(VmState::Running as i32)
+    });
+
+    // Its console: the screen arrives as tiles and changes as the guest draws.
+    click(&mut h, "Open console");
+    assert_eq!(h.state().consoles().len(), 1);
+    wait(&mut h, "the guest's pattern on the console", 300, |h| {
+        let s = &h.state().consoles()[0].screen;
+        s.size() == [1024, 768] && shows_pattern(s.image())
+    });
+    let before = h.state().consoles()[0].screen.patches_applied;
+    // The guest blanks its top 16 rows (1024 pixels × 4 bytes × 16); the open console
+    // must follow, and only there.
+    check.serial_send(&web, b"dd if=/dev/zero of=/dev/fb0 bs=4096 count=16\n");
+    wait(
+        &mut h,
+        "the console following the guest's drawing",
+        120,
+        |h| {
+            let img = h.state().consoles()[0].screen.image();
+            let w = img.size[0];
+            (0..16).all(|y| {
+                (0..w)
+                    .step_by(11)
+                    .all(|x| img.pixels[y * w + x] == egui::Color32::BLACK)
+            }) && (16..img.size[1])
+                .step_by(9)
+                .all(|y| img.pixels[y * w + w / 2] == band(y, img.size[1]))
+        },
+    );
+    let tab = &h.state().consoles()[0];
+    assert!(tab.screen.patches_applied > before);
+    eprintln!(
+        "console: {} patches in {} texture updates",
+        tab.screen.patches_applied, tab.screen.texture_updates
+    );
+
+    // Keys go out as scan codes. Until the VM has an input device the agent refuses them,
+    // and the console says so politely; otherwise they are accepted.
+    click(&mut h, "Send keys");
+    click(&mut h, "Ctrl+Alt+F2");
+    let input = |h: &App| {
+        let sh = h.state().consoles()[0].handle.shared.lock().unwrap();
+        (sh.input_forwarded, sh.input_error.clone())
+    };
+    wait(&mut h, "the keys handed to the input stream", 30, |h| {
+        input(h).0 >= 6 || input(h).1.is_some()
+    });
+    // Give a refusal time to come back.
+    let settle = Instant::now() + Duration::from_secs(5);
+    wait(&mut h, "an input answer", 10, |h| {
+        input(h).1.is_some() || Instant::now() > settle
+    });
+    match input(&h).1 {
+        Some(e) => {
+            assert!(
+                e.starts_with("keyboard and mouse do not reach this VM"),
+                "{e}"
+            );
+            assert!(!e.contains("Status {"), "{e}");
+            assert!(has_text(&h, "keyboard and mouse do not reach this VM"));
+            eprintln!("input refused politely: {e}");
+        }
+        None => eprintln!("input accepted: {} events forwarded", input(&h).0),
+    }
+
+    // The serial console tab shows the guest's output.
+    click(&mut h, "Serial console");
+    wait(&mut h, "serial output", 120, |h| {
+        let sh = h.state().consoles()[0].handle.shared.lock().unwrap();
+        String::from_utf8_lossy(&sh.serial).contains("PARVIS-FB-DRAWN")
+    });
+    click(&mut h, "Screen");
+
+    // The real window under Xvfb, screenshotted once it shows the guest.
+    let shot = output_dir().join("console-running-guest.png");
+    let _ = std::fs::remove_file(&shot);
+    std::fs::create_dir_all(output_dir()).unwrap();
+    let status = Command::new("timeout")
+        .args(["180", "xvfb-run", "-a", "-s", "-screen 0 1440x960x24"])
+        .arg(env!("CARGO_BIN_EXE_console-window"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--open", "web", "--window-screenshot"])
+        .arg(&shot)
+        .env("LIBGL_ALWAYS_SOFTWARE", "1")
+        .stdin(Stdio::null())
+        .output();
+    let status = status.unwrap_or_else(|e| {
+        panic!("cannot run xvfb-run ({e}); install the packages in tests/setup-host.sh")
+    });
+    assert!(
+        shot.is_file(),
+        "the window saved no screenshot ({}):\n{}",
+        status.status,
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let img = image::open(&shot).unwrap().to_rgba8();
+    let count = |rgb: [u8; 3]| img.pixels().filter(|p| p.0[..3] == rgb).count();
+    let (r, g, b) = (count([255, 0, 0]), count([0, 255, 0]), count([0, 0, 255]));
+    assert!(
+        r > 10_000 && g > 10_000 && b > 10_000,
+        "the screenshot {} does not show the guest's bands (red {r}, green {g}, blue {b} px)",
+        shot.display()
+    );
+    eprintln!("saved {}", shot.display());
+
+    // Force off from the inventory.
+    click(&mut h, "Inventory");
+    click(&mut h, "web");
+    click(&mut h, "Force off");
+    wait(&mut h, "web off", 60, |h| {
+        vm_state(h, "testhost", "web") == Some(VmState::Off as i32)
+    });
+    drop(h);
+    let outcome = live.finish().expect("the test host finishes");
+    assert_eq!(outcome.status, 0, "scenario:\n{}", outcome.log());
+}
