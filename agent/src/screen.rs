@@ -1,8 +1,14 @@
 //! A running VM's screen as compressed tiles, fanned out to every console watching it.
 //!
 //! The worker passes the guest memory file; the framebuffer lives at a known offset in it.
-//! A capture thread reads the framebuffer periodically, compares it with the previous read
-//! tile by tile, and stores each changed tile (raw, and LZ4-compressed at once) with the
+//! Two ways to learn what changed:
+//! - the boot framebuffer (efifb/simpledrm): a capture thread reads the framebuffer
+//!   periodically and compares it with the previous read tile by tile;
+//! - the synthetic video device (VMBus synthvid), once its guest driver owns the screen: the
+//!   worker reports the geometry (resolution changes) and the guest's dirty rectangles, and
+//!   only the tiles under those rectangles are read — no full scans.
+//!
+//! Either way each changed tile is stored (raw, and LZ4-compressed at once) with the
 //! capture's generation number. Each subscriber sends, when it is ready, every tile newer
 //! than what it has sent: a slow client skips intermediate states instead of queueing
 //! them, and nothing is sent while nothing changes.
@@ -108,15 +114,40 @@ impl TileData {
 
 #[derive(Debug)]
 struct Frame {
+    geometry: Geometry,
+    /// Bumped on every geometry change (subscribers then start over with a full frame).
+    epoch: u64,
     tiles: Vec<Arc<TileData>>,
     generation: u64,
     captured_us: i64,
 }
 
+/// A dirty rectangle reported by the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rect {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// What the worker's synthetic video device reports (see `WorkerConn::display`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DisplayEvent {
+    /// The synthetic video driver owns the screen at this geometry (first report, or a
+    /// resolution change); not yet validated.
+    Mode(proto::worker::Framebuffer),
+    /// The guest redrew these rectangles.
+    Dirty(Vec<Rect>),
+    /// The driver let go: back to the boot framebuffer.
+    Inactive,
+}
+
 /// A running VM's screen.
 #[derive(Debug)]
 pub struct Screen {
-    geometry: Geometry,
+    /// The boot framebuffer's geometry (what polling captures).
+    boot: Geometry,
     frame: Mutex<Frame>,
     generation: watch::Sender<u64>,
     subscribers: AtomicUsize,
@@ -125,16 +156,28 @@ pub struct Screen {
 }
 
 impl Screen {
-    /// Start capturing from `file` (the guest memory file) at `geometry`.
+    /// Start capturing from `file` (the guest memory file) at `geometry`, polling.
     pub fn start(file: OwnedFd, geometry: Geometry) -> std::io::Result<Arc<Screen>> {
+        Self::start_with_display(file, geometry, None)
+    }
+
+    /// Like [`Screen::start`], switching to `display`'s geometry and dirty rectangles
+    /// whenever the synthetic video device owns the screen.
+    pub fn start_with_display(
+        file: OwnedFd,
+        geometry: Geometry,
+        display: Option<std::sync::mpsc::Receiver<DisplayEvent>>,
+    ) -> std::io::Result<Arc<Screen>> {
         let mut first = vec![0u8; geometry.len()];
         read_exact_at(&file, &mut first, geometry.offset)?;
         let tiles = (0..geometry.tile_count())
             .map(|i| Arc::new(TileData::new(1, pack_tile(&geometry, &first, i))))
             .collect();
         let screen = Arc::new(Screen {
-            geometry,
+            boot: geometry,
             frame: Mutex::new(Frame {
+                geometry,
+                epoch: 0,
                 tiles,
                 generation: 1,
                 captured_us: now_us(),
@@ -147,12 +190,13 @@ impl Screen {
         let s = screen.clone();
         std::thread::Builder::new()
             .name("screen-capture".into())
-            .spawn(move || s.capture_loop(file, first))?;
+            .spawn(move || s.capture_loop(file, first, display))?;
         Ok(screen)
     }
 
+    /// The current geometry (the synthetic video mode while its driver owns the screen).
     pub fn geometry(&self) -> Geometry {
-        self.geometry
+        self.frame().geometry
     }
 
     /// Stop capturing (the VM stopped); subscribers' streams end.
@@ -166,21 +210,84 @@ impl Screen {
         self.frame.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn capture_loop(&self, file: OwnedFd, mut prev: Vec<u8>) {
-        let g = self.geometry;
-        let mut cur = vec![0u8; g.len()];
+    fn capture_loop(
+        &self,
+        file: OwnedFd,
+        mut prev: Vec<u8>,
+        mut display: Option<std::sync::mpsc::Receiver<DisplayEvent>>,
+    ) {
+        let file_len = rustix::fs::fstat(&file).map_or(0, |s| s.st_size as u64);
+        // Some(geometry) while the synthetic video device owns the screen.
+        let mut synthetic: Option<Geometry> = None;
+        let mut cur = vec![0u8; self.boot.len()];
         let mut last_change = Instant::now();
         let mut next = Instant::now();
         while !self.stopped.load(Ordering::SeqCst) {
+            // Display events first: they say which mode we are in.
+            let wait = if synthetic.is_some() {
+                Duration::from_millis(100)
+            } else {
+                Duration::ZERO
+            };
+            let mut events = Vec::new();
+            if let Some(rx) = &display {
+                match rx.recv_timeout(wait) {
+                    Ok(e) => {
+                        events.push(e);
+                        events.extend(rx.try_iter());
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        display = None;
+                        if synthetic.take().is_some() {
+                            self.switch(&file, self.boot, &mut prev);
+                        }
+                    }
+                }
+            }
+            let mut dirty = Vec::new();
+            for e in events {
+                match e {
+                    DisplayEvent::Mode(fb) => match Geometry::validate(&fb, file_len) {
+                        Some(g) => {
+                            synthetic = Some(g);
+                            dirty.clear();
+                            self.switch(&file, g, &mut prev);
+                        }
+                        None => tracing::warn!(?fb, "worker reported a bad display geometry"),
+                    },
+                    DisplayEvent::Inactive => {
+                        if synthetic.take().is_some() {
+                            dirty.clear();
+                            self.switch(&file, self.boot, &mut prev);
+                        }
+                    }
+                    DisplayEvent::Dirty(r) => dirty.extend(r),
+                }
+            }
+            if let Some(g) = synthetic {
+                if !dirty.is_empty() {
+                    self.capture_rects(&file, g, &dirty);
+                }
+                if display.is_some() {
+                    continue;
+                }
+            }
             if self.subscribers.load(Ordering::SeqCst) == 0 {
                 let guard = self.wake.0.lock().unwrap_or_else(|e| e.into_inner());
+                let idle = if display.is_some() {
+                    Duration::from_millis(50)
+                } else {
+                    Duration::from_millis(500)
+                };
                 let _ = self
                     .wake
                     .1
-                    .wait_timeout(guard, Duration::from_millis(500))
+                    .wait_timeout(guard, idle)
                     .unwrap_or_else(|e| e.into_inner());
                 continue;
             }
+            let g = self.boot;
             let now = Instant::now();
             if next > now {
                 std::thread::sleep(next - now);
@@ -191,6 +298,8 @@ impl Screen {
                 IDLE_PERIOD
             };
             next = Instant::now() + period;
+            cur.resize(g.len(), 0);
+            prev.resize(g.len(), 0);
             if read_exact_at(&file, &mut cur, g.offset).is_err() {
                 tracing::warn!("cannot read the guest framebuffer; screen capture stops");
                 break;
@@ -226,6 +335,79 @@ impl Screen {
         self.stop();
     }
 
+    /// New geometry: capture the whole frame once and start a new epoch (subscribers send a
+    /// full update). `prev` becomes that frame when `g` is the boot framebuffer.
+    fn switch(&self, file: &OwnedFd, g: Geometry, prev: &mut Vec<u8>) {
+        let mut all = vec![0u8; g.len()];
+        if read_exact_at(file, &mut all, g.offset).is_err() {
+            tracing::warn!("cannot read the guest framebuffer after a mode change");
+        }
+        let generation = self.frame().generation + 1;
+        let tiles = (0..g.tile_count())
+            .map(|i| Arc::new(TileData::new(generation, pack_tile(&g, &all, i))))
+            .collect();
+        {
+            let mut f = self.frame();
+            f.geometry = g;
+            f.epoch += 1;
+            f.tiles = tiles;
+            f.generation = generation;
+            f.captured_us = now_us();
+        }
+        if g == self.boot {
+            *prev = all;
+        }
+        self.generation.send_replace(generation);
+    }
+
+    /// Read only the tiles under `rects` (the guest's dirty rectangles).
+    fn capture_rects(&self, file: &OwnedFd, g: Geometry, rects: &[Rect]) {
+        let mut wanted = std::collections::BTreeSet::new();
+        let (tx, ty) = (g.tiles_x(), g.height.div_ceil(TILE));
+        for r in rects {
+            if r.width == 0 || r.height == 0 || r.x >= g.width || r.y >= g.height {
+                continue;
+            }
+            let x2 = r.x.saturating_add(r.width).min(g.width) - 1;
+            let y2 = r.y.saturating_add(r.height).min(g.height) - 1;
+            for ty_ in r.y / TILE..=(y2 / TILE).min(ty - 1) {
+                for tx_ in r.x / TILE..=(x2 / TILE).min(tx - 1) {
+                    wanted.insert((ty_ * tx + tx_) as usize);
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return;
+        }
+        let generation = self.frame().generation + 1;
+        let mut fresh = Vec::with_capacity(wanted.len());
+        for i in wanted {
+            let (x, y, w, h) = g.tile_rect(i);
+            let mut px = vec![0u8; (w * h * 4) as usize];
+            for row in 0..h {
+                let off = g.offset + u64::from(y + row) * u64::from(g.stride) + u64::from(x) * 4;
+                let dst = (row * w * 4) as usize;
+                if read_exact_at(file, &mut px[dst..dst + (w * 4) as usize], off).is_err() {
+                    tracing::warn!("cannot read the guest framebuffer");
+                    return;
+                }
+            }
+            fresh.push((i, Arc::new(TileData::new(generation, px))));
+        }
+        {
+            let mut f = self.frame();
+            if f.geometry != g {
+                return;
+            }
+            for (i, t) in fresh {
+                f.tiles[i] = t;
+            }
+            f.generation = generation;
+            f.captured_us = now_us();
+        }
+        self.generation.send_replace(generation);
+    }
+
     /// A stream of updates for one console: everything first, then changes.
     pub fn subscribe(
         self: &Arc<Self>,
@@ -237,28 +419,40 @@ impl Screen {
         screen.subscribers.fetch_add(1, Ordering::SeqCst);
         screen.wake.1.notify_all();
         tokio::spawn(async move {
-            let mut sent = vec![0u64; screen.geometry.tile_count()];
+            let mut sent: Vec<u64> = Vec::new();
+            // The geometry epoch `sent` refers to; None before the first update.
+            let mut epoch: Option<u64> = None;
             let mut seq = 0u64;
             loop {
                 gen_rx.borrow_and_update();
                 let s = screen.clone();
-                let full = seq == 0;
-                let (update, newest) = match tokio::task::spawn_blocking(move || {
-                    let u = s.update_since(&sent, encoding, full);
+                let known = epoch;
+                let (update, newest, now_epoch) = match tokio::task::spawn_blocking(move || {
+                    let u = s.update_since(&sent, encoding, known);
                     (u, sent)
                 })
                 .await
                 {
-                    Ok((u, old)) => {
+                    Ok(((u, newest, e), old)) => {
                         sent = old;
-                        u
+                        (u, newest, e)
                     }
                     Err(_) => break,
                 };
+                if epoch != Some(now_epoch) {
+                    epoch = Some(now_epoch);
+                    sent = vec![
+                        0u64;
+                        (update.width.div_ceil(TILE) * update.height.div_ceil(TILE))
+                            as usize
+                    ];
+                }
                 if !update.tiles.is_empty() {
                     seq += 1;
                     for (i, g) in newest {
-                        sent[i] = g;
+                        if let Some(s) = sent.get_mut(i) {
+                            *s = g;
+                        }
                     }
                     let mut update = update;
                     update.seq = seq;
@@ -274,7 +468,7 @@ impl Screen {
                 }
             }
             if screen.stopped.load(Ordering::SeqCst) {
-                let g = screen.geometry;
+                let g = screen.geometry();
                 let _ = tx
                     .send(Ok(FrameUpdate {
                         seq: seq + 1,
@@ -292,25 +486,27 @@ impl Screen {
         rx
     }
 
-    /// Tiles newer than `sent` (all when `full`), and the generations they carry.
+    /// Tiles newer than `sent` (all, a full update, when the geometry epoch is not `epoch`),
+    /// the generations they carry, and the current epoch.
     fn update_since(
         &self,
         sent: &[u64],
         encoding: TileEncoding,
-        full: bool,
-    ) -> (FrameUpdate, Vec<(usize, u64)>) {
-        let g = self.geometry;
-        let (tiles, captured_us): (Vec<(usize, Arc<TileData>)>, i64) = {
+        epoch: Option<u64>,
+    ) -> (FrameUpdate, Vec<(usize, u64)>, u64) {
+        let (g, now_epoch, tiles, captured_us): (Geometry, u64, Vec<(usize, Arc<TileData>)>, i64) = {
             let f = self.frame();
+            let full = epoch != Some(f.epoch);
             let t = f
                 .tiles
                 .iter()
                 .enumerate()
-                .filter(|(i, t)| full || t.generation > sent[*i])
+                .filter(|(i, t)| full || sent.get(*i).is_none_or(|s| t.generation > *s))
                 .map(|(i, t)| (i, t.clone()))
                 .collect();
-            (t, f.captured_us)
+            (f.geometry, f.epoch, t, f.captured_us)
         };
+        let full = epoch != Some(now_epoch);
         let enc = match encoding {
             TileEncoding::Unspecified => TileEncoding::Lz4,
             e => e,
@@ -342,6 +538,7 @@ impl Screen {
                 active: true,
             },
             newest,
+            now_epoch,
         )
     }
 }
@@ -496,6 +693,91 @@ mod tests {
             assert_eq!(a, b, "row {row}");
         }
         screen.stop();
+    }
+
+    /// With a synthetic video device: a mode change gives a full update at the new size,
+    /// then only the tiles under reported dirty rectangles are sent — a change the worker
+    /// did not report is not found by scanning.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn display_events_drive_geometry_and_dirty_tiles_without_scanning() {
+        let boot = geometry();
+        let mut f = memfile(&Geometry {
+            height: 400,
+            ..boot
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let screen =
+            Screen::start_with_display(f.try_clone().unwrap().into(), boot, Some(rx)).unwrap();
+        let mut sub = screen.subscribe(TileEncoding::Raw);
+        let first = sub.recv().await.unwrap().unwrap();
+        assert!(first.full && (first.width, first.height) == (200, 100));
+
+        // The driver takes over at 300x150 (stride 1200) at the same place.
+        let g2 = Geometry {
+            offset: 4096,
+            width: 300,
+            height: 150,
+            stride: 1200,
+        };
+        paint(&mut f, &g2, 0, 0, 300, 150, 0x33);
+        tx.send(DisplayEvent::Mode(proto::worker::Framebuffer {
+            offset: 4096,
+            width: 300,
+            height: 150,
+            stride: 1200,
+            bytes_per_pixel: 4,
+        }))
+        .unwrap();
+        // The boot framebuffer's poller may report the paint first (same memory).
+        let mut u = next(&mut sub).await;
+        while !u.full {
+            assert_eq!((u.width, u.height), (200, 100));
+            u = next(&mut sub).await;
+        }
+        assert!((u.width, u.height) == (300, 150), "{u:?}");
+        assert_eq!(u.tiles.len(), 5 * 3);
+        let mut fb = vec![0u8; 300 * 150 * 4];
+        apply(&mut fb, &g2, &u);
+        assert!(fb.iter().all(|&b| b == 0x33));
+        assert_eq!(screen.geometry(), g2);
+
+        // Unreported change: nothing is sent.
+        paint(&mut f, &g2, 0, 0, 10, 10, 0x44);
+        let idle = tokio::time::timeout(Duration::from_millis(400), sub.recv()).await;
+        assert!(
+            idle.is_err(),
+            "a change without a dirty rectangle was found by scanning"
+        );
+
+        // Reported change: exactly the tiles under it.
+        paint(&mut f, &g2, 130, 70, 10, 10, 0x55);
+        tx.send(DisplayEvent::Dirty(vec![Rect {
+            x: 130,
+            y: 70,
+            width: 10,
+            height: 10,
+        }]))
+        .unwrap();
+        let u = next(&mut sub).await;
+        assert!(!u.full);
+        assert_eq!(u.tiles.len(), 1);
+        assert_eq!((u.tiles[0].x, u.tiles[0].y), (128, 64));
+        apply(&mut fb, &g2, &u);
+        assert_eq!(fb[(75 * 300 + 135) * 4], 0x55);
+
+        // The driver goes away: back to the boot framebuffer, full update.
+        tx.send(DisplayEvent::Inactive).unwrap();
+        let u = next(&mut sub).await;
+        assert!(u.full && (u.width, u.height) == (200, 100));
+        screen.stop();
+    }
+
+    async fn next(sub: &mut mpsc::Receiver<Result<FrameUpdate, tonic::Status>>) -> FrameUpdate {
+        tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .expect("an update")
+            .unwrap()
+            .unwrap()
     }
 
     #[test]

@@ -73,6 +73,10 @@ impl WorkerConn {
                         Ok(Some(Event {
                             kind: Some(event::Kind::SerialOutput(b)),
                         })) => on_serial(b),
+                        // Display updates go to their own connection (see screen.rs).
+                        Ok(Some(Event {
+                            kind: Some(event::Kind::Display(_)),
+                        })) => {}
                         Ok(Some(Event { kind: None })) => {}
                         Ok(None) => break,
                         Err(e) => {
@@ -123,6 +127,11 @@ impl WorkerConn {
         }
     }
 
+    /// The worker's control socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
     /// Ask for the guest memory file and the framebuffer's place in it. Done on its own
     /// blocking connection, since the file descriptor arrives as ancillary data.
     pub async fn framebuffer(&self) -> AgentResult<(proto::worker::Framebuffer, OwnedFd)> {
@@ -131,6 +140,101 @@ impl WorkerConn {
             .await
             .map_err(|e| AgentError::internal("framebuffer request", e))?
     }
+}
+
+/// Subscribe to the worker's synthetic video updates on a connection of its own. Events
+/// arrive on the returned channel until the worker goes away (the channel then closes).
+/// Errors when the VM has no synthetic video device.
+pub fn display_blocking(
+    socket: &Path,
+) -> AgentResult<std::sync::mpsc::Receiver<crate::screen::DisplayEvent>> {
+    use crate::screen::{DisplayEvent, Rect};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream as StdUnix;
+
+    let mut s = StdUnix::connect(socket).map_err(|_| gone())?;
+    s.set_read_timeout(Some(REQUEST_TIMEOUT)).ok();
+    s.write_all(&encode(&Request {
+        id: 1,
+        kind: Some(request::Kind::SubscribeDisplay(proto::worker::Empty {})),
+    }))
+    .map_err(|_| gone())?;
+    let mut dec = Decoder::default();
+    let mut buf = vec![0u8; 64 << 10];
+    // The reply first (display events may follow it in the same read).
+    loop {
+        match dec.next_message::<Event>() {
+            Ok(Some(Event {
+                kind: Some(event::Kind::Reply(r)),
+            })) => {
+                if !r.error.is_empty() {
+                    return Err(AgentError::precondition(r.error));
+                }
+                break;
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) => {}
+            Err(e) => return Err(AgentError::internal("display reply", e)),
+        }
+        let n = s.read(&mut buf).map_err(|_| gone())?;
+        if n == 0 {
+            return Err(gone());
+        }
+        dec.push(&buf[..n]);
+    }
+    s.set_read_timeout(None).ok();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("worker-display".into())
+        .spawn(move || {
+            loop {
+                loop {
+                    match dec.next_message::<Event>() {
+                        Ok(Some(Event {
+                            kind: Some(event::Kind::Display(u)),
+                        })) => {
+                            let mut out = Vec::new();
+                            if !u.active {
+                                out.push(DisplayEvent::Inactive);
+                            }
+                            if let Some(fb) = u.framebuffer {
+                                out.push(DisplayEvent::Mode(fb));
+                            }
+                            if !u.dirty.is_empty() {
+                                out.push(DisplayEvent::Dirty(
+                                    u.dirty
+                                        .iter()
+                                        .map(|r| Rect {
+                                            x: r.x,
+                                            y: r.y,
+                                            width: r.width,
+                                            height: r.height,
+                                        })
+                                        .collect(),
+                                ));
+                            }
+                            for e in out {
+                                if tx.send(e).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!("bad display message from a worker: {e}");
+                            return;
+                        }
+                    }
+                }
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => dec.push(&buf[..n]),
+                }
+            }
+        })
+        .map_err(|e| AgentError::internal("display thread", e))?;
+    Ok(rx)
 }
 
 fn gone() -> AgentError {

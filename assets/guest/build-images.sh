@@ -3,17 +3,17 @@
 #   ${PARVIS_CACHE:-$HOME/.cache/parvis}/images/
 # Outputs: vmlinuz vmlinux kernel-release l2-initramfs.cpio l1-initramfs.cpio manifest.txt
 # Idempotent: a no-op (well under a second) when the outputs exist and were built
-# from the current build-images.sh, l1-init.sh and l2-init.sh. Logs go to stderr;
+# from the current build-images.sh, l1-init.sh, l2-init.sh and parvis-drm.c. Logs go to stderr;
 # the only line on stdout is the images directory.
 # Options: --force (or PARVIS_FORCE_REBUILD=1) rebuilds unconditionally.
-# Needs: apt-get, apt-cache, dpkg-deb, cpio, xz, sha256sum, flock, GNU grep.
+# Needs: apt-get, apt-cache, dpkg-deb, cpio, xz, sha256sum, flock, GNU grep, gcc (static libc).
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE_ROOT=${PARVIS_CACHE:-$HOME/.cache/parvis}
 OUT=$CACHE_ROOT/images
 OUTPUTS=(vmlinuz vmlinux kernel-release l2-initramfs.cpio l1-initramfs.cpio manifest.txt)
-INPUTS=(build-images.sh l1-init.sh l2-init.sh)
+INPUTS=(build-images.sh l1-init.sh l2-init.sh parvis-drm.c)
 FORCE=${PARVIS_FORCE_REBUILD:-0}
 
 log() { printf 'build-images: %s\n' "$*" >&2; }
@@ -57,7 +57,7 @@ if up_to_date; then
 	exit 0
 fi
 
-for tool in apt-get apt-cache dpkg-deb cpio xz sha256sum grep od find sort; do
+for tool in apt-get apt-cache dpkg-deb cpio xz sha256sum grep od find sort gcc; do
 	command -v "$tool" >/dev/null || die "missing tool: $tool"
 done
 
@@ -331,6 +331,9 @@ check_modprobe() {
 
 log "L2 initramfs"
 populate_root "$WORK/l2root" l2-init.sh "${L2_MODULES[@]}"
+# The DRM test helper (synthetic video tests): a static program, no kernel headers needed.
+gcc -static -O2 -Wall -Werror -o "$WORK/l2root/bin/parvis-drm" "$SCRIPT_DIR/parvis-drm.c" ||
+	die "cannot build parvis-drm.c (needs gcc and a static libc, Debian libc6-dev)"
 for m in virtio_mmio virtio_blk virtio_pci ext4 crc32c_generic pvpanic_mmio hyperv_drm hid_hyperv hyperv_keyboard; do
 	check_modprobe "$WORK/l2root" "$m"
 done

@@ -18,10 +18,14 @@ mount -t devtmpfs devtmpfs /dev
 
 read -r cmdline </proc/cmdline
 tests=shell
+drm_args=
+echo_count=100
 for w in $cmdline; do
 	case "$w" in
 	parvis.test=*) tests=${w#parvis.test=} ;;
 	parvis.quiet) echo 1 >/proc/sys/kernel/printk ;;
+	parvis.drm=*) drm_args=$(echo "${w#parvis.drm=}" | tr ':' ' ') ;;
+	parvis.echo=*) echo_count=${w#parvis.echo=} ;;
 	esac
 done
 
@@ -232,6 +236,143 @@ act_coldplug() { # extra: load drivers for all present devices, list what is loa
 	echo "PARVIS-MODULES=$(cut -d' ' -f1 /proc/modules | tr '\n' ',' | sed 's/,$//')"
 }
 
+# Hyper-V identity as the kernel saw it at boot.
+act_hyperv() {
+	if dmesg | grep -q 'Hypervisor detected: Microsoft Hyper-V'; then
+		echo "PARVIS-HV-DETECTED=1"
+	else
+		echo "PARVIS-HV-DETECTED=0 ($(dmesg | grep -m1 'Hypervisor detected'))"
+	fi
+	l=$(dmesg | grep -m1 'Hyper-V: privilege flags')
+	echo "PARVIS-HV-FLAGS=${l#*Hyper-V: }"
+	echo "PARVIS-CLOCKSOURCES=$(cat /sys/devices/system/clocksource/clocksource0/available_clocksource)"
+	echo "PARVIS-CLOCKSOURCE=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+}
+
+# vmbus_up: load hv_vmbus once and wait for the bus.
+vmbus_up() {
+	[ -d /sys/bus/vmbus/devices ] && return 0
+	modprobe hv_vmbus 2>/tmp/vmbus.err || {
+		echo "PARVIS-VMBUS-ERROR=modprobe hv_vmbus: $(cat /tmp/vmbus.err)"
+		return 1
+	}
+	wait_for /sys/bus/vmbus/devices 100 || {
+		echo "PARVIS-VMBUS-ERROR=no /sys/bus/vmbus/devices"
+		return 1
+	}
+}
+
+# VMBus: version, devices (class ids), HYP interrupts.
+act_vmbus() {
+	vmbus_up || return 0
+	# Offers arrive asynchronously after the version handshake.
+	sleep 1
+	l=$(dmesg | grep -m1 'Vmbus version:')
+	echo "PARVIS-VMBUS-VERSION=${l##*Vmbus version:}"
+	devs=
+	for d in /sys/bus/vmbus/devices/*; do
+		[ -e "$d/class_id" ] || continue
+		devs="$devs$(cat "$d/class_id"),"
+	done
+	echo "PARVIS-VMBUS-DEVICES=${devs%,}"
+	echo "PARVIS-VMBUS-HYP=$(grep 'HYP:' /proc/interrupts | tr -s ' ')"
+}
+
+# event_for(phys-prefix|name): the /dev/input/eventN whose input device matches.
+event_for() {
+	for e in /sys/class/input/event*; do
+		[ -e "$e" ] || continue
+		ph=$(cat "$e/device/phys" 2>/dev/null)
+		nm=$(cat "$e/device/name" 2>/dev/null)
+		case "$ph" in "$1"*) echo "/dev/input/${e##*/}"; return 0 ;; esac
+		[ "$nm" = "$1" ] && { echo "/dev/input/${e##*/}"; return 0; }
+	done
+	return 1
+}
+
+# evdev_reader(tag, dev, stop-type, stop-code, stop-value): print every non-SYN/MSC event
+# as PARVIS-EV=tag,type,code,value until the stop event.
+evdev_reader() {
+	exec 3<"$2"
+	while :; do
+		set -- "$1" "$2" "$3" "$4" "$5" $(dd bs=24 count=1 <&3 2>/dev/null | od -An -tu2 -w24)
+		[ $# -ge 17 ] || break
+		t=${14} c=${15} v=$((${16} + ${17} * 65536))
+		[ "$v" -ge 2147483648 ] && v=$((v - 4294967296))
+		case "$t" in 0 | 4) continue ;; esac
+		echo "PARVIS-EV=$1,$t,$c,$v"
+		[ "$t" = "$3" ] && [ "$c" = "$4" ] && [ "$v" = "$5" ] && break
+	done
+	exec 3<&-
+}
+
+# Synthetic keyboard and mouse: wait for both evdev nodes, announce them, then print every
+# event until Escape is released (keyboard) and the middle button pressed (mouse).
+act_input() {
+	vmbus_up || return 0
+	load evdev hyperv_keyboard hid_hyperv hid_generic
+	coldplug
+	n=0
+	while :; do
+		kbd=$(event_for d34b2567-b9b6-42b9-8778) &&
+			mouse=$(event_for "Microsoft Vmbus HID-compliant Mouse") && break
+		n=$((n + 1))
+		if [ $n -gt 300 ]; then
+			echo "PARVIS-INPUT-ERROR=no synthetic keyboard/mouse event device after 30s"
+			cat /proc/bus/input/devices
+			return 0
+		fi
+		sleep 0.1
+	done
+	evdev_reader kbd "$kbd" 1 1 0 &
+	k=$!
+	evdev_reader mouse "$mouse" 1 274 1 &
+	m=$!
+	sleep 0.2
+	echo "PARVIS-INPUT-READY=$kbd,$mouse"
+	(sleep 60 && kill $k $m 2>/dev/null) &
+	w=$!
+	wait $k $m
+	kill $w 2>/dev/null
+	echo "PARVIS-INPUT-DONE"
+}
+
+# Synthetic video: hyperv_drm binds, then parvis-drm sets a mode and draws rectangles,
+# each flushed with its own dirty rectangle (parvis.drm=WxH:RECTS:HOLD, all optional).
+act_drm() {
+	vmbus_up || return 0
+	load hyperv_drm
+	coldplug
+	if ! wait_for /dev/dri/card0 200; then
+		echo "PARVIS-DRM-ERROR=no /dev/dri/card0 after 20s"
+		return 0
+	fi
+	d=$(readlink /sys/class/drm/card0/device/driver)
+	echo "PARVIS-DRM-DRIVER=${d##*/}"
+	l=$(dmesg | grep -m1 'Synthvid Version')
+	echo "PARVIS-SYNTHVID=${l##*] }"
+	# shellcheck disable=SC2086 # word splitting on purpose
+	parvis-drm run $drm_args
+}
+
+# Latency benchmark: for each key press on the synthetic keyboard, draw a square on the
+# synthetic video device at once (parvis-drm echo; parvis.echo=COUNT presses).
+act_echo() {
+	vmbus_up || return 0
+	load evdev hyperv_keyboard hyperv_drm
+	coldplug
+	n=0
+	until kbd=$(event_for d34b2567-b9b6-42b9-8778) && [ -e /dev/dri/card0 ]; do
+		n=$((n + 1))
+		if [ $n -gt 300 ]; then
+			echo "PARVIS-ECHO-ERROR=no synthetic keyboard or video after 30s"
+			return 0
+		fi
+		sleep 0.1
+	done
+	parvis-drm echo "$kbd" "$echo_count"
+}
+
 IFS_SAVED=$IFS
 IFS=,
 # shellcheck disable=SC2086 # split on commas on purpose
@@ -249,6 +390,11 @@ for a in "$@"; do
 	shell) act_shell ;;
 	hold) act_hold ;;
 	coldplug) act_coldplug ;;
+	hyperv) act_hyperv ;;
+	vmbus) act_vmbus ;;
+	input) act_input ;;
+	drm) act_drm ;;
+	echo) act_echo ;;
 	'') ;;
 	*) echo "PARVIS-UNKNOWN-ACTION=$a" ;;
 	esac

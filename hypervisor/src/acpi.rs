@@ -50,6 +50,8 @@ pub struct AcpiConfig {
     pub cpus: u8,
     /// virtio-mmio devices.
     pub virtio: Vec<MmioDeviceDesc>,
+    /// The VMBus MMIO window (base, size), when the partition has VMBus.
+    pub vmbus: Option<(u64, u64)>,
 }
 
 /// Built tables: each entry is a guest-physical address and the bytes to place there.
@@ -271,6 +273,36 @@ fn device(name: &str, hid: &dyn Aml, uid: u32, resources: Vec<&dyn Aml>) -> Raw 
     Raw(out)
 }
 
+/// `\_SB.VMOD` (ACPI0004, owns the VMBus MMIO window, from which `hyperv_drm` carves VRAM)
+/// containing `VMBS` (`_HID "VMBus"`). Linux 6.1 finds VMBus only through ACPI, needs a
+/// `_CRS` on the device itself (empty is fine on x86) and takes the MMIO pool from the first
+/// ancestor with DWord/QWord address descriptors.
+fn vmbus_devices(base: u64, size: u64) -> Raw {
+    let window = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::Cacheable,
+        true,
+        base,
+        base + size - 1,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&window]);
+    let empty = aml::ResourceTemplate::new(vec![]);
+    let vmbs_hid = aml::Name::new("_HID".into(), &"VMBus");
+    let vmbs_uid = aml::Name::new("_UID".into(), &0u32);
+    let vmbs_ddn = aml::Name::new("_DDN".into(), &"VMBUS");
+    let vmbs_crs = aml::Name::new("_CRS".into(), &empty);
+    let vmbs = aml::Device::new(
+        "VMBS".into(),
+        vec![&vmbs_hid, &vmbs_uid, &vmbs_ddn, &vmbs_crs],
+    );
+    let hid = aml::Name::new("_HID".into(), &"ACPI0004");
+    let uid = aml::Name::new("_UID".into(), &0u32);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    let mut out = Vec::new();
+    aml::Device::new("VMOD".into(), vec![&hid, &uid, &crs, &vmbs]).to_aml_bytes(&mut out);
+    Raw(out)
+}
+
 fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut body: Vec<u8> = Vec::new();
     // \_S5: SLP_TYPa, SLP_TYPb.
@@ -307,6 +339,9 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
                 &aml::Interrupt::new(true, true, false, false, d.irq),
             ],
         ));
+    }
+    if let Some((base, size)) = cfg.vmbus {
+        devices.push(vmbus_devices(base, size));
     }
     aml::Scope::new(
         "\\_SB_".into(),
@@ -386,7 +421,40 @@ mod tests {
                     irq: 5 + i as u32,
                 })
                 .collect(),
+            vmbus: None,
         }
+    }
+
+    #[test]
+    fn vmbus_device_has_its_window_and_an_empty_crs() {
+        let mut c = cfg(2, 1);
+        c.vmbus = Some((layout::VMBUS_MMIO_BASE, layout::VMBUS_MMIO_SIZE));
+        let t = AcpiTables::build(&c).unwrap();
+        let (_, dsdt) = t.find(b"DSDT").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dsdt.aml");
+        std::fs::write(&path, dsdt).unwrap();
+        let out = std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&path)
+            .current_dir(dir.path())
+            .output()
+            .expect("iasl (Debian package acpica-tools) is needed for this test");
+        assert!(out.status.success());
+        let dsl = std::fs::read_to_string(dir.path().join("dsdt.dsl")).unwrap();
+        assert!(
+            dsl.contains("Device (VMOD)") && dsl.contains("Device (VMBS)"),
+            "{dsl}"
+        );
+        assert!(
+            dsl.contains("\"ACPI0004\"") && dsl.contains("\"VMBus\""),
+            "{dsl}"
+        );
+        assert!(dsl.contains("QWordMemory"), "{dsl}");
+        assert!(
+            dsl.contains("0x00000000F8000000") && dsl.contains("0x00000000FBFFFFFF"),
+            "{dsl}"
+        );
     }
 
     fn u32_at(b: &[u8], o: usize) -> u32 {

@@ -163,12 +163,16 @@ pub struct WorkerSettings {
     pub no_framebuffer: bool,
     /// Reboot handling.
     pub on_reboot: Option<RebootAction>,
+    /// Hyper-V enlightenments and VMBus: off, auto, kernel or userspace.
+    pub hyperv: Option<crate::hv::HvMode>,
 }
 
 /// Defaults.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
 /// Default framebuffer.
 pub const DEFAULT_FB: Resolution = Resolution(1024, 768);
+/// Default Hyper-V mode.
+pub const DEFAULT_HYPERV: crate::hv::HvMode = crate::hv::HvMode::Off;
 /// Default command line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
 
@@ -191,6 +195,7 @@ impl WorkerSettings {
         self.framebuffer = other.framebuffer.or(self.framebuffer);
         self.no_framebuffer |= other.no_framebuffer;
         self.on_reboot = other.on_reboot.or(self.on_reboot);
+        self.hyperv = other.hyperv.or(self.hyperv);
         self
     }
 
@@ -272,6 +277,7 @@ impl WorkerSettings {
             disks: self.disks.clone(),
             framebuffer,
             on_reboot: self.on_reboot.unwrap_or_default(),
+            hyperv: self.hyperv.unwrap_or(DEFAULT_HYPERV),
         })
     }
 }
@@ -295,6 +301,8 @@ pub struct Resolved {
     pub framebuffer: Option<FbFormat>,
     /// Reboot handling.
     pub on_reboot: RebootAction,
+    /// Hyper-V enlightenments and VMBus.
+    pub hyperv: crate::hv::HvMode,
 }
 
 /// Total host memory from /proc/meminfo.

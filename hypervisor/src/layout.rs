@@ -60,6 +60,10 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
 /// Register window each virtio-mmio device decodes.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x200;
+/// The VMBus MMIO window (declared in ACPI; synthvid VRAM is placed in it by the guest).
+pub const VMBUS_MMIO_BASE: u64 = 0xf800_0000;
+/// Size of the VMBus MMIO window.
+pub const VMBUS_MMIO_SIZE: u64 = 64 << 20;
 /// IOAPIC MMIO base.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Local APIC MMIO base.
@@ -238,6 +242,7 @@ mod tests {
         let mmio = [
             (VRAM_ADDR, VRAM_SIZE),
             (VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE * 32),
+            (VMBUS_MMIO_BASE, VMBUS_MMIO_SIZE),
             (IOAPIC_ADDR, 0x1000),
             (LAPIC_ADDR, 0x1000),
             (KVM_TSS_ADDR, 0x3000),

@@ -5,9 +5,15 @@
 //! models) → `vcpu` (run loops) → `partition` (lifecycle and control). The `parvis-worker`
 //! binary wraps a partition with a command line, a serial console and a control socket.
 //!
+//! Hyper-V enlightenments (`hv`) and the VMBus host (`vmbus`: control plane, rings,
+//! channels) sit beside the devices; the synthetic video, keyboard and mouse are
+//! `devices::synth`.
+//!
 //! Unsafe code is limited to what KVM and shared memory need: memfd creation and hole
-//! punching (`memory`), memory slot registration (`partition`), and the worker's terminal
-//! handling; each block carries a `// SAFETY:` comment.
+//! punching (`memory`), memory slot registration (`partition`, including the synthvid VRAM
+//! slot), `kvm_run` exit unions and KVM_HYPERV_EVENTFD (`vcpu`, `hv::kvm`), `poll` on channel
+//! eventfds (`vmbus::channel`), and the worker's terminal handling; each block carries a
+//! `// SAFETY:` comment.
 
 #![allow(
     unsafe_code,
@@ -20,10 +26,12 @@ pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod framebuffer;
+pub mod hv;
 pub mod layout;
 pub mod memory;
 pub mod partition;
 pub mod vcpu;
+pub mod vmbus;
 
 pub use partition::{
     Command, DiskAttachment, GuestExit, Partition, PartitionConfig, PartitionError,

@@ -23,15 +23,21 @@ use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::pm::{PM_BLOCK_LEN, PmDevice, ResetRegister};
 use crate::devices::pvpanic::{PVPANIC_PORT, PvPanic};
 use crate::devices::serial::{COM1_PORT, SerialDevice, SerialOutput};
+use crate::devices::synth::video::{VideoShared, VramMapper};
 use crate::devices::virtio_blk::VirtioBlk;
 use crate::devices::virtio_mmio::VirtioMmio;
 use crate::devices::{
     Bus, BusDevice, BusError, Irq, IrqLine, LevelIrq, PlatformRequest, PlatformSink,
 };
 use crate::framebuffer::{FbError, FbFormat};
+use crate::hv::synic::{SintKick, Synic};
+use crate::hv::userspace::{MsiKick, UserspaceHv};
+use crate::hv::{HvBackend, HvError, HvMode};
 use crate::layout::{self, MemoryLayout};
 use crate::memory::{GuestRam, MemoryError};
 use crate::vcpu::{self, RunState, VcpuBuses, VcpuControl, VcpuEvent};
+use crate::vmbus::channel::{SharedVsp, Vsp};
+use crate::vmbus::{HvPartition, VmbusServer};
 
 /// First GSI handed to virtio-mmio devices (COM1 uses 4, the SCI 9).
 pub const VIRTIO_FIRST_GSI: u32 = 5;
@@ -61,6 +67,12 @@ pub struct DiskAttachment {
     pub name: String,
     /// The backend.
     pub device: Arc<dyn BlockDevice>,
+}
+
+impl std::fmt::Debug for dyn Vsp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl std::fmt::Debug for DiskAttachment {
@@ -102,6 +114,12 @@ pub struct PartitionConfig {
     pub framebuffer: Option<FbFormat>,
     /// Guest-initiated reboot handling.
     pub on_reboot: RebootAction,
+    /// Hyper-V enlightenments (and with them VMBus).
+    pub hyperv: HvMode,
+    /// VMBus devices to offer (relids 1.. in this order); used only with Hyper-V on.
+    pub vmbus_devices: Vec<SharedVsp>,
+    /// The synthetic video device's shared state, to attach each boot's VRAM mapper.
+    pub video: Option<Arc<VideoShared>>,
 }
 
 /// How a partition ended.
@@ -148,6 +166,9 @@ pub enum PartitionError {
     /// Device wiring.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// Hyper-V enlightenments.
+    #[error(transparent)]
+    Hyperv(#[from] HvError),
     /// Writing boot structures.
     #[error("cannot write boot structures to guest memory")]
     GuestMemory(#[source] vm_memory::GuestMemoryError),
@@ -278,6 +299,74 @@ struct Machine {
     control: Arc<VcpuControl>,
 }
 
+/// SINT delivery through one irqfd per VP on its HV_SINT route (kernel backend).
+struct IrqfdKick(Vec<EventFd>);
+
+impl SintKick for IrqfdKick {
+    fn kick(&self, vp: u32, _sint: u32) {
+        if let Some(fd) = self.0.get(vp as usize)
+            && let Err(e) = fd.write(1)
+        {
+            tracing::error!(error = %e, vp, "cannot raise a SINT");
+        }
+    }
+}
+
+/// KVM memory slot for synthvid VRAM (after RAM and the boot framebuffer).
+const SYNTHVID_SLOT: u32 = 8;
+
+/// Maps the shared VRAM where the synthvid guest driver put it, inside the VMBus window.
+struct KvmVramMapper {
+    vm: Arc<VmFd>,
+    host: u64,
+    size: u64,
+    current: Mutex<Option<u64>>,
+}
+
+impl VramMapper for KvmVramMapper {
+    fn map(&self, gpa: u64) -> bool {
+        let window = layout::VMBUS_MMIO_BASE..layout::VMBUS_MMIO_BASE + layout::VMBUS_MMIO_SIZE;
+        let Some(end) = gpa.checked_add(self.size) else {
+            return false;
+        };
+        if !gpa.is_multiple_of(0x1000) || !window.contains(&gpa) || end > window.end {
+            return false;
+        }
+        let mut cur = lock(&self.current);
+        if *cur == Some(gpa) {
+            return true;
+        }
+        let region = |gpa, size| kvm_bindings::kvm_userspace_memory_region {
+            slot: SYNTHVID_SLOT,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: self.host,
+        };
+        if let Some(old) = cur.take() {
+            // SAFETY: deleting a slot (size 0) we created; no host memory is referenced.
+            if let Err(e) = unsafe { self.vm.set_user_memory_region(region(old, 0)) } {
+                tracing::error!(error = %e, "cannot remove the old synthvid VRAM slot");
+                return false;
+            }
+        }
+        // SAFETY: `host..host+size` is the VRAM part of the partition's shared memory
+        // mapping, which outlives every VM built from the partition; the slot lies in the
+        // VMBus window, which overlaps no other slot.
+        match unsafe { self.vm.set_user_memory_region(region(gpa, self.size)) } {
+            Ok(()) => {
+                *cur = Some(gpa);
+                tracing::info!(gpa = format_args!("{gpa:#x}"), "synthvid VRAM mapped");
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot map synthvid VRAM");
+                false
+            }
+        }
+    }
+}
+
 /// A child partition.
 pub struct Partition {
     kvm: Kvm,
@@ -285,6 +374,7 @@ pub struct Partition {
     ram: GuestRam,
     acpi: AcpiTables,
     cpuid: CpuId,
+    hv: Option<HvBackend>,
     serial: Arc<Mutex<SerialDevice>>,
     serial_irq: Arc<EventIrq>,
     tx: Sender<EventMsg>,
@@ -349,6 +439,10 @@ impl Partition {
             source: e,
         })?;
 
+        let hv = crate::hv::select_backend(&kvm, config.hyperv)?;
+        if let Some(b) = hv {
+            tracing::info!(backend = ?b, "Hyper-V enlightenments on");
+        }
         let mut config = config;
         config.memory = round_memory(config.memory);
         let ram = GuestRam::new(MemoryLayout::new(config.memory))?;
@@ -361,6 +455,7 @@ impl Partition {
                     irq: VIRTIO_FIRST_GSI + i as u32,
                 })
                 .collect(),
+            vmbus: hv.map(|_| (layout::VMBUS_MMIO_BASE, layout::VMBUS_MMIO_SIZE)),
         })?;
         let serial_irq = Arc::new(EventIrq(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
             PartitionError::Io {
@@ -379,6 +474,7 @@ impl Partition {
             ram,
             acpi,
             cpuid,
+            hv,
             serial,
             serial_irq,
             tx,
@@ -515,7 +611,17 @@ impl Partition {
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let mut cpuid = self.cpuid.clone();
             cpu::patch_cpuid(cpuid.as_mut_slice(), i, cpus);
+            if let Some(backend) = self.hv {
+                let mut entries = cpuid.as_slice().to_vec();
+                crate::hv::cpuid::apply(&mut entries, backend, cpus);
+                cpuid = CpuId::from_entries(&entries)
+                    .map_err(|_| PartitionError::Config("too many CPUID entries".into()))?;
+            }
             vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            if self.hv == Some(HvBackend::Kernel) {
+                crate::hv::kvm::enable_vp(&vcpu, i)
+                    .map_err(kvm_err("enabling SynIC and the VP index"))?;
+            }
             let entries: Vec<kvm_bindings::kvm_msr_entry> = cpu::boot_msrs()
                 .into_iter()
                 .map(|(index, data)| kvm_bindings::kvm_msr_entry {
@@ -553,6 +659,10 @@ impl Partition {
             }
             vcpus.push(vcpu);
         }
+        let hv = match self.hv {
+            Some(backend) => Some(Arc::new(self.build_hv(backend, &vm, &vcpus)?)),
+            None => None,
+        };
         Ok(Machine {
             vm,
             vcpus,
@@ -560,9 +670,77 @@ impl Partition {
             buses: VcpuBuses {
                 pio: Arc::new(pio),
                 mmio: Arc::new(mmio),
+                hv,
             },
             pm,
             control: Arc::new(VcpuControl::default()),
+        })
+    }
+
+    /// SynIC, SINT delivery and the VMBus server of one boot (after every vCPU exists: the
+    /// SINT routes need SynIC active on each).
+    fn build_hv(
+        &self,
+        backend: HvBackend,
+        vm: &Arc<VmFd>,
+        vcpus: &[VcpuFd],
+    ) -> Result<HvPartition, PartitionError> {
+        let cpus = u32::from(self.config.cpus);
+        let mem = self.ram.memory().clone();
+        let (synic, user, eventfd_vm) = match backend {
+            HvBackend::Kernel => {
+                crate::hv::kvm::set_routes(vm, cpus, crate::hv::VMBUS_SINT)
+                    .map_err(kvm_err("KVM_SET_GSI_ROUTING (SINT routes)"))?;
+                let fds =
+                    crate::hv::kvm::sint_irqfds(vm, cpus).map_err(kvm_err("KVM_IRQFD (SINT)"))?;
+                let synic = Arc::new(Synic::new(mem, cpus, Box::new(IrqfdKick(fds))));
+                (synic, None, Some(vm.clone()))
+            }
+            HvBackend::Userspace => {
+                let cap = kvm_bindings::kvm_enable_cap {
+                    cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+                    args: [
+                        u64::from(
+                            kvm_bindings::KVM_MSR_EXIT_REASON_INVAL
+                                | kvm_bindings::KVM_MSR_EXIT_REASON_UNKNOWN,
+                        ),
+                        0,
+                        0,
+                        0,
+                    ],
+                    ..Default::default()
+                };
+                vm.enable_cap(&cap)
+                    .map_err(kvm_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+                let tsc_khz = vcpus
+                    .first()
+                    .map(|v| v.get_tsc_khz())
+                    .transpose()
+                    .map_err(kvm_err("KVM_GET_TSC_KHZ"))?
+                    .unwrap_or(0);
+                let kick = MsiKick::new(vm.clone());
+                let synic = Arc::new(Synic::new(mem.clone(), cpus, Box::new(kick.clone())));
+                kick.bind(&synic);
+                (synic, Some(UserspaceHv::new(mem, cpus, tsc_khz)), None)
+            }
+        };
+        if let Some(video) = &self.config.video {
+            let vram = self.ram.vram();
+            video.attach(Arc::new(KvmVramMapper {
+                vm: vm.clone(),
+                host: vram.as_ptr() as u64,
+                size: vram.size() as u64,
+                current: Mutex::new(None),
+            }));
+        }
+        let vmbus =
+            VmbusServer::start(synic.clone(), eventfd_vm, self.config.vmbus_devices.clone())
+                .map_err(PartitionError::Thread)?;
+        Ok(HvPartition {
+            backend,
+            synic,
+            user,
+            vmbus,
         })
     }
 

@@ -12,6 +12,8 @@ use std::time::Duration;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::devices::Bus;
+use crate::hv::userspace::MsrOutcome;
+use crate::vmbus::{HvPartition, SignalInput};
 
 /// What the vCPUs should be doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +109,8 @@ pub struct VcpuBuses {
     pub pio: Arc<Bus>,
     /// MMIO.
     pub mmio: Arc<Bus>,
+    /// Hyper-V enlightenments and VMBus, when the partition has them.
+    pub hv: Option<Arc<crate::vmbus::HvPartition>>,
 }
 
 /// Rate-limits log lines a guest can trigger.
@@ -130,12 +134,53 @@ pub fn run_vcpu(
 ) -> VcpuFd {
     let _span = tracing::debug_span!("vp", index).entered();
     let mut unhandled = LogLimit::default();
+    let vp = index as u32;
     loop {
         if !control.wait_runnable() {
             break;
         }
+        // Exits that need the vCPU itself (registers, kvm_run) are finished after the
+        // match, once the exit's borrow of the vCPU has ended.
+        let mut after = After::Nothing;
         match vcpu.run() {
             Ok(exit) => match exit {
+                VcpuExit::IoOut(port, _)
+                    if port == u16::from(crate::hv::userspace::HYPERCALL_PORT)
+                        && buses.hv.as_ref().is_some_and(|h| h.user.is_some()) =>
+                {
+                    after = After::UserHypercall;
+                }
+                VcpuExit::Hyperv => after = After::KernelHyperv,
+                VcpuExit::X86Rdmsr(m) => {
+                    let outcome = match &buses.hv {
+                        Some(hv) => match &hv.user {
+                            Some(u) => u.rdmsr(&hv.synic, vp, m.index),
+                            None => MsrOutcome::Fault,
+                        },
+                        None => MsrOutcome::Fault,
+                    };
+                    match outcome {
+                        MsrOutcome::Ok(v) => {
+                            *m.data = v;
+                            *m.error = 0;
+                        }
+                        MsrOutcome::Fault => *m.error = 1,
+                        MsrOutcome::NeedTsc => {
+                            *m.error = 0;
+                            after = After::RefTime;
+                        }
+                    }
+                }
+                VcpuExit::X86Wrmsr(m) => {
+                    let outcome = match &buses.hv {
+                        Some(hv) => match &hv.user {
+                            Some(u) => u.wrmsr(&hv.synic, vp, m.index, m.data),
+                            None => MsrOutcome::Fault,
+                        },
+                        None => MsrOutcome::Fault,
+                    };
+                    *m.error = u8::from(outcome == MsrOutcome::Fault);
+                }
                 VcpuExit::IoOut(port, data) => {
                     if !buses.pio.write(u64::from(port), data) && unhandled.allow() {
                         tracing::trace!(port, len = data.len(), "unclaimed port write");
@@ -196,10 +241,90 @@ pub fn run_vcpu(
                 break;
             }
         }
+        if let (Some(hv), false) = (&buses.hv, after == After::Nothing)
+            && let Err(e) = finish_hv_exit(&mut vcpu, vp, hv, after)
+            && unhandled.allow()
+        {
+            tracing::warn!(vcpu = index, error = %e, "cannot complete a Hyper-V exit");
+        }
     }
     control.parked.fetch_add(1, Ordering::SeqCst);
     vcpu
 }
+
+/// Work left after a vCPU exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum After {
+    Nothing,
+    /// KVM_EXIT_HYPERV: SynIC change or hypercall (kernel backend).
+    KernelHyperv,
+    /// `out` to the hypercall port (userspace backend).
+    UserHypercall,
+    /// RDMSR of TIME_REF_COUNT: needs the guest TSC.
+    RefTime,
+}
+
+fn finish_hv_exit(
+    vcpu: &mut VcpuFd,
+    vp: u32,
+    hv: &HvPartition,
+    after: After,
+) -> Result<(), kvm_ioctls::Error> {
+    match after {
+        After::Nothing => {}
+        After::KernelHyperv => {
+            let run = vcpu.get_kvm_run();
+            // SAFETY: the last exit was KVM_EXIT_HYPERV, so `hyperv` is the active member of
+            // the exit union; both of its variants are plain integers.
+            let exit = unsafe { &mut run.__bindgen_anon_1.hyperv };
+            match exit.type_ {
+                kvm_bindings::KVM_EXIT_HYPERV_SYNIC => {
+                    // SAFETY: type SYNIC selects the `synic` member (plain integers).
+                    let s = unsafe { exit.u.synic };
+                    hv.synic.set_msr(vp, crate::hv::msr::SCONTROL, s.control);
+                    hv.synic.set_msr(vp, crate::hv::msr::SIEFP, s.evt_page);
+                    hv.synic.set_msr(vp, crate::hv::msr::SIMP, s.msg_page);
+                    tracing::debug!(
+                        vp,
+                        msr = s.msr,
+                        control = s.control,
+                        simp = s.msg_page,
+                        siefp = s.evt_page,
+                        "SynIC change"
+                    );
+                }
+                kvm_bindings::KVM_EXIT_HYPERV_HCALL => {
+                    // SAFETY: type HCALL selects the `hcall` member (plain integers).
+                    let h = unsafe { &mut exit.u.hcall };
+                    h.result = hv.hypercall(h.input, h.params[0], SignalInput::Loaded);
+                }
+                _ => {}
+            }
+        }
+        After::UserHypercall => {
+            let mut regs = vcpu.get_regs()?;
+            regs.rax = hv.hypercall(regs.rcx, regs.rdx, SignalInput::FromGuest);
+            // RIP stays on the `out`: KVM skips it on the next KVM_RUN.
+            vcpu.set_regs(&regs)?;
+        }
+        After::RefTime => {
+            let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+                index: IA32_TSC,
+                ..Default::default()
+            }])
+            .map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
+            vcpu.get_msrs(&mut msrs)?;
+            let tsc = msrs.as_slice()[0].data;
+            let t = hv.user.as_ref().map_or(0, |u| u.ref_time(tsc));
+            // The last exit was KVM_EXIT_X86_RDMSR: KVM returns `msr.data` to the guest.
+            vcpu.get_kvm_run().__bindgen_anon_1.msr.data = t;
+        }
+    }
+    Ok(())
+}
+
+/// IA32_TIME_STAMP_COUNTER.
+const IA32_TSC: u32 = 0x10;
 
 /// The signal used to kick vCPU threads out of KVM_RUN.
 pub fn kick_signal() -> libc::c_int {

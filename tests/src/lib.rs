@@ -16,6 +16,7 @@ pub mod live;
 pub mod markers;
 pub mod testhost;
 pub mod upload_bench;
+pub mod vmbus_bench;
 
 pub use build::{Artifacts, artifacts};
 pub use markers::{marker, marker_all};

@@ -193,7 +193,10 @@ pub fn print(r: &UploadResult) {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "  load average after the run: {}",
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     println!(
         "  ratio upload/cp speed: {:.2}x (streaming only {:.2}x)",

@@ -65,7 +65,10 @@ impl ConsoleService for ConsoleSvc {
             let id = vm_id(&self.agent, &ev.vm_id)?;
             let kind = match ev.kind {
                 Some(input_event::Kind::Key(k)) => {
-                    if k.scancode > 0xE0FF || (k.scancode > 0xFF && k.scancode >> 8 != 0xE0) {
+                    // Set-1 make codes, alone or with an E0 (extended) or E1 (Pause) prefix.
+                    if k.scancode > 0xE1FF
+                        || (k.scancode > 0xFF && !matches!(k.scancode >> 8, 0xE0 | 0xE1))
+                    {
                         return Err(
                             AgentError::invalid("key.scancode", "not a set-1 scan code").into()
                         );

@@ -675,8 +675,15 @@ impl Vms {
                 anyhow::anyhow!("worker sent a bad geometry {fb:?}"),
             )
         })?;
-        let s =
-            Screen::start(fd, g).map_err(|e| AgentError::internal("starting screen capture", e))?;
+        // With a synthetic video device, its geometry and dirty rectangles drive the capture
+        // once the guest driver takes over from the boot framebuffer.
+        let socket = running.conn.socket().to_owned();
+        let display = tokio::task::spawn_blocking(move || crate::worker::display_blocking(&socket))
+            .await
+            .map_err(|e| AgentError::internal("display subscription", e))?
+            .ok();
+        let s = Screen::start_with_display(fd, g, display)
+            .map_err(|e| AgentError::internal("starting screen capture", e))?;
         *slot = Some(s.clone());
         Ok(s)
     }
@@ -785,9 +792,15 @@ mod tests {
     #[test]
     fn a_written_disk_belongs_to_one_running_vm() {
         let mut map = HashMap::new();
-        map.insert("a".to_string(), entry("a", VmState::Running, &[("d1", false)]));
+        map.insert(
+            "a".to_string(),
+            entry("a", VmState::Running, &[("d1", false)]),
+        );
         map.insert("b".to_string(), entry("b", VmState::Off, &[("d1", false)]));
-        map.insert("c".to_string(), entry("c", VmState::Paused, &[("d2", true)]));
+        map.insert(
+            "c".to_string(),
+            entry("c", VmState::Paused, &[("d2", true)]),
+        );
         let me = |disks: &[(&str, bool)]| entry("me", VmState::Off, disks).config;
         // Written by a running VM: refused, whichever way this VM attaches it.
         let hit = disk_conflict(&map, "me", &me(&[("d1", true)])).unwrap();

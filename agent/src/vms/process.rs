@@ -165,6 +165,10 @@ pub fn spawn(
         .arg(dir.join(STATUS))
         .arg("--on-reboot")
         .arg("reset")
+        // Hyper-V enlightenments and VMBus (synthetic video, keyboard, mouse): KVM's
+        // in-kernel emulation where the host has it, else the worker's own.
+        .arg("--hyperv")
+        .arg("auto")
         .arg("--log")
         .arg("info")
         .current_dir(dir)

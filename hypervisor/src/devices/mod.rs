@@ -9,6 +9,7 @@ pub mod i8042;
 pub mod pm;
 pub mod pvpanic;
 pub mod serial;
+pub mod synth;
 pub mod virtio_blk;
 pub mod virtio_mmio;
 

@@ -219,7 +219,7 @@ fn args() -> Result<Args> {
 }
 
 /// What `--only` can name.
-const BENCHES: &[&str] = &["boot", "disk", "upload", "fb", "console"];
+const BENCHES: &[&str] = &["boot", "disk", "upload", "fb", "console", "vmbus"];
 
 fn main() -> ExitCode {
     match run() {
@@ -249,6 +249,10 @@ fn run() -> Result<bool> {
             .tempdir()?;
         let r = parvis_tests::fb_bench::run(tmp.path(), 1920, 1080, 5.0)?;
         parvis_tests::fb_bench::print(&r);
+    }
+    if want("vmbus") {
+        let r = parvis_tests::vmbus_bench::run()?;
+        parvis_tests::vmbus_bench::print(&r);
     }
     if want("upload") {
         let tmp = tempfile::Builder::new()

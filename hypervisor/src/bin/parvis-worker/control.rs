@@ -26,6 +26,10 @@ use std::time::{Duration, Instant};
 
 use hypervisor::devices::bus::lock;
 use hypervisor::devices::serial::SerialDevice;
+use hypervisor::devices::synth::SynthDevices;
+use hypervisor::devices::synth::keyboard::KeyEvent;
+use hypervisor::devices::synth::mouse::PointerEvent;
+use hypervisor::devices::synth::video::{DisplayCursor, VideoShared};
 use hypervisor::framebuffer::FbFormat;
 use hypervisor::partition::{Command, Gone, PartitionHandle, PartitionState};
 use proto::framing::{self, Decoder};
@@ -73,6 +77,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialDevice>>,
     hub: SerialHub,
     framebuffer: Option<SharedFramebuffer>,
+    synth: SynthDevices,
     /// Requests being handled (from decoding to the reply being written).
     busy: AtomicUsize,
 }
@@ -91,8 +96,15 @@ impl Vm {
             serial,
             hub,
             framebuffer,
+            synth: SynthDevices::default(),
             busy: AtomicUsize::new(0),
         }
+    }
+
+    /// Route input to these synthetic devices and serve their display updates.
+    pub fn with_synth(mut self, synth: SynthDevices) -> Self {
+        self.synth = synth;
+        self
     }
 
     /// Wait up to `limit` for requests in progress to be answered, so the reply to `stop`
@@ -181,6 +193,7 @@ pub fn session(conn: UnixStream, vm: Arc<Vm>) {
         }),
         subscriber: None,
         input: None,
+        display: None,
     };
     let mut decoder = Decoder::default();
     let mut buf = vec![0u8; 16 << 10];
@@ -216,6 +229,8 @@ struct Session {
     conn: Arc<Conn>,
     subscriber: Option<Arc<Subscriber>>,
     input: Option<InputFeeder>,
+    /// Stop flag of this session's display sender.
+    display: Option<Arc<AtomicBool>>,
 }
 
 impl Session {
@@ -256,7 +271,8 @@ impl Session {
                 reply.framebuffer = Some(f);
                 fd = Some(file);
             }),
-            Some(Kind::Input(_)) => Err(NO_INPUT_DEVICE.to_string()),
+            Some(Kind::Input(i)) => self.input(i),
+            Some(Kind::SubscribeDisplay(_)) => self.subscribe_display(),
         };
         if let Err(e) = result {
             reply.error = e;
@@ -279,8 +295,59 @@ impl Session {
             paused: state == PartitionState::Paused,
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            input_ready: false,
+            input_ready: self.vm.synth.keyboard.is_some(),
+            synthetic_video: self.vm.synth.video.is_some(),
         })
+    }
+
+    fn input(&self, i: proto::worker::Input) -> Result<(), String> {
+        use proto::worker::input::Kind;
+        let queued = match i.kind {
+            Some(Kind::Key(k)) => {
+                let Some(q) = &self.vm.synth.keyboard else {
+                    return Err(NO_INPUT_DEVICE.to_string());
+                };
+                q.push(KeyEvent {
+                    scancode: k.scancode,
+                    pressed: k.pressed,
+                })
+            }
+            Some(Kind::Pointer(p)) => {
+                let Some(q) = &self.vm.synth.mouse else {
+                    return Err(NO_INPUT_DEVICE.to_string());
+                };
+                q.push(PointerEvent {
+                    x: p.x,
+                    y: p.y,
+                    buttons: p.buttons,
+                    wheel: p.wheel,
+                })
+            }
+            None => return Err("empty input".into()),
+        };
+        if queued {
+            Ok(())
+        } else {
+            Err("input is backed up: the guest is not reading its keyboard or mouse".into())
+        }
+    }
+
+    fn subscribe_display(&mut self) -> Result<(), String> {
+        let Some(video) = self.vm.synth.video.clone() else {
+            return Err("this VM has no synthetic video device".into());
+        };
+        if self.display.is_some() {
+            return Ok(());
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let (conn, flag) = (self.conn.clone(), stop.clone());
+        let offset = self.vm.framebuffer.as_ref().map_or(0, |f| f.offset);
+        std::thread::Builder::new()
+            .name("display-out".into())
+            .spawn(move || display_sender(&video, &conn, &flag, offset))
+            .map_err(|e| format!("cannot start the display sender: {e}"))?;
+        self.display = Some(stop);
+        Ok(())
     }
 
     fn screenshot(&self, path: String) -> Result<(), String> {
@@ -361,6 +428,55 @@ impl Session {
         }
         if let Some(input) = &self.input {
             input.stop.store(true, Ordering::SeqCst);
+        }
+        if let Some(d) = &self.display {
+            d.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Send display updates to one session until it closes. The first update always carries
+/// the current state (geometry, or inactive).
+fn display_sender(video: &VideoShared, conn: &Conn, stop: &AtomicBool, vram_offset: u64) {
+    let mut cursor = DisplayCursor::default();
+    let mut first = true;
+    while !stop.load(Ordering::SeqCst) {
+        let update = match video.wait(cursor, Duration::from_millis(500)) {
+            Some(u) => u,
+            None if first => hypervisor::devices::synth::video::DisplayUpdate {
+                mode: None,
+                dirty: Vec::new(),
+                cursor,
+            },
+            None => continue,
+        };
+        first = false;
+        cursor = update.cursor;
+        let active = video.mode().is_some();
+        let ev = Event {
+            kind: Some(event::Kind::Display(proto::worker::DisplayUpdate {
+                active,
+                framebuffer: update.mode.map(|m| Framebuffer {
+                    offset: vram_offset,
+                    width: m.width,
+                    height: m.height,
+                    stride: m.stride,
+                    bytes_per_pixel: 4,
+                }),
+                dirty: update
+                    .dirty
+                    .iter()
+                    .map(|r| proto::worker::Rect {
+                        x: r.x,
+                        y: r.y,
+                        width: r.width,
+                        height: r.height,
+                    })
+                    .collect(),
+            })),
+        };
+        if conn.send(&ev, None).is_err() {
+            return;
         }
     }
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use proto::framing::{self, Decoder};
-use proto::worker::{Empty, Event, Reply, Request, event, request};
+use proto::worker::{Empty, Event, Input, Key, Pointer, Reply, Request, event, input, request};
 
 /// The request for one command word, or the line to print if there is none.
 pub fn request_for(command: &str) -> Result<request::Kind, String> {
@@ -23,8 +23,54 @@ pub fn request_for(command: &str) -> Result<request::Kind, String> {
         "power-button" => request::Kind::PowerButton(Empty {}),
         "state" => request::Kind::Query(Empty {}),
         "screenshot" if !arg.is_empty() => request::Kind::ScreenshotPath(arg.to_string()),
+        "key" => {
+            key(arg).ok_or_else(|| format!("error: usage: key SCANCODE down|up, not '{line}'"))?
+        }
+        "pointer" => pointer(arg)
+            .ok_or_else(|| format!("error: usage: pointer X Y [BUTTONS [WHEEL]], not '{line}'"))?,
         _ => return Err(format!("error: unknown command '{line}'")),
     })
+}
+
+fn number(s: &str) -> Option<u32> {
+    match s.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// `key 0x1e down`: a set-1 scan code (0xE0xx for extended keys) pressed or released.
+fn key(arg: &str) -> Option<request::Kind> {
+    let mut w = arg.split_whitespace();
+    let scancode = number(w.next()?)?;
+    let pressed = match w.next()? {
+        "down" => true,
+        "up" => false,
+        _ => return None,
+    };
+    w.next().is_none().then_some(request::Kind::Input(Input {
+        kind: Some(input::Kind::Key(Key { scancode, pressed })),
+    }))
+}
+
+/// `pointer X Y [BUTTONS [WHEEL]]`: absolute position 0..=32767.
+fn pointer(arg: &str) -> Option<request::Kind> {
+    let w: Vec<&str> = arg.split_whitespace().collect();
+    if !(2..=4).contains(&w.len()) {
+        return None;
+    }
+    let x = number(w[0])?;
+    let y = number(w[1])?;
+    let buttons = w.get(2).map_or(Some(0), |b| number(b))?;
+    let wheel = w.get(3).map_or(Some(0), |b| b.parse::<i32>().ok())?;
+    Some(request::Kind::Input(Input {
+        kind: Some(input::Kind::Pointer(Pointer {
+            x,
+            y,
+            buttons,
+            wheel,
+        })),
+    }))
 }
 
 /// The line printed for the reply to `kind`.
@@ -42,6 +88,155 @@ pub fn format_reply(kind: &request::Kind, reply: &Reply) -> String {
     }
 }
 
+/// `watch-display DIR SECONDS`: subscribe to the synthetic video device's updates for
+/// SECONDS and record them in DIR: `updates.txt` gets one line per event
+/// (`<unix time> mode W H STRIDE` or `<unix time> rect X Y W H`, or `inactive`), and
+/// `rects.bin` the pixels of every dirty rectangle as read from the guest memory file right
+/// after the notification (rows of W*4 bytes, in the order of the `rect` lines). Ends early,
+/// successfully, when the worker exits.
+pub fn watch_display(socket: &Path, dir: &Path, seconds: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut lines = std::fs::File::create(dir.join("updates.txt"))?;
+    let mut pixels = std::io::BufWriter::new(std::fs::File::create(dir.join("rects.bin"))?);
+    let conn = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    let mut client = Client {
+        conn,
+        decoder: Decoder::default(),
+    };
+    let (fb, file) = client.framebuffer_fd(1)?;
+    let file = std::fs::File::from(file);
+    let reply = client.call(2, request::Kind::SubscribeDisplay(Empty {}))?;
+    if !reply.error.is_empty() {
+        anyhow::bail!("subscribe_display: {}", reply.error);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    client
+        .conn
+        .set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
+    let mut geometry: Option<proto::worker::Framebuffer> = None;
+    let _ = fb;
+    let mut closed = false;
+    while std::time::Instant::now() < deadline && !closed {
+        let Some(ev) = client.next_event(&mut closed)? else {
+            continue;
+        };
+        let Some(event::Kind::Display(u)) = ev.kind else {
+            continue;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        if !u.active {
+            writeln!(lines, "{now:.6} inactive")?;
+        }
+        if let Some(g) = u.framebuffer {
+            writeln!(lines, "{now:.6} mode {} {} {}", g.width, g.height, g.stride)?;
+            geometry = Some(g);
+        }
+        let Some(g) = &geometry else { continue };
+        for r in &u.dirty {
+            if r.x.saturating_add(r.width) > g.width || r.y.saturating_add(r.height) > g.height {
+                anyhow::bail!("rectangle {r:?} outside {}x{}", g.width, g.height);
+            }
+            writeln!(
+                lines,
+                "{now:.6} rect {} {} {} {}",
+                r.x, r.y, r.width, r.height
+            )?;
+            let mut row = vec![0u8; r.width as usize * 4];
+            for y in r.y..r.y + r.height {
+                let off = g.offset + u64::from(y) * u64::from(g.stride) + u64::from(r.x) * 4;
+                file.read_exact_at(&mut row, off)?;
+                pixels.write_all(&row)?;
+            }
+        }
+        lines.flush()?;
+        pixels.flush()?;
+    }
+    Ok(())
+}
+
+/// `bench-echo COUNT OUT`: latency benchmark against a guest running `parvis-drm echo`. For
+/// each of COUNT key presses (A), time from sending it to (1) the guest's `PARVIS-KEY=30`
+/// line on the serial console and (2) the display update for the square the guest draws.
+/// Writes `<i> <key_us> <draw_us>` lines to OUT.
+pub fn bench_echo(socket: &Path, count: u32, out: &Path) -> Result<()> {
+    use std::time::{Duration, Instant};
+    let conn = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    let mut client = Client {
+        conn,
+        decoder: Decoder::default(),
+    };
+    let r = client.call(1, request::Kind::SubscribeSerial(Empty {}))?;
+    anyhow::ensure!(r.error.is_empty(), "subscribe_serial: {}", r.error);
+    let r = client.call(2, request::Kind::SubscribeDisplay(Empty {}))?;
+    anyhow::ensure!(r.error.is_empty(), "subscribe_display: {}", r.error);
+    client
+        .conn
+        .set_read_timeout(Some(Duration::from_millis(20)))?;
+    let mut lines = std::fs::File::create(out)?;
+    let mut serial = String::new();
+    let mut seen_keys = 0usize;
+    let mut closed = false;
+    // Let the initial display updates (mode, full frame) pass.
+    let settle = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < settle && !closed {
+        let _ = client.next_event(&mut closed)?;
+    }
+    for i in 0..count {
+        let key = |pressed| {
+            request::Kind::Input(Input {
+                kind: Some(input::Kind::Key(Key {
+                    scancode: 0x1e,
+                    pressed,
+                })),
+            })
+        };
+        let t0 = Instant::now();
+        let req = Request {
+            id: 100 + u64::from(i) * 2,
+            kind: Some(key(true)),
+        };
+        (&client.conn).write_all(&framing::encode(&req))?;
+        let (mut t_key, mut t_draw) = (None, None);
+        let deadline = t0 + Duration::from_secs(10);
+        while (t_key.is_none() || t_draw.is_none()) && Instant::now() < deadline && !closed {
+            let Some(ev) = client.next_event(&mut closed)? else {
+                continue;
+            };
+            match ev.kind {
+                Some(event::Kind::SerialOutput(b)) => {
+                    serial.push_str(&String::from_utf8_lossy(&b));
+                    let n = serial.matches("PARVIS-KEY=30").count();
+                    if n > seen_keys {
+                        seen_keys = n;
+                        t_key.get_or_insert_with(|| t0.elapsed());
+                    }
+                }
+                Some(event::Kind::Display(u))
+                    if u.dirty.iter().any(|r| r.width == 32 && r.height == 32) =>
+                {
+                    t_draw.get_or_insert_with(|| t0.elapsed());
+                }
+                _ => {}
+            }
+        }
+        let us = |d: Option<Duration>| d.map_or(-1, |d| d.as_micros() as i64);
+        writeln!(lines, "{i} {} {}", us(t_key), us(t_draw))?;
+        let req = Request {
+            id: 101 + u64::from(i) * 2,
+            kind: Some(key(false)),
+        };
+        (&client.conn).write_all(&framing::encode(&req))?;
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    Ok(())
+}
+
 /// Send `commands` in order and print each reply. Returns whether every command succeeded.
 pub fn run(socket: &Path, commands: &[String]) -> Result<bool> {
     let conn = UnixStream::connect(socket)
@@ -52,6 +247,32 @@ pub fn run(socket: &Path, commands: &[String]) -> Result<bool> {
     };
     let mut all_ok = true;
     for (id, c) in (1u64..).zip(commands) {
+        if let Some(arg) = c.trim().strip_prefix("bench-echo ") {
+            let mut w = arg.split_whitespace();
+            let line = match (w.next().and_then(|s| s.parse().ok()), w.next()) {
+                (Some(n), Some(out)) => match bench_echo(socket, n, Path::new(out)) {
+                    Ok(()) => "ok".to_string(),
+                    Err(e) => format!("error: {e:#}"),
+                },
+                _ => "error: usage: bench-echo COUNT OUT".to_string(),
+            };
+            all_ok &= line.starts_with("ok");
+            println!("{line}");
+            continue;
+        }
+        if let Some(arg) = c.trim().strip_prefix("watch-display ") {
+            let mut w = arg.split_whitespace();
+            let line = match (w.next(), w.next().and_then(|s| s.parse().ok())) {
+                (Some(dir), Some(secs)) => match watch_display(socket, Path::new(dir), secs) {
+                    Ok(()) => "ok".to_string(),
+                    Err(e) => format!("error: {e:#}"),
+                },
+                _ => "error: usage: watch-display DIR SECONDS".to_string(),
+            };
+            all_ok &= line.starts_with("ok");
+            println!("{line}");
+            continue;
+        }
         let line = match request_for(c) {
             Ok(kind) => {
                 let reply = client.call(id, kind.clone())?;
@@ -71,6 +292,85 @@ struct Client {
 }
 
 impl Client {
+    /// Ask for the guest memory file: the reply's geometry and the passed descriptor.
+    fn framebuffer_fd(
+        &mut self,
+        id: u64,
+    ) -> Result<(proto::worker::Framebuffer, std::os::fd::OwnedFd)> {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+        let req = Request {
+            id,
+            kind: Some(request::Kind::Framebuffer(Empty {})),
+        };
+        (&self.conn).write_all(&framing::encode(&req))?;
+        let mut fd = None;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut anc = RecvAncillaryBuffer::new(&mut space);
+            let n = recvmsg(
+                &self.conn,
+                &mut [std::io::IoSliceMut::new(&mut buf)],
+                &mut anc,
+                RecvFlags::CMSG_CLOEXEC,
+            )?
+            .bytes;
+            for msg in anc.drain() {
+                if let RecvAncillaryMessage::ScmRights(fds) = msg {
+                    for f in fds {
+                        fd.get_or_insert(f);
+                    }
+                }
+            }
+            if n == 0 {
+                anyhow::bail!("the worker closed the control socket");
+            }
+            self.decoder.push(&buf[..n]);
+            while let Some(ev) = self.decoder.next_message::<Event>()? {
+                if let Some(event::Kind::Reply(r)) = ev.kind
+                    && r.id == id
+                {
+                    if !r.error.is_empty() {
+                        anyhow::bail!("framebuffer: {}", r.error);
+                    }
+                    let fb = r
+                        .framebuffer
+                        .context("framebuffer reply without geometry")?;
+                    return Ok((fb, fd.context("framebuffer reply without a file")?));
+                }
+            }
+        }
+    }
+
+    /// The next event; None after a read timeout or when the worker went away (`closed`).
+    fn next_event(&mut self, closed: &mut bool) -> Result<Option<Event>> {
+        if let Some(ev) = self.decoder.next_message::<Event>()? {
+            return Ok(Some(ev));
+        }
+        let mut buf = [0u8; 16384];
+        match (&self.conn).read(&mut buf) {
+            Ok(0) => {
+                *closed = true;
+                Ok(None)
+            }
+            Ok(n) => {
+                self.decoder.push(&buf[..n]);
+                Ok(self.decoder.next_message::<Event>()?)
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                Ok(None)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                *closed = true;
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Send one request and wait for its reply (skipping serial output).
     fn call(&mut self, id: u64, kind: request::Kind) -> Result<Reply> {
         let req = Request {
@@ -118,6 +418,28 @@ mod tests {
         assert_eq!(request_for(" stop "), Ok(Kind::Stop(Empty {})));
         assert_eq!(request_for("power-button"), Ok(Kind::PowerButton(Empty {})));
         assert_eq!(request_for("state"), Ok(Kind::Query(Empty {})));
+        assert_eq!(
+            request_for("key 0xe048 up"),
+            Ok(Kind::Input(Input {
+                kind: Some(input::Kind::Key(Key {
+                    scancode: 0xe048,
+                    pressed: false
+                }))
+            }))
+        );
+        assert_eq!(
+            request_for("pointer 100 200 1 -2"),
+            Ok(Kind::Input(Input {
+                kind: Some(input::Kind::Pointer(Pointer {
+                    x: 100,
+                    y: 200,
+                    buttons: 1,
+                    wheel: -2
+                }))
+            }))
+        );
+        assert!(request_for("key 30").is_err());
+        assert!(request_for("pointer 1").is_err());
         assert_eq!(
             request_for("screenshot /tmp/a b.png"),
             Ok(Kind::ScreenshotPath("/tmp/a b.png".into()))

@@ -19,6 +19,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use hypervisor::config::{ByteSize, DiskSpec, Resolution, WorkerSettings};
 use hypervisor::devices::serial::{SerialOutput, pump_input};
+use hypervisor::devices::synth::SynthDevices;
+use hypervisor::hv::HvMode;
 use hypervisor::partition::{Command, GuestExit};
 use hypervisor::{DiskAttachment, Partition, PartitionConfig, RebootAction};
 use parvis_disk::image::{self, OpenOptions};
@@ -88,6 +90,10 @@ struct RunArgs {
     /// What a guest reboot does: reset (boot again) or exit (status 4).
     #[arg(long, value_parser = parse_reboot)]
     on_reboot: Option<RebootAction>,
+    /// Hyper-V enlightenments and VMBus devices: off, auto (KVM's in-kernel emulation when
+    /// the host has it, else userspace), kernel, or userspace.
+    #[arg(long)]
+    hyperv: Option<hypervisor::hv::HvMode>,
     /// Serial console: stdio, none, or unix:PATH (a socket the worker listens on).
     #[arg(long, default_value = "stdio")]
     serial: String,
@@ -212,6 +218,7 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
         framebuffer: cli.framebuffer,
         no_framebuffer: cli.no_framebuffer,
         on_reboot: cli.on_reboot,
+        hyperv: cli.hyperv,
     };
     let s = file.merge(flags).resolve()?;
 
@@ -265,6 +272,8 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
         out.add(Box::new(f));
     }
 
+    let synth = SynthDevices::new(s.hyperv != HvMode::Off)
+        .context("cannot create the synthetic devices")?;
     let partition = Partition::new(
         PartitionConfig {
             cpus: s.cpus,
@@ -275,6 +284,9 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
             disks,
             framebuffer: s.framebuffer,
             on_reboot: s.on_reboot,
+            hyperv: s.hyperv,
+            vmbus_devices: synth.vsps(),
+            video: synth.video.clone(),
         },
         out,
     )?;
@@ -317,12 +329,15 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
                 offset: partition.ram().layout().vram_file_offset,
                 format,
             });
-        let v = Arc::new(control::Vm::new(
-            Box::new(handle.clone()),
-            partition.serial(),
-            hub,
-            framebuffer,
-        ));
+        let v = Arc::new(
+            control::Vm::new(
+                Box::new(handle.clone()),
+                partition.serial(),
+                hub,
+                framebuffer,
+            )
+            .with_synth(synth.clone()),
+        );
         vm = Some(v.clone());
         spawn("control", move || control::serve(listener, v))?;
     }
