@@ -479,17 +479,7 @@ async fn session(
 
 /// Every message of an error's source chain, without repeats.
 pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let m = s.to_string();
-        if !m.is_empty() && !out.contains(&m) {
-            out.push_str(": ");
-            out.push_str(&m);
-        }
-        src = s.source();
-    }
-    out
+    proto::client::error_chain(e)
 }
 
 /// A connection failure in plain words.

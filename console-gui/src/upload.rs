@@ -16,7 +16,6 @@ use proto::v1::{
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::watch;
-use tonic::Code;
 
 use crate::backend::{CALL_TIMEOUT, Notifier, Slot, plain_status};
 
@@ -489,22 +488,6 @@ async fn hash(
     .map_err(|e| UploadError::Check(e.to_string()))?
 }
 
-/// Errors worth another stream: the connection, or a stream the agent still holds.
-fn retryable(s: &tonic::Status) -> bool {
-    match s.code() {
-        Code::Unavailable
-        | Code::Unknown
-        | Code::Aborted
-        | Code::Cancelled
-        | Code::DeadlineExceeded
-        | Code::ResourceExhausted => true,
-        Code::FailedPrecondition => {
-            s.message().contains("in progress") || s.message().contains("continues at offset")
-        }
-        _ => false,
-    }
-}
-
 /// Streams from the agent's verified offset until it has every byte; pauses, resumes after
 /// a broken connection, stops on Cancel.
 async fn send_all(
@@ -566,7 +549,7 @@ async fn send_all(
                 *status = s;
             }
             Err(Stop::File(e)) => return Err(e),
-            Err(Stop::Rpc(s)) if !retryable(&s) || failures >= 8 => {
+            Err(Stop::Rpc(s)) if !proto::client::upload_retryable(&s) || failures >= 8 => {
                 return Err(UploadError::Agent(plain_status("the upload failed", &s)));
             }
             Err(Stop::User | Stop::Rpc(_)) => {
@@ -593,7 +576,7 @@ async fn send_all(
                             *status = s.into_inner();
                             break;
                         }
-                        Err(s) if retryable(&s) && tries < 10 => {
+                        Err(s) if proto::client::upload_retryable(&s) && tries < 10 => {
                             tries += 1;
                             tokio::time::sleep(Duration::from_millis(300)).await;
                             c = clients(slot, ctl).await?;

@@ -92,6 +92,40 @@ impl tonic::service::Interceptor for Auth {
     }
 }
 
+/// Every message of an error's source chain, without repeats ("transport error: connection
+/// refused" rather than only "transport error").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let m = s.to_string();
+        if !m.is_empty() && !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        src = s.source();
+    }
+    out
+}
+
+/// Whether an upload stream that failed with `s` is worth another stream: the connection
+/// broke, or the agent still holds the previous stream or names the offset to continue at.
+pub fn upload_retryable(s: &tonic::Status) -> bool {
+    use tonic::Code;
+    match s.code() {
+        Code::Unavailable
+        | Code::Unknown
+        | Code::Aborted
+        | Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::ResourceExhausted => true,
+        Code::FailedPrecondition => {
+            s.message().contains("in progress") || s.message().contains("continues at offset")
+        }
+        _ => false,
+    }
+}
+
 /// The canonical form of a fingerprint: 32 upper-case hex pairs joined by colons.
 pub fn fingerprint_of(cert_der: &[u8]) -> String {
     let digest = Sha256::digest(cert_der);

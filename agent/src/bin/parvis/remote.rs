@@ -88,17 +88,7 @@ pub async fn connect_to(name: &str, t: &Target) -> Result<Clients> {
 
 /// Every message of an error's source chain, without repeats.
 pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let m = s.to_string();
-        if !m.is_empty() && !out.contains(&m) {
-            out.push_str(": ");
-            out.push_str(&m);
-        }
-        src = s.source();
-    }
-    out
+    proto::client::error_chain(e)
 }
 
 fn connect_error(t: &Target, e: &ConnectError) -> anyhow::Error {

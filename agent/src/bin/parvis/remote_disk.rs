@@ -606,7 +606,9 @@ async fn upload(
                          {upload_id})"
                     )));
                 }
-                Err(SendError::Rpc(s)) if retryable(&s) && failures < retries => {
+                Err(SendError::Rpc(s))
+                    if proto::client::upload_retryable(&s) && failures < retries =>
+                {
                     failures += 1;
                     let wait = backoff(failures - 1);
                     bar.suspend(|| {
@@ -642,7 +644,7 @@ async fn upload(
                             }
                             status = s;
                         }
-                        Err(s) if retryable(&s) => {}
+                        Err(s) if proto::client::upload_retryable(&s) => {}
                         Err(s) => {
                             bar.abandon();
                             return Err(status_error("checking the upload", &s));
@@ -651,11 +653,11 @@ async fn upload(
                 }
                 Err(SendError::Rpc(s)) => {
                     bar.abandon();
-                    if s.code() != Code::Unauthenticated && !retryable(&s) {
+                    if s.code() != Code::Unauthenticated && !proto::client::upload_retryable(&s) {
                         ResumeFile::forget(&upload_id);
                     }
                     let e = status_error(&format!("uploading '{name}'"), &s);
-                    if retryable(&s) {
+                    if proto::client::upload_retryable(&s) {
                         return Err(anyhow!(
                             "{e:#} (gave up after {retries} retries; run the same command \
                              again to resume)"
@@ -732,22 +734,6 @@ async fn upload(
     );
     println!("{}", d.id);
     Ok(0)
-}
-
-/// Errors worth another stream: the connection, or a stream the agent still holds.
-fn retryable(s: &tonic::Status) -> bool {
-    match s.code() {
-        Code::Unavailable
-        | Code::Unknown
-        | Code::Aborted
-        | Code::Cancelled
-        | Code::DeadlineExceeded
-        | Code::ResourceExhausted => true,
-        Code::FailedPrecondition => {
-            s.message().contains("in progress") || s.message().contains("continues at offset")
-        }
-        _ => false,
-    }
 }
 
 enum Sent {
@@ -887,13 +873,17 @@ mod tests {
         assert_eq!(parse_format("VHDX").unwrap(), DiskFormat::Vhdx);
         assert!(parse_format("qcow2").is_err());
         assert_eq!(parse_variant("fixed").unwrap(), DiskVariant::Fixed);
-        assert!(retryable(&tonic::Status::unavailable("x")));
-        assert!(retryable(&tonic::Status::failed_precondition(
-            "upload 'x': upload already in progress"
-        )));
-        assert!(!retryable(&tonic::Status::failed_precondition(
-            "upload 'x' was cancelled"
-        )));
-        assert!(!retryable(&tonic::Status::invalid_argument("size")));
+        assert!(proto::client::upload_retryable(
+            &tonic::Status::unavailable("x")
+        ));
+        assert!(proto::client::upload_retryable(
+            &tonic::Status::failed_precondition("upload 'x': upload already in progress")
+        ));
+        assert!(!proto::client::upload_retryable(
+            &tonic::Status::failed_precondition("upload 'x' was cancelled")
+        ));
+        assert!(!proto::client::upload_retryable(
+            &tonic::Status::invalid_argument("size")
+        ));
     }
 }
