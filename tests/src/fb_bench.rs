@@ -126,7 +126,8 @@ pub fn run(dir: &Path, width: u32, height: u32, secs: f64) -> Result<FbResult> {
     std::fs::create_dir_all(state.join("boot/default"))?;
     std::fs::write(state.join("boot/default/kernel"), b"not booted")?;
     let worker_arg = worker.to_string_lossy().into_owned();
-    let (mut agent, target) = crate::upload_bench::spawn_agent(&state, &["--worker", &worker_arg])?;
+    let (mut agent, target) =
+        crate::agent_proc::spawn_agent(&state, &["--worker", &worker_arg], None)?;
     let agent_pid = agent.id();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -6,6 +6,7 @@
 //! `$IMAGES` and a writable folder shared with the host in `$SHARE`; whatever it writes to
 //! `$SHARE` is visible to the test afterwards.
 
+pub mod agent_proc;
 pub mod bench_support;
 pub mod build;
 pub mod console_bench;

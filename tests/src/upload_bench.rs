@@ -2,13 +2,12 @@
 //! through `DiskService.UploadDisk`, against copying the same file with `cp` + `sync`
 //! on the same filesystem (what the disk alone allows).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use proto::client::{self, Target};
+use anyhow::{Result, bail};
+use proto::client;
 use proto::v1::{BeginUploadRequest, UploadChunk, UploadRef, UploadState};
 use sha2::{Digest, Sha256};
 
@@ -29,7 +28,8 @@ pub struct UploadResult {
 /// Upload a `gib` GiB raw image to a fresh agent in `dir`.
 pub fn run(dir: &Path, gib: u64) -> Result<UploadResult> {
     let state = dir.join("agent-state");
-    let (mut agent, target) = spawn_agent(&state, &["--worker", "/bin/false"])?;
+    let (mut agent, target) =
+        crate::agent_proc::spawn_agent(&state, &["--worker", "/bin/false"], None)?;
     let file = dir.join("upload.raw");
     let size = gib << 30;
     {
@@ -121,44 +121,6 @@ pub fn run(dir: &Path, gib: u64) -> Result<UploadResult> {
         cpu_agent: cpu1[0] - cpu0[0],
         cpu_client: cpu1[1] - cpu0[1],
     })
-}
-
-/// Start a real `parvis-agent` with TLS on a free loopback port, with `args` added (the
-/// worker, …), and read its address, certificate fingerprint and token.
-pub fn spawn_agent(state: &Path, args: &[&str]) -> Result<(std::process::Child, Target)> {
-    let art = crate::build::artifacts()?;
-    let mut agent = Command::new(art.bin.join("parvis-agent"))
-        .arg("--state-dir")
-        .arg(state)
-        .args(["--listen", "127.0.0.1:0", "--tls", "--log", "warn"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start parvis-agent")?;
-    let out = agent.stdout.take().context("no stdout")?;
-    let mut lines = BufReader::new(out).lines();
-    let (mut addr, mut fp, mut token) = (None, None, None);
-    while token.is_none() {
-        let l = lines.next().context("the agent exited early")??;
-        if let Some(rest) = l.split(" listening on ").nth(1) {
-            addr = rest.split_whitespace().next().map(str::to_string);
-        }
-        if let Some(f) = l.strip_prefix("TLS certificate SHA-256 fingerprint: ") {
-            fp = Some(f.trim().to_string());
-        }
-        if let Some(t) = l.strip_prefix("token: ") {
-            token = Some(t.trim().to_string());
-        }
-    }
-    // Keep reading: the agent prints more after the token, and a closed pipe would end it.
-    std::thread::spawn(move || lines.for_each(drop));
-    let target = Target {
-        addr: addr.context("no address printed")?,
-        fingerprint: fp,
-        token: token.unwrap_or_default(),
-    };
-    Ok((agent, target))
 }
 
 /// Print the figures and ratios.

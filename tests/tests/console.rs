@@ -8,7 +8,6 @@
 //! Run: `cargo test -p parvis-tests --test console` (the test-host one takes minutes;
 //! `-- --skip test_host` leaves it out).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -41,12 +40,6 @@ impl Drop for Agent {
     }
 }
 
-fn agent_binary() -> PathBuf {
-    let art =
-        parvis_tests::artifacts().unwrap_or_else(|e| panic!("cannot build parvis-agent: {e:#}"));
-    art.bin.join("parvis-agent")
-}
-
 impl Agent {
     /// `parvis-agent` with TLS on 127.0.0.1 (a free port), no usable worker: it serves
     /// hosts, VMs, disks and uploads; VMs cannot run.
@@ -55,49 +48,19 @@ impl Agent {
         let state = dir.path().join("state");
         std::fs::create_dir_all(state.join("boot/default")).unwrap();
         std::fs::write(state.join("boot/default/kernel"), b"not a kernel").unwrap();
-        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-        let mut child = Command::new(agent_binary())
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--listen", "127.0.0.1:0", "--tls", "--worker", "/bin/false"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("parvis-agent starts");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let (mut addr, mut token, mut fingerprint) = (None, None, None);
-        while token.is_none() {
-            let line = rx
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "the agent printed no token; its log:\n{}",
-                        std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
-                    )
-                });
-            if let Some(rest) = line.split(" listening on ").nth(1) {
-                addr = rest.split_whitespace().next().map(str::to_string);
-            } else if let Some(fp) = line.strip_prefix("TLS certificate SHA-256 fingerprint: ") {
-                fingerprint = Some(fp.trim().to_string());
-            } else if let Some(t) = line.strip_prefix("token: ") {
-                token = Some(t.trim().to_string());
-            }
-        }
+        let (child, target) = parvis_tests::agent_proc::spawn_agent(
+            &state,
+            &["--worker", "/bin/false"],
+            Some(&dir.path().join("agent.log")),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
         Agent {
             child,
-            addr: addr.expect("the agent printed its address"),
-            token: token.unwrap(),
-            fingerprint: fingerprint.expect("the agent printed its fingerprint"),
+            addr: target.addr,
+            token: target.token,
+            fingerprint: target
+                .fingerprint
+                .expect("the agent printed its fingerprint"),
             _dir: dir,
         }
     }
