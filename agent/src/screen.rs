@@ -86,8 +86,9 @@ struct TileData {
 }
 
 impl TileData {
-    fn new(generation: u64, raw: Vec<u8>) -> Self {
-        let lz4 = proto::tiles::encode_lz4(&raw);
+    /// `scratch` is the compressor's working buffer, reused across tiles.
+    fn new(generation: u64, raw: Vec<u8>, scratch: &mut Vec<u8>) -> Self {
+        let lz4 = proto::tiles::encode_lz4_with(&raw, scratch);
         TileData {
             generation,
             raw: raw.into(),
@@ -170,9 +171,7 @@ impl Screen {
     ) -> std::io::Result<Arc<Screen>> {
         let mut first = vec![0u8; geometry.len()];
         read_exact_at(&file, &mut first, geometry.offset)?;
-        let tiles = (0..geometry.tile_count())
-            .map(|i| Arc::new(TileData::new(1, pack_tile(&geometry, &first, i))))
-            .collect();
+        let tiles = encode_all(&geometry, &first, 1);
         let screen = Arc::new(Screen {
             boot: geometry,
             frame: Mutex::new(Frame {
@@ -300,27 +299,18 @@ impl Screen {
             next = Instant::now() + period;
             cur.resize(g.len(), 0);
             prev.resize(g.len(), 0);
-            if read_exact_at(&file, &mut cur, g.offset).is_err() {
-                tracing::warn!("cannot read the guest framebuffer; screen capture stops");
-                break;
-            }
-            let changed: Vec<usize> = (0..g.tile_count())
-                .filter(|&i| tile_differs(&g, &prev, &cur, i))
-                .collect();
-            if changed.is_empty() {
+            let generation = self.frame().generation + 1;
+            let fresh = match scan(&file, &g, &prev, &mut cur, generation) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!("cannot read the guest framebuffer ({e}); screen capture stops");
+                    break;
+                }
+            };
+            if fresh.is_empty() {
                 continue;
             }
             last_change = Instant::now();
-            let generation = self.frame().generation + 1;
-            let fresh: Vec<(usize, Arc<TileData>)> = changed
-                .iter()
-                .map(|&i| {
-                    (
-                        i,
-                        Arc::new(TileData::new(generation, pack_tile(&g, &cur, i))),
-                    )
-                })
-                .collect();
             {
                 let mut f = self.frame();
                 for (i, t) in fresh {
@@ -343,9 +333,7 @@ impl Screen {
             tracing::warn!("cannot read the guest framebuffer after a mode change");
         }
         let generation = self.frame().generation + 1;
-        let tiles = (0..g.tile_count())
-            .map(|i| Arc::new(TileData::new(generation, pack_tile(&g, &all, i))))
-            .collect();
+        let tiles = encode_all(&g, &all, generation);
         {
             let mut f = self.frame();
             f.geometry = g;
@@ -360,39 +348,43 @@ impl Screen {
         self.generation.send_replace(generation);
     }
 
-    /// Read only the tiles under `rects` (the guest's dirty rectangles).
+    /// Read only the tiles under `rects` (the guest's dirty rectangles). Tiles whose
+    /// pixels turn out unchanged (a rectangle larger than the change) are not sent again.
     fn capture_rects(&self, file: &OwnedFd, g: Geometry, rects: &[Rect]) {
-        let mut wanted = std::collections::BTreeSet::new();
-        let (tx, ty) = (g.tiles_x(), g.height.div_ceil(TILE));
-        for r in rects {
-            if r.width == 0 || r.height == 0 || r.x >= g.width || r.y >= g.height {
-                continue;
-            }
-            let x2 = r.x.saturating_add(r.width).min(g.width) - 1;
-            let y2 = r.y.saturating_add(r.height).min(g.height) - 1;
-            for ty_ in r.y / TILE..=(y2 / TILE).min(ty - 1) {
-                for tx_ in r.x / TILE..=(x2 / TILE).min(tx - 1) {
-                    wanted.insert((ty_ * tx + tx_) as usize);
-                }
-            }
-        }
-        if wanted.is_empty() {
+        let rows = tiles_under(&g, rects);
+        if rows.is_empty() {
             return;
         }
-        let generation = self.frame().generation + 1;
-        let mut fresh = Vec::with_capacity(wanted.len());
-        for i in wanted {
-            let (x, y, w, h) = g.tile_rect(i);
-            let mut px = vec![0u8; (w * h * 4) as usize];
-            for row in 0..h {
-                let off = g.offset + u64::from(y + row) * u64::from(g.stride) + u64::from(x) * 4;
-                let dst = (row * w * 4) as usize;
-                if read_exact_at(file, &mut px[dst..dst + (w * 4) as usize], off).is_err() {
-                    tracing::warn!("cannot read the guest framebuffer");
+        let (generation, old) = {
+            let f = self.frame();
+            if f.geometry != g {
+                return;
+            }
+            (f.generation + 1, f.tiles.clone())
+        };
+        let bytes: usize = rows.iter().map(|(_, t)| t.len()).sum::<usize>() * TILE_BYTES;
+        let threads = capture_threads(bytes);
+        let read = par_map(&rows, threads, Scratch::default, |sc, (ty, txs)| {
+            read_tile_row(file, &g, *ty, txs, &mut sc.read).map(|tiles| {
+                tiles
+                    .into_iter()
+                    .filter(|(i, px)| old.get(*i).is_none_or(|t| t.raw[..] != px[..]))
+                    .map(|(i, px)| (i, Arc::new(TileData::new(generation, px, &mut sc.lz4))))
+                    .collect::<Vec<_>>()
+            })
+        });
+        let mut fresh = Vec::new();
+        for r in read {
+            match r {
+                Ok(t) => fresh.extend(t),
+                Err(e) => {
+                    tracing::warn!("cannot read the guest framebuffer: {e}");
                     return;
                 }
             }
-            fresh.push((i, Arc::new(TileData::new(generation, px))));
+        }
+        if fresh.is_empty() {
+            return;
         }
         {
             let mut f = self.frame();
@@ -562,21 +554,268 @@ fn read_exact_at(file: &OwnedFd, buf: &mut [u8], offset: u64) -> std::io::Result
     Ok(())
 }
 
-fn tile_differs(g: &Geometry, a: &[u8], b: &[u8], i: usize) -> bool {
-    let (x, y, w, h) = g.tile_rect(i);
-    (y..y + h).any(|row| {
-        let start = row as usize * g.stride as usize + x as usize * 4;
-        let end = start + w as usize * 4;
-        a[start..end] != b[start..end]
+/// Bytes of a whole tile's pixels.
+const TILE_BYTES: usize = (TILE * TILE * 4) as usize;
+
+/// How many threads capturing `bytes` bytes of pixels may use: one per CPU, at most 4, and
+/// just one below 1 MiB, where starting threads costs more than it saves.
+fn capture_threads(bytes: usize) -> usize {
+    if bytes < 1 << 20 {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
+/// A capture thread's reusable buffers.
+#[derive(Default)]
+struct Scratch {
+    read: Vec<u8>,
+    lz4: Vec<u8>,
+}
+
+/// `f` over `items` in order, split into one consecutive run per thread (at most
+/// `threads`; the calling thread takes the first run, and any run whose thread cannot be
+/// started). Each run has its own state from `init`.
+fn par_map<I: Sync, S, T: Send>(
+    items: &[I],
+    threads: usize,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, &I) -> T + Sync,
+) -> Vec<T> {
+    let threads = threads.clamp(1, items.len().max(1));
+    let per = items.len().div_ceil(threads).max(1);
+    let run = |items: &[I]| {
+        let mut state = init();
+        items.iter().map(|i| f(&mut state, i)).collect::<Vec<T>>()
+    };
+    let run = &run;
+    std::thread::scope(|s| {
+        let mut runs = items.chunks(per);
+        let first = runs.next().unwrap_or(&[]);
+        let others: Vec<_> = runs
+            .map(|r| {
+                std::thread::Builder::new()
+                    .name("screen-encode".into())
+                    .spawn_scoped(s, move || run(r))
+                    .map_err(|_| r)
+            })
+            .collect();
+        let mut out = run(first);
+        for o in others {
+            match o {
+                Ok(h) => match h.join() {
+                    Ok(v) => out.extend(v),
+                    Err(p) => std::panic::resume_unwind(p),
+                },
+                Err(r) => out.extend(run(r)),
+            }
+        }
+        out
     })
 }
 
-fn pack_tile(g: &Geometry, fb: &[u8], i: usize) -> Vec<u8> {
-    let (x, y, w, h) = g.tile_rect(i);
+/// Every tile of a whole frame (`fb` holds `g.len()` bytes), encoded at `generation`.
+fn encode_all(g: &Geometry, fb: &[u8], generation: u64) -> Vec<Arc<TileData>> {
+    let all: Vec<usize> = (0..g.tile_count()).collect();
+    par_map(&all, capture_threads(g.len()), Vec::new, |scratch, &i| {
+        let (x, y, w, h) = g.tile_rect(i);
+        let start = y as usize * g.stride as usize;
+        Arc::new(TileData::new(
+            generation,
+            pack(&fb[start..], g.stride, x, w, h),
+            scratch,
+        ))
+    })
+}
+
+/// The pixels of a `w`×`h` tile at column `x` of a band of rows starting at `band[0]`.
+fn pack(band: &[u8], stride: u32, x: u32, w: u32, h: u32) -> Vec<u8> {
     let mut out = Vec::with_capacity((w * h * 4) as usize);
-    for row in y..y + h {
-        let start = row as usize * g.stride as usize + x as usize * 4;
-        out.extend_from_slice(&fb[start..start + w as usize * 4]);
+    for row in 0..h as usize {
+        let start = row * stride as usize + x as usize * 4;
+        out.extend_from_slice(&band[start..start + w as usize * 4]);
+    }
+    out
+}
+
+/// The tiles under `rects`, as (tile row, tile columns) with both in increasing order.
+fn tiles_under(g: &Geometry, rects: &[Rect]) -> Vec<(u32, Vec<u32>)> {
+    let mut wanted = std::collections::BTreeSet::new();
+    let (tx, ty) = (g.tiles_x(), g.height.div_ceil(TILE));
+    for r in rects {
+        if r.width == 0 || r.height == 0 || r.x >= g.width || r.y >= g.height {
+            continue;
+        }
+        let x2 = r.x.saturating_add(r.width).min(g.width) - 1;
+        let y2 = r.y.saturating_add(r.height).min(g.height) - 1;
+        for row in r.y / TILE..=(y2 / TILE).min(ty - 1) {
+            for col in r.x / TILE..=(x2 / TILE).min(tx - 1) {
+                wanted.insert((row, col));
+            }
+        }
+    }
+    let mut rows: Vec<(u32, Vec<u32>)> = Vec::new();
+    for (row, col) in wanted {
+        match rows.last_mut() {
+            Some((r, cols)) if *r == row => cols.push(col),
+            _ => rows.push((row, vec![col])),
+        }
+    }
+    rows
+}
+
+/// Read the tiles at columns `cols` (increasing) of tile row `ty`: with one read spanning
+/// them all when there are several, else row by row.
+fn read_tile_row(
+    file: &OwnedFd,
+    g: &Geometry,
+    ty: u32,
+    cols: &[u32],
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Vec<(usize, Vec<u8>)>> {
+    let y = ty * TILE;
+    let h = TILE.min(g.height - y);
+    let (Some(&first), Some(&last)) = (cols.first(), cols.last()) else {
+        return Ok(Vec::new());
+    };
+    let index = |col: u32| (ty * g.tiles_x() + col) as usize;
+    let row_start = g.offset + u64::from(y) * u64::from(g.stride);
+    if cols.len() >= 4 {
+        let x0 = first * TILE;
+        let x1 = (last * TILE + TILE).min(g.width);
+        let span = (h - 1) as usize * g.stride as usize + (x1 - x0) as usize * 4;
+        buf.clear();
+        read_into(file, buf, span, row_start + u64::from(x0) * 4)?;
+        Ok(cols
+            .iter()
+            .map(|&col| {
+                let x = col * TILE;
+                let w = TILE.min(g.width - x);
+                (index(col), pack(buf, g.stride, x - x0, w, h))
+            })
+            .collect())
+    } else {
+        cols.iter()
+            .map(|&col| {
+                let x = col * TILE;
+                let w = TILE.min(g.width - x);
+                let mut px = Vec::with_capacity((w * h * 4) as usize);
+                for row in 0..h {
+                    let off = row_start + u64::from(row) * u64::from(g.stride) + u64::from(x) * 4;
+                    read_into(file, &mut px, (w * 4) as usize, off)?;
+                }
+                Ok((index(col), px))
+            })
+            .collect()
+    }
+}
+
+/// Append `len` bytes read at `offset` to `buf`.
+fn read_into(file: &OwnedFd, buf: &mut Vec<u8>, len: usize, offset: u64) -> std::io::Result<()> {
+    let start = buf.len();
+    buf.resize(start + len, 0);
+    read_exact_at(file, &mut buf[start..], offset)
+}
+
+/// Re-read the whole framebuffer into `cur` and return the tiles that differ from `prev`
+/// (the previous read), encoded at `generation`. Bands of tile rows go to parallel threads,
+/// each reading, comparing and compressing its own band.
+fn scan(
+    file: &OwnedFd,
+    g: &Geometry,
+    prev: &[u8],
+    cur: &mut [u8],
+    generation: u64,
+) -> std::io::Result<Vec<(usize, Arc<TileData>)>> {
+    let band = TILE as usize * g.stride as usize;
+    let tile_rows = g.height.div_ceil(TILE) as usize;
+    let threads = capture_threads(g.len()).min(tile_rows);
+    let per = tile_rows.div_ceil(threads) * band;
+    let bands: Vec<(usize, &mut [u8])> = cur[..g.len()]
+        .chunks_mut(per)
+        .enumerate()
+        .map(|(k, c)| (k * per, c))
+        .collect();
+    let work =
+        |(start, chunk): (usize, &mut [u8])| -> std::io::Result<Vec<(usize, Arc<TileData>)>> {
+            read_exact_at(file, chunk, g.offset + start as u64)?;
+            let mut scratch = Vec::new();
+            Ok(
+                scan_band(g, start / band, &prev[start..start + chunk.len()], chunk)
+                    .into_iter()
+                    .map(|(i, px)| (i, Arc::new(TileData::new(generation, px, &mut scratch))))
+                    .collect(),
+            )
+        };
+    // Each band is taken once, by a started thread or, when it gets there first (or a
+    // thread cannot be started), by this one.
+    /// A band of `cur` (its byte offset, its bytes), until a thread takes it.
+    type Band<'a> = std::sync::Mutex<Option<(usize, &'a mut [u8])>>;
+    let bands: Vec<Band<'_>> = bands
+        .into_iter()
+        .map(|b| std::sync::Mutex::new(Some(b)))
+        .collect();
+    fn take<T>(b: &std::sync::Mutex<Option<T>>) -> Option<T> {
+        b.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = bands[1..]
+            .iter()
+            .filter_map(|b| {
+                std::thread::Builder::new()
+                    .name("screen-scan".into())
+                    .spawn_scoped(s, || take(b).map(work))
+                    .ok()
+            })
+            .collect();
+        let mut out = Vec::new();
+        for b in &bands {
+            if let Some(b) = take(b) {
+                out.extend(work(b)?);
+            }
+        }
+        for h in handles {
+            match h.join() {
+                Ok(Some(r)) => out.extend(r?),
+                Ok(None) => {}
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// The tiles of a band of whole tile rows (starting at tile row `row0`) whose pixels in
+/// `cur` differ from `prev`, packed. Rows are compared whole first: an unchanged row costs
+/// one comparison.
+fn scan_band(g: &Geometry, row0: usize, prev: &[u8], cur: &[u8]) -> Vec<(usize, Vec<u8>)> {
+    let stride = g.stride as usize;
+    let band = TILE as usize * stride;
+    let tiles_x = g.tiles_x() as usize;
+    let width = g.width as usize * 4;
+    let mut out = Vec::new();
+    let mut changed = vec![false; tiles_x];
+    for (k, (c, p)) in cur.chunks(band).zip(prev.chunks(band)).enumerate() {
+        changed.fill(false);
+        let h = c.len().div_ceil(stride).min(TILE as usize);
+        for row in 0..h {
+            let at = row * stride;
+            if c[at..at + width] == p[at..at + width] {
+                continue;
+            }
+            for (tx, flag) in changed.iter_mut().enumerate() {
+                let a = at + tx * TILE as usize * 4;
+                let b = (a + TILE as usize * 4).min(at + width);
+                if !*flag && c[a..b] != p[a..b] {
+                    *flag = true;
+                }
+            }
+        }
+        for (tx, _) in changed.iter().enumerate().filter(|(_, f)| **f) {
+            let x = tx as u32 * TILE;
+            let w = TILE.min(g.width - x);
+            out.push(((row0 + k) * tiles_x + tx, pack(c, g.stride, x, w, h as u32)));
+        }
     }
     out
 }
@@ -585,6 +824,7 @@ fn pack_tile(g: &Geometry, fb: &[u8], i: usize) -> Vec<u8> {
 mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::FileExt;
 
     fn memfile(g: &Geometry) -> std::fs::File {
         let mut f = tempfile::tempfile().unwrap();
@@ -778,6 +1018,127 @@ mod tests {
             .expect("an update")
             .unwrap()
             .unwrap()
+    }
+
+    /// A frame of pseudo-random pixels (so every tile differs from every other).
+    fn noise(len: usize, seed: u32) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A frame big enough to be scanned by several threads, with a padded stride and
+    /// partial tiles on the right and bottom edges: exactly the tiles holding a changed
+    /// byte come back, with exactly the new pixels.
+    #[test]
+    fn parallel_scan_finds_exactly_the_changed_tiles() {
+        let g = Geometry {
+            offset: 8192,
+            width: 1000,
+            height: 700,
+            stride: 1000 * 4 + 96,
+        };
+        let file = memfile(&g);
+        let before = noise(g.len(), 7);
+        file.write_all_at(&before, g.offset).unwrap();
+        let fd: OwnedFd = file.try_clone().unwrap().into();
+        assert!(capture_threads(g.len()) >= 1);
+        let mut cur = vec![0u8; g.len()];
+        assert!(scan(&fd, &g, &before, &mut cur, 2).unwrap().is_empty());
+        assert_eq!(cur, before);
+
+        // One byte in each of these pixels; the stride padding changes too, and must not count.
+        let pixels = [(0, 0), (999, 699), (64, 63), (500, 640), (130, 300)];
+        let mut after = before.clone();
+        for &(x, y) in &pixels {
+            after[y * g.stride as usize + x * 4 + 1] ^= 0x5a;
+        }
+        for y in 0..g.height as usize {
+            after[y * g.stride as usize + 4000] ^= 0xff;
+        }
+        file.write_all_at(&after, g.offset).unwrap();
+        let mut found = scan(&fd, &g, &before, &mut cur, 3).unwrap();
+        found.sort_by_key(|(i, _)| *i);
+        let mut want: Vec<usize> = pixels
+            .iter()
+            .map(|&(x, y)| (y / 64) * 16 + x / 64)
+            .collect();
+        want.sort();
+        assert_eq!(found.iter().map(|(i, _)| *i).collect::<Vec<_>>(), want);
+        let all = encode_all(&g, &after, 3);
+        for (i, t) in &found {
+            assert_eq!(t.generation, 3);
+            assert_eq!(t.raw, all[*i].raw, "tile {i}");
+            let (_, _, w, h) = g.tile_rect(*i);
+            assert_eq!(t.raw.len(), (w * h * 4) as usize);
+        }
+    }
+
+    /// Dirty rectangles read as one span per tile row (4 or more tiles) or row by row
+    /// give the same pixels as a whole-frame read.
+    #[test]
+    fn dirty_tiles_read_the_same_pixels_either_way() {
+        let g = Geometry {
+            offset: 4096,
+            width: 700,
+            height: 150,
+            stride: 700 * 4 + 32,
+        };
+        let file = memfile(&g);
+        let frame = noise(g.len(), 3);
+        file.write_all_at(&frame, g.offset).unwrap();
+        let fd: OwnedFd = file.try_clone().unwrap().into();
+        let all = encode_all(&g, &frame, 1);
+        let rows = tiles_under(
+            &g,
+            &[
+                Rect {
+                    x: 10,
+                    y: 0,
+                    width: 600,
+                    height: 1,
+                },
+                Rect {
+                    x: 690,
+                    y: 140,
+                    width: 100,
+                    height: 100,
+                },
+                Rect {
+                    x: 0,
+                    y: 70,
+                    width: 1,
+                    height: 1,
+                },
+                Rect {
+                    x: 800,
+                    y: 0,
+                    width: 5,
+                    height: 5,
+                },
+                Rect {
+                    x: 5,
+                    y: 5,
+                    width: 0,
+                    height: 5,
+                },
+            ],
+        );
+        assert_eq!(
+            rows,
+            vec![(0, (0..10).collect()), (1, vec![0]), (2, vec![10])]
+        );
+        for (ty, cols) in &rows {
+            for (i, px) in read_tile_row(&fd, &g, *ty, cols, &mut Vec::new()).unwrap() {
+                assert_eq!(px[..], all[i].raw[..], "tile {i}");
+            }
+        }
     }
 
     #[test]

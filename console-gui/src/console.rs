@@ -223,6 +223,8 @@ async fn screen_task(slot: Slot, vm_id: String, shared: Arc<Mutex<ConsoleShared>
 pub struct Decoder {
     size: [usize; 2],
     fb: Vec<Color32>,
+    /// One tile's pixels, reused from tile to tile.
+    tile: Vec<u8>,
 }
 
 impl Decoder {
@@ -259,8 +261,9 @@ impl Decoder {
                     "the host sent a tile at {tx},{ty} ({tw}x{th}) outside the {w}x{h} screen"
                 ));
             }
-            let raw =
-                proto::tiles::decode(t).map_err(|e| format!("a screen tile is damaged: {e}"))?;
+            proto::tiles::decode_into(t, &mut self.tile)
+                .map_err(|e| format!("a screen tile is damaged: {e}"))?;
+            let raw = &self.tile;
             for row in 0..th {
                 let dst = (ty + row) * w + tx;
                 let src = &raw[row * tw * 4..(row + 1) * tw * 4];

@@ -16,6 +16,8 @@ pub enum TileError {
     WrongLength { got: usize, want: usize },
     #[error("a tile does not decompress: {0}")]
     Decompress(String),
+    #[error("a {width}x{height} tile is larger than any screen")]
+    TooBig { width: u32, height: u32 },
     #[error("a {width}x{height} tile has {got} bytes, not {want}")]
     WrongSize {
         width: u32,
@@ -34,38 +36,133 @@ pub fn encode_lz4(raw: &[u8]) -> Vec<u8> {
     out
 }
 
+/// [`encode_lz4`] compressing into a caller's scratch buffer, reused from tile to tile, so
+/// only the compressed bytes are allocated.
+pub fn encode_lz4_with(raw: &[u8], scratch: &mut Vec<u8>) -> Vec<u8> {
+    let max = 4 + lz4_flex::block::get_maximum_output_size(raw.len());
+    if scratch.len() < max {
+        scratch.resize(max, 0);
+    }
+    match lz4_flex::block::compress_into(raw, &mut scratch[4..max]) {
+        Ok(n) => {
+            scratch[..4].copy_from_slice(&(raw.len() as u32).to_le_bytes());
+            scratch[..4 + n].to_vec()
+        }
+        // Cannot happen with room for the maximum size; the allocating path is always right.
+        Err(_) => encode_lz4(raw),
+    }
+}
+
+/// The largest tile: a whole 8192×8192 screen.
+pub const MAX_TILE_BYTES: usize = 8192 * 8192 * 4;
+
 /// A tile's BGRX pixels (`width * height * 4` bytes), decompressed.
 pub fn decode(t: &Tile) -> Result<Vec<u8>, TileError> {
-    let want = t.width as usize * t.height as usize * 4;
-    let px = match TileEncoding::try_from(t.encoding) {
-        Ok(TileEncoding::Raw) => t.data.to_vec(),
+    let mut px = Vec::new();
+    decode_into(t, &mut px)?;
+    Ok(px)
+}
+
+/// Like [`decode`], into `px`, whose allocation is reused: a client decoding every tile
+/// of every frame into one buffer does not allocate (and fault in) a screen's worth of
+/// fresh memory per frame.
+pub fn decode_into(t: &Tile, px: &mut Vec<u8>) -> Result<(), TileError> {
+    let want = (t.width as usize)
+        .checked_mul(t.height as usize)
+        .and_then(|n| n.checked_mul(4))
+        .filter(|&n| n <= MAX_TILE_BYTES)
+        .ok_or(TileError::TooBig {
+            width: t.width,
+            height: t.height,
+        })?;
+    let wrong_size = |got| TileError::WrongSize {
+        width: t.width,
+        height: t.height,
+        got,
+        want,
+    };
+    match TileEncoding::try_from(t.encoding) {
+        Ok(TileEncoding::Raw) => {
+            if t.data.len() != want {
+                return Err(wrong_size(t.data.len()));
+            }
+            px.clear();
+            px.extend_from_slice(&t.data);
+        }
         Ok(TileEncoding::Lz4 | TileEncoding::Unspecified) => {
             let (len, body) = t.data.split_first_chunk::<4>().ok_or(TileError::Short)?;
             let got = u32::from_le_bytes(*len) as usize;
             if got != want {
                 return Err(TileError::WrongLength { got, want });
             }
-            lz4_flex::block::decompress(body, want)
-                .map_err(|e| TileError::Decompress(e.to_string()))?
+            px.resize(want, 0);
+            let n = lz4_flex::block::decompress_into(body, px)
+                .map_err(|e| TileError::Decompress(e.to_string()))?;
+            if n != want {
+                return Err(wrong_size(n));
+            }
         }
-        Ok(TileEncoding::Zstd) => zstd::bulk::decompress(&t.data, want)
-            .map_err(|e| TileError::Decompress(e.to_string()))?,
+        Ok(TileEncoding::Zstd) => {
+            px.resize(want, 0);
+            let n = zstd::bulk::decompress_to_buffer(&t.data, px)
+                .map_err(|e| TileError::Decompress(e.to_string()))?;
+            if n != want {
+                return Err(wrong_size(n));
+            }
+        }
         Err(_) => return Err(TileError::UnknownEncoding(t.encoding)),
-    };
-    if px.len() != want {
-        return Err(TileError::WrongSize {
-            width: t.width,
-            height: t.height,
-            got: px.len(),
-            want,
-        });
     }
-    Ok(px)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One buffer decodes tiles of every encoding and size in turn; damaged or oversized
+    /// tiles are errors, not panics.
+    #[test]
+    fn decode_into_reuses_one_buffer() {
+        let mut buf = Vec::new();
+        for (i, (w, h)) in [(64u32, 64u32), (3, 5), (64, 20), (1, 1)]
+            .into_iter()
+            .enumerate()
+        {
+            let raw: Vec<u8> = (0..w * h * 4).map(|b| (b as usize ^ i) as u8).collect();
+            for (enc, data) in [
+                (TileEncoding::Lz4, encode_lz4_with(&raw, &mut Vec::new())),
+                (TileEncoding::Zstd, zstd::bulk::compress(&raw, 1).unwrap()),
+                (TileEncoding::Raw, raw.clone()),
+            ] {
+                let t = Tile {
+                    x: 0,
+                    y: 0,
+                    width: w,
+                    height: h,
+                    encoding: enc as i32,
+                    data: data.into(),
+                };
+                decode_into(&t, &mut buf).unwrap();
+                assert_eq!(buf, raw, "{enc:?} {w}x{h}");
+                assert_eq!(decode(&t).unwrap(), raw);
+                let mut short = t.clone();
+                short.data = short.data.slice(..short.data.len() - 1);
+                assert!(decode_into(&short, &mut buf).is_err(), "{enc:?} {w}x{h}");
+            }
+        }
+        let huge = Tile {
+            x: 0,
+            y: 0,
+            width: u32::MAX,
+            height: u32::MAX,
+            encoding: TileEncoding::Raw as i32,
+            data: Vec::new().into(),
+        };
+        assert!(matches!(
+            decode_into(&huge, &mut buf),
+            Err(TileError::TooBig { .. })
+        ));
+    }
 
     fn tile(encoding: TileEncoding, data: Vec<u8>) -> Tile {
         Tile {

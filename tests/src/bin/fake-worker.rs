@@ -6,7 +6,11 @@
 //!
 //! The workload is chosen through the VM's serial console, one word per line:
 //! `full` (a full-screen change every 1/60 s), `typing` (one 8×16 glyph every 100 ms) and
-//! `idle` (nothing). Every drawn frame carries a stamp at an 8×16 cell origin: four pixels
+//! `idle` (nothing). `synthvid` makes it behave like a guest whose synthetic video driver
+//! (hyperv_drm) owns the screen: the scanout is announced on `subscribe_display` connections
+//! and every drawn frame is followed by a dirty rectangle, as the real worker reports the
+//! guest's DIRT messages; `bootfb` goes back to the boot framebuffer, which the agent polls.
+//! Every drawn frame carries a stamp at an 8×16 cell origin: four pixels
 //! `[MAGIC, seq, t_lo, t_hi]`, where `t` is CLOCK_MONOTONIC in nanoseconds taken after the
 //! rest of the frame was written. Drawn pixels always have 0xFF in their top byte, so they
 //! can never be read as the magic.
@@ -18,14 +22,16 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use parvis_tests::fbstamp::{MAGIC, monotonic_ns};
 use proto::framing::{self, Decoder};
-use proto::worker::{Event, Framebuffer, Reply, Request, Status, event, request};
+use proto::worker::{
+    DisplayUpdate, Event, Framebuffer, Rect, Reply, Request, Status, event, request,
+};
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
 const IDLE: u8 = 0;
@@ -71,6 +77,47 @@ struct Shared {
     height: u32,
     mode: AtomicU8,
     status: Option<PathBuf>,
+    /// Whether the "synthetic video driver" owns the screen.
+    synthvid: AtomicBool,
+    /// Connections that asked for display updates.
+    display: Mutex<Vec<UnixStream>>,
+}
+
+impl Shared {
+    fn geometry(&self) -> Framebuffer {
+        Framebuffer {
+            offset: 0,
+            width: self.width,
+            height: self.height,
+            stride: self.width * 4,
+            bytes_per_pixel: 4,
+        }
+    }
+
+    /// Send a display update to every subscriber (dropping those that went away).
+    fn display(&self, u: DisplayUpdate) {
+        let bytes = framing::encode(&Event {
+            kind: Some(event::Kind::Display(u)),
+        });
+        let mut subs = self.display.lock().unwrap_or_else(|e| e.into_inner());
+        subs.retain(|mut c| c.write_all(&bytes).is_ok());
+    }
+
+    /// After drawing: the guest driver's dirty rectangle, when it owns the screen.
+    fn dirty(&self, x: u32, y: u32, width: u32, height: u32) {
+        if self.synthvid.load(Ordering::Relaxed) {
+            self.display(DisplayUpdate {
+                active: true,
+                framebuffer: None,
+                dirty: vec![Rect {
+                    x,
+                    y,
+                    width,
+                    height,
+                }],
+            });
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -90,6 +137,8 @@ fn main() -> Result<()> {
         height: args.height,
         mode: AtomicU8::new(IDLE),
         status: args.status,
+        synthvid: AtomicBool::new(false),
+        display: Mutex::new(Vec::new()),
     });
     {
         let s = shared.clone();
@@ -150,6 +199,7 @@ fn draw_loop(s: &Shared) {
             if s.fb.write_all_at(&stamp, 0).is_err() {
                 return;
             }
+            s.dirty(0, 0, s.width, s.height);
         } else {
             // One glyph per keystroke, in reading order over 8×16 cells.
             let cols = w / 8;
@@ -179,6 +229,7 @@ fn draw_loop(s: &Shared) {
             if s.fb.write_all_at(&stamp(seq), off as u64).is_err() {
                 return;
             }
+            s.dirty(cx as u32, cy as u32, 8, 16);
         }
     }
 }
@@ -230,6 +281,7 @@ fn session(conn: UnixStream, s: &Shared) {
             };
             let mut fd = None;
             let mut exit = false;
+            let mut subscribe = false;
             match req.kind {
                 Some(request::Kind::Query(_)) => {
                     reply.status = Some(Status {
@@ -245,13 +297,7 @@ fn session(conn: UnixStream, s: &Shared) {
                     match std::fs::File::open(path) {
                         Ok(f) => {
                             fd = Some(OwnedFd::from(f));
-                            reply.framebuffer = Some(Framebuffer {
-                                offset: 0,
-                                width: s.width,
-                                height: s.height,
-                                stride: s.width * 4,
-                                bytes_per_pixel: 4,
-                            });
+                            reply.framebuffer = Some(s.geometry());
                         }
                         Err(e) => reply.error = e.to_string(),
                     }
@@ -265,6 +311,23 @@ fn session(conn: UnixStream, s: &Shared) {
                                 "full" => FULL,
                                 "typing" => TYPING,
                                 "idle" => IDLE,
+                                "synthvid" => {
+                                    s.synthvid.store(true, Ordering::Relaxed);
+                                    s.display(DisplayUpdate {
+                                        active: true,
+                                        framebuffer: Some(s.geometry()),
+                                        dirty: Vec::new(),
+                                    });
+                                    continue;
+                                }
+                                "bootfb" => {
+                                    s.synthvid.store(false, Ordering::Relaxed);
+                                    s.display(DisplayUpdate {
+                                        active: false,
+                                        ..Default::default()
+                                    });
+                                    continue;
+                                }
                                 _ => continue,
                             };
                             s.mode.store(m, Ordering::Relaxed);
@@ -273,6 +336,7 @@ fn session(conn: UnixStream, s: &Shared) {
                         }
                     }
                 }
+                Some(request::Kind::SubscribeDisplay(_)) => subscribe = true,
                 Some(request::Kind::Stop(_)) | Some(request::Kind::PowerButton(_)) => exit = true,
                 Some(request::Kind::Input(_)) => {
                     reply.error = "this VM has no input device yet".into();
@@ -285,6 +349,12 @@ fn session(conn: UnixStream, s: &Shared) {
             };
             if send(&conn, &ev, fd.as_ref()).is_err() {
                 return;
+            }
+            if subscribe {
+                // This connection now carries display updates only.
+                if let Ok(c) = conn.try_clone() {
+                    s.display.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+                }
             }
             if exit {
                 if let Some(p) = &s.status {
