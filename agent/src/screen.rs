@@ -684,8 +684,9 @@ fn read_tile_row(
         let x0 = first * TILE;
         let x1 = (last * TILE + TILE).min(g.width);
         let span = (h - 1) as usize * g.stride as usize + (x1 - x0) as usize * 4;
-        buf.clear();
-        read_into(file, buf, span, row_start + u64::from(x0) * 4)?;
+        // Growing zeroes only the new part; the read overwrites all of it.
+        buf.resize(span, 0);
+        read_exact_at(file, &mut buf[..span], row_start + u64::from(x0) * 4)?;
         Ok(cols
             .iter()
             .map(|&col| {
