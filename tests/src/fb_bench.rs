@@ -350,6 +350,7 @@ where
     };
     let cpu0 = [pids.agent, pids.writer, pids.client].map(cpu_secs);
     let start = Instant::now();
+    let start_ns = monotonic_ns();
     let end = start + Duration::from_secs_f64(secs);
     let (mut first_seq, mut last_seq) = (None::<u32>, 0u32);
     loop {
@@ -368,7 +369,8 @@ where
         let captured = (i128::from(u.captured_us) * 1000 - wall_minus_monotonic_ns()) as f64;
         w.updates += 1;
         w.bytes += u.encoded_len() as u64;
-        for s in stamps {
+        // Frames drawn before this window (a previous workload's) don't count.
+        for s in stamps.into_iter().filter(|s| s.drawn_ns >= start_ns) {
             if s.seq > last_seq || first_seq.is_none() {
                 first_seq.get_or_insert(s.seq);
                 last_seq = s.seq;
