@@ -1,6 +1,7 @@
 //! Disk upload throughput: a real `parvis-agent` (TLS on loopback) receiving a file
-//! through `DiskService.UploadDisk`, against copying the same file with `cp` + `sync`
-//! on the same filesystem (what the disk alone allows).
+//! through `DiskService.UploadDisk`, against two peers on the same filesystem: copying the
+//! file with `cp` + `sync` (through the page cache), and `dd` with direct writes and a final
+//! `fsync` (what the disk alone allows).
 
 use std::path::Path;
 use std::process::Command;
@@ -20,9 +21,34 @@ pub struct UploadResult {
     /// Streaming alone (until the last chunk was acknowledged).
     pub stream_secs: f64,
     pub cp_secs: f64,
+    /// `dd bs=4M oflag=direct conv=fsync` of the same file.
+    pub dd_secs: f64,
     /// CPU seconds the agent and this client used during the upload.
     pub cpu_agent: f64,
     pub cpu_client: f64,
+    /// The 1, 5 and 15 minute load averages before the upload and after the peers.
+    pub load_before: String,
+    pub load_after: String,
+}
+
+fn load_average() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    load.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Run `sh -c cmd` after a `sync`, and time it.
+fn timed_shell(cmd: &str) -> Result<f64> {
+    let _ = Command::new("sync").status();
+    let start = Instant::now();
+    let ok = Command::new("sh").arg("-c").arg(cmd).status()?.success();
+    let secs = start.elapsed().as_secs_f64();
+    if !ok {
+        bail!("'{cmd}' failed");
+    }
+    Ok(secs)
 }
 
 /// Upload a `gib` GiB raw image to a fresh agent in `dir`.
@@ -48,6 +74,7 @@ pub fn run(dir: &Path, gib: u64) -> Result<UploadResult> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let load_before = load_average();
     let cpu0 = [agent.id(), std::process::id()].map(crate::fb_bench::cpu_secs);
     let (upload_secs, stream_secs) = rt.block_on(async {
         let mut c = client::connect(&target).await?;
@@ -94,32 +121,32 @@ pub fn run(dir: &Path, gib: u64) -> Result<UploadResult> {
     let cpu1 = [agent.id(), std::process::id()].map(crate::fb_bench::cpu_secs);
     let _ = agent.kill();
     let _ = agent.wait();
+    // The agent's copy of the image goes first: the peers get the same free space.
+    let _ = std::fs::remove_dir_all(&state);
     let copy = dir.join("copy.raw");
-    let _ = Command::new("sync").status();
-    let start = Instant::now();
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cp '{}' '{}' && sync",
-            file.display(),
-            copy.display()
-        ))
-        .status()?
-        .success();
-    let cp_secs = start.elapsed().as_secs_f64();
-    if !ok {
-        bail!("cp failed");
-    }
+    let cp_secs = timed_shell(&format!(
+        "cp '{}' '{}' && sync",
+        file.display(),
+        copy.display()
+    ))?;
+    let _ = std::fs::remove_file(&copy);
+    let dd_secs = timed_shell(&format!(
+        "dd if='{}' of='{}' bs=4M oflag=direct conv=fsync status=none",
+        file.display(),
+        copy.display()
+    ))?;
     let _ = std::fs::remove_file(&copy);
     let _ = std::fs::remove_file(&file);
-    let _ = std::fs::remove_dir_all(&state);
     Ok(UploadResult {
         bytes: size,
         upload_secs,
         stream_secs,
         cp_secs,
+        dd_secs,
         cpu_agent: cpu1[0] - cpu0[0],
         cpu_client: cpu1[1] - cpu0[1],
+        load_before,
+        load_after: load_average(),
     })
 }
 
@@ -145,6 +172,11 @@ pub fn print(r: &UploadResult) {
         r.cp_secs,
         mb / r.cp_secs
     );
+    println!(
+        "  dd bs=4M oflag=direct conv=fsync (peer): {:.2} s  {:.0} MB/s",
+        r.dd_secs,
+        mb / r.dd_secs
+    );
     let gb = r.bytes as f64 / 1e9;
     println!(
         "  CPU per GB: agent {:.2} s, client {:.2} s (so one free core each would allow {:.0} MB/s)",
@@ -152,17 +184,18 @@ pub fn print(r: &UploadResult) {
         r.cpu_client / gb,
         1e3 / (r.cpu_agent.max(r.cpu_client) / gb)
     );
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "  load average after the run: {}",
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+        "  load average before the run: {}, after: {}",
+        r.load_before, r.load_after
     );
     println!(
         "  ratio upload/cp speed: {:.2}x (streaming only {:.2}x)",
         r.cp_secs / r.upload_secs,
         r.cp_secs / r.stream_secs
+    );
+    println!(
+        "  ratio upload/dd speed: {:.2}x (streaming only {:.2}x)",
+        r.dd_secs / r.upload_secs,
+        r.dd_secs / r.stream_secs
     );
 }

@@ -10,6 +10,7 @@
 //! Everything here that touches files runs on blocking threads: async methods use
 //! `spawn_blocking`, tasks run on their own threads.
 
+mod staged;
 mod upload;
 
 use std::collections::HashMap;

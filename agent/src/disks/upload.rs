@@ -9,10 +9,13 @@
 //! image's structure; only then does the file move into the library.
 //!
 //! The data path: the gRPC handler hands each chunk (a refcounted `Bytes`, never copied) to
-//! a writer thread (`pwrite`), which hands it on to a hasher thread (SHA-256). The hasher
-//! only sees what was written, so at the end of a stream its state matches the written
-//! offset exactly; it is kept in memory for the next stream. After a restart it is rebuilt
-//! by reading the partial file.
+//! a writer thread, which copies it into an aligned staging buffer written out with direct
+//! I/O ([`super::staged`]; buffered where the filesystem has no direct I/O), and hands it on
+//! to a hasher thread (SHA-256). The hasher only sees what the writer took, and the writer
+//! writes out the staged rest when the stream ends, so then the hasher's state matches the
+//! written offset exactly; it is kept in memory for the next stream if all of it is
+//! durable. After a restart it is rebuilt by reading the partial file. Checkpoints fall
+//! where a staging buffer was written out.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -33,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_stream::{Stream, StreamExt};
 
+use super::staged::StagedFile;
 use super::{DiskLibrary, DiskMeta, Inner, MAX_DISK_SIZE, blocking, free_space, validate_name};
 use crate::error::{AgentError, AgentResult};
 use crate::store::{self, is_id, new_id, now_ms};
@@ -40,8 +44,10 @@ use crate::tasks::TaskHandle;
 
 /// Data is made durable and `verified_offset` advanced at most this often.
 const CHECKPOINT: u64 = 64 << 20;
-/// Chunks queued between the handler and the writer, and between writer and hasher.
-const QUEUE: usize = 8;
+/// Chunks queued between the handler and the writer, and between writer and hasher: with
+/// 1 MiB chunks, two staging buffers' worth, so the network side goes on while one is
+/// written.
+const QUEUE: usize = 16;
 /// Finished uploads remembered for `GetUpload`.
 const KEEP_FINISHED: usize = 100;
 const DATA: &str = "data.partial";
@@ -273,7 +279,7 @@ impl DiskLibrary {
         let start = claim.meta.verified_offset;
         let path = self.inner.upload_dir(&id).join(DATA);
         let hasher = claim.hasher.take();
-        let (file, hasher) = blocking(move || {
+        let (out, sync_file, hasher) = blocking(move || {
             let file = fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -289,7 +295,12 @@ impl DiskLibrary {
                 Some(h) => h,
                 None => hash_prefix(&file, start, None)?,
             };
-            Ok((file, hasher))
+            let sync_file = file
+                .try_clone()
+                .map_err(|e| AgentError::internal("opening upload data", e))?;
+            let out = StagedFile::new(file, &path, start, true)
+                .map_err(|e| AgentError::internal("opening upload data", e))?;
+            Ok((out, sync_file, hasher))
         })
         .await?;
 
@@ -298,7 +309,8 @@ impl DiskLibrary {
         let cancel = claim.cancel.clone();
         let writer = Writer {
             claim,
-            file,
+            out,
+            sync_file,
             hasher,
         };
         std::thread::Builder::new()
@@ -710,16 +722,12 @@ fn client_message(e: &AgentError) -> String {
     }
 }
 
-/// Whether `b` is all zeros (vectorizes well: OR-folds 4 KiB at a time).
-fn is_zero(b: &[u8]) -> bool {
-    b.chunks(4096)
-        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
-}
-
 /// The writer side of one stream.
 struct Writer {
     claim: Claim,
-    file: File,
+    out: StagedFile,
+    /// The same file, for `fdatasync` (from the syncer thread too).
+    sync_file: File,
     hasher: Sha256,
 }
 
@@ -738,7 +746,8 @@ impl Writer {
     fn run(self, mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> AgentResult<UploadStatus> {
         let Writer {
             claim,
-            file,
+            mut out,
+            sync_file,
             hasher,
         } = self;
         let start = claim.meta.verified_offset;
@@ -748,44 +757,60 @@ impl Writer {
             durable: AtomicU64::new(start),
         };
         let json = claim.inner.upload_dir(&claim.meta.id).join(META);
+        tracing::debug!(
+            "upload {}: stream from offset {start}, direct I/O: {}",
+            claim.meta.id,
+            out.is_direct()
+        );
+        // Bytes handed to the hasher (all of them written or staged).
         let mut off = start;
-        let mut file_len = start;
         let mut failure: Option<std::io::Error> = None;
         let hasher = std::thread::scope(|s| {
             let (htx, hrx) = std::sync::mpsc::sync_channel::<Bytes>(QUEUE);
-            let hashing = s.spawn(move || {
-                let mut hasher = hasher;
-                for b in hrx {
-                    hasher.update(&b);
+            let hashing = std::thread::Builder::new()
+                .name("upload-hasher".into())
+                .spawn_scoped(s, move || {
+                    let mut hasher = hasher;
+                    for b in hrx {
+                        hasher.update(&b);
+                    }
+                    hasher
+                });
+            let hashing = match hashing {
+                Ok(h) => h,
+                Err(e) => {
+                    failure = Some(e);
+                    return None;
                 }
-                hasher
-            });
-            let syncing = s.spawn(|| syncer(&file, &sync, &claim, &json));
+            };
+            let syncing = std::thread::Builder::new()
+                .name("upload-syncer".into())
+                .spawn_scoped(s, || syncer(&sync_file, &sync, &claim, &json));
+            if let Err(e) = &syncing {
+                failure = Some(std::io::Error::new(e.kind(), e.to_string()));
+            }
             let mut last_sync = start;
-            while let Some(b) = rx.blocking_recv() {
-                let len = b.len() as u64;
-                // Zeros are left as holes: the image stays sparse.
-                if !is_zero(&b) {
-                    if let Err(e) = file.write_all_at(&b, off) {
+            while failure.is_none()
+                && let Some(b) = rx.blocking_recv()
+            {
+                if let Err(e) = out.write(&b) {
+                    failure = Some(e);
+                    break;
+                }
+                off += b.len() as u64;
+                let _ = htx.send(b);
+                // Checkpoints fall where a staging buffer was written out.
+                let written = out.written();
+                if written - last_sync >= CHECKPOINT {
+                    // Zeros at the end are holes: the length must cover them.
+                    if let Err(e) = out.extend_to(written) {
                         failure = Some(e);
                         break;
                     }
-                    file_len = file_len.max(off + len);
-                }
-                off += len;
-                let _ = htx.send(b);
-                if off - last_sync >= CHECKPOINT {
-                    if file_len < off {
-                        if let Err(e) = file.set_len(off) {
-                            failure = Some(e);
-                            break;
-                        }
-                        file_len = off;
-                    }
                     let mut r = sync.req.lock().unwrap_or_else(|e| e.into_inner());
-                    r.0 = off;
+                    r.0 = written;
                     sync.cv.notify_one();
-                    last_sync = off;
+                    last_sync = written;
                 }
             }
             // Refuse further data at once if writing failed.
@@ -793,16 +818,17 @@ impl Writer {
             drop(htx);
             sync.req.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
             sync.cv.notify_one();
-            let _ = syncing.join();
+            if let Ok(h) = syncing {
+                let _ = h.join();
+            }
             hashing.join().ok()
         });
+        debug_assert!(failure.is_some() || out.offset() == off);
         let mut durable = sync.durable.load(Ordering::SeqCst);
         if failure.is_none() && off > durable {
             let done = (|| {
-                if file_len < off {
-                    file.set_len(off)?;
-                }
-                file.sync_data()?;
+                out.finish()?;
+                sync_file.sync_data()?;
                 persist(&json, &claim.meta, off)
             })();
             match done {
@@ -810,7 +836,8 @@ impl Writer {
                 Err(e) => failure = Some(e),
             }
         }
-        drop(file);
+        drop(out);
+        drop(sync_file);
         // The hasher covers `off` bytes: keep it only if they are all durable.
         let hasher = hasher.filter(|_| durable == off);
         let status = claim.release(durable, hasher);
@@ -941,21 +968,4 @@ fn load_one(dir: &Path, id: &str) -> anyhow::Result<Option<UploadMeta>> {
         store::write_json(&json, &meta)?;
     }
     Ok(Some(meta))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zero_detection() {
-        assert!(is_zero(&[]));
-        assert!(is_zero(&vec![0u8; 10000]));
-        let mut v = vec![0u8; 10000];
-        v[9999] = 1;
-        assert!(!is_zero(&v));
-        v[9999] = 0;
-        v[0] = 0x80;
-        assert!(!is_zero(&v));
-    }
 }
