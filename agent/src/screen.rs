@@ -739,14 +739,19 @@ fn scan(
         .collect();
     let work =
         |(start, chunk): (usize, &mut [u8])| -> std::io::Result<Vec<(usize, Arc<TileData>)>> {
-            read_exact_at(file, chunk, g.offset + start as u64)?;
             let mut scratch = Vec::new();
-            Ok(
-                scan_band(g, start / band, &prev[start..start + chunk.len()], chunk)
-                    .into_iter()
-                    .map(|(i, px)| (i, Arc::new(TileData::new(generation, px, &mut scratch))))
-                    .collect(),
-            )
+            let mut out = Vec::new();
+            // One tile row at a time, so the comparison finds what was just read in cache.
+            for (k, rows) in chunk.chunks_mut(band).enumerate() {
+                let at = start + k * band;
+                read_exact_at(file, rows, g.offset + at as u64)?;
+                out.extend(
+                    scan_band(g, at / band, &prev[at..at + rows.len()], rows)
+                        .into_iter()
+                        .map(|(i, px)| (i, Arc::new(TileData::new(generation, px, &mut scratch)))),
+                );
+            }
+            Ok(out)
         };
     // Each band is taken once, by a started thread or, when it gets there first (or a
     // thread cannot be started), by this one.
