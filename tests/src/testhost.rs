@@ -141,10 +141,7 @@ impl Scenario {
     pub fn run(self, prepare: impl FnOnce(&Path) -> Result<()>) -> Result<Outcome> {
         let art = artifacts()?;
         let mode = Mode::detect();
-        let share = tempfile::Builder::new()
-            .prefix(&format!("parvis-{}-", self.name))
-            .tempdir()
-            .context("cannot create the shared folder")?;
+        let share = new_share(&std::env::temp_dir(), &format!("parvis-{}-", self.name))?;
         prepare(share.path())?;
         for (src, name) in &self.extra_share {
             std::fs::copy(src, share.path().join(name))
@@ -339,6 +336,49 @@ pub fn tail(log: &str, n: usize) -> String {
     v[v.len().saturating_sub(n)..].join("\n")
 }
 
+/// The file in a shared folder naming the test process that owns it.
+const OWNER: &str = ".parvis-owner";
+
+/// A fresh shared folder in `dir`. Suites keep their outcome, and so this folder, in a
+/// `static`, which is never dropped: the folder outlives the test process (about 250 MB per
+/// suite and run). So each folder records its owner's PID, and folders with this `prefix`
+/// whose owner has exited are removed first (unmarked ones, from older runs, once they are
+/// ten minutes old).
+fn new_share(dir: &Path, prefix: &str) -> Result<tempfile::TempDir> {
+    sweep_stale_shares(dir, prefix);
+    let share = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(dir)
+        .context("cannot create the shared folder")?;
+    std::fs::write(share.path().join(OWNER), std::process::id().to_string())
+        .context("cannot write the shared folder's owner")?;
+    Ok(share)
+}
+
+fn sweep_stale_shares(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(prefix) {
+            continue;
+        }
+        let path = e.path();
+        let stale = match std::fs::read_to_string(path.join(OWNER)) {
+            Ok(pid) => !Path::new("/proc").join(pid.trim()).exists(),
+            Err(_) => e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(600)),
+        };
+        if stale {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
 /// Run `script` with the terminal attached (the README demo): in the test host, L1's serial
 /// console is this terminal, and the script's stdin is that console. Returns the exit status
 /// of QEMU (emulated) or of the script (direct).
@@ -391,4 +431,33 @@ pub fn run_interactive(script: &str) -> Result<i32> {
         }
     };
     Ok(status.code().unwrap_or(-1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shares left by exited processes (and old unmarked ones) go; a live owner's stays.
+    #[test]
+    fn stale_shares_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = new_share(dir.path(), "parvis-t-").unwrap();
+        let gone = dir.path().join("parvis-t-gone");
+        std::fs::create_dir(&gone).unwrap();
+        // PIDs stay below 2^22 on Linux.
+        std::fs::write(gone.join(OWNER), "99999999").unwrap();
+        let fresh_unmarked = dir.path().join("parvis-t-new");
+        std::fs::create_dir(&fresh_unmarked).unwrap();
+        let other = dir.path().join("parvis-u-gone");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join(OWNER), "99999999").unwrap();
+        let second = new_share(dir.path(), "parvis-t-").unwrap();
+        assert!(live.path().exists() && second.path().exists());
+        assert!(!gone.exists(), "a dead owner's share stays");
+        assert!(
+            fresh_unmarked.exists(),
+            "an unmarked share may be in the making"
+        );
+        assert!(other.exists(), "another suite's share was touched");
+    }
 }
