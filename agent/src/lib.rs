@@ -27,6 +27,22 @@ pub mod tasks;
 pub mod vms;
 pub mod worker;
 
+#[cfg(test)]
+mod testutil {
+    /// `len` reproducible pseudo-random bytes (xorshift64 from `seed`).
+    pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+}
+
 use std::sync::Arc;
 
 pub use proto::API_VERSION;

@@ -829,6 +829,7 @@ fn scan_band(g: &Geometry, row0: usize, prev: &[u8], cur: &[u8]) -> Vec<(usize, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::pattern;
     use std::io::{Seek, SeekFrom, Write};
     use std::os::unix::fs::FileExt;
 
@@ -1026,19 +1027,6 @@ mod tests {
             .unwrap()
     }
 
-    /// A frame of pseudo-random pixels (so every tile differs from every other).
-    fn noise(len: usize, seed: u32) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect()
-    }
-
     /// A frame big enough to be scanned by several threads, with a padded stride and
     /// partial tiles on the right and bottom edges: exactly the tiles holding a changed
     /// byte come back, with exactly the new pixels.
@@ -1051,7 +1039,7 @@ mod tests {
             stride: 1000 * 4 + 96,
         };
         let file = memfile(&g);
-        let before = noise(g.len(), 7);
+        let before = pattern(g.len(), 7);
         file.write_all_at(&before, g.offset).unwrap();
         let fd: OwnedFd = file.try_clone().unwrap().into();
         assert!(capture_threads(g.len()) >= 1);
@@ -1097,7 +1085,7 @@ mod tests {
             stride: 700 * 4 + 32,
         };
         let file = memfile(&g);
-        let frame = noise(g.len(), 3);
+        let frame = pattern(g.len(), 3);
         file.write_all_at(&frame, g.offset).unwrap();
         let fd: OwnedFd = file.try_clone().unwrap().into();
         let all = encode_all(&g, &frame, 1);

@@ -251,17 +251,7 @@ pub(super) fn is_zero(b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    fn pattern(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::testutil::pattern;
 
     /// Data with holes of several sizes, aligned and not.
     fn data(len: usize) -> Vec<u8> {
