@@ -181,12 +181,15 @@ fn steps(h: &mut App, n: usize) {
     }
 }
 
-/// Run frames until `cond` holds (the network answers on its own threads).
+/// Run frames until `cond` holds (the network answers on its own threads), then one more:
+/// the state may change between a frame and the check, and the next click must find the
+/// widgets that state shows.
 fn wait(h: &mut App, what: &str, secs: u64, mut cond: impl FnMut(&mut App) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         h.step();
         if cond(h) {
+            h.step();
             return;
         }
         if Instant::now() > deadline {
