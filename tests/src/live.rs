@@ -67,10 +67,7 @@ impl Live {
     pub fn start(name: &str, script: &str, timeout: Duration, memory_mib: u32) -> Result<Live> {
         let art = artifacts()?;
         let mode = Mode::detect();
-        let share = tempfile::Builder::new()
-            .prefix(&format!("parvis-{name}-"))
-            .tempdir()
-            .context("cannot create the shared folder")?;
+        let share = crate::testhost::new_share(&std::env::temp_dir(), &format!("parvis-{name}-"))?;
         let port = free_port()?;
         let body = format!("{HEADER}\n{SERVE}\n{script}\n");
         let child = match mode {

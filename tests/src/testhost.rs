@@ -344,7 +344,7 @@ const OWNER: &str = ".parvis-owner";
 /// suite and run). So each folder records its owner's PID, and folders with this `prefix`
 /// whose owner has exited are removed first (unmarked ones, from older runs, once they are
 /// ten minutes old).
-fn new_share(dir: &Path, prefix: &str) -> Result<tempfile::TempDir> {
+pub(crate) fn new_share(dir: &Path, prefix: &str) -> Result<tempfile::TempDir> {
     sweep_stale_shares(dir, prefix);
     let share = tempfile::Builder::new()
         .prefix(prefix)
