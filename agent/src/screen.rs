@@ -417,19 +417,26 @@ impl Screen {
             let mut seq = 0u64;
             loop {
                 gen_rx.borrow_and_update();
-                let s = screen.clone();
                 let known = epoch;
-                let (update, newest, now_epoch) = match tokio::task::spawn_blocking(move || {
-                    let u = s.update_since(&sent, encoding, known);
-                    (u, sent)
-                })
-                .await
-                {
-                    Ok(((u, newest, e), old)) => {
-                        sent = old;
-                        (u, newest, e)
+                // LZ4 and raw tiles are ready: gathering them is quick, so it happens here
+                // rather than on another thread (two thread hops per update). zstd is
+                // compressed on first use, on a blocking thread.
+                let (update, newest, now_epoch) = if encoding == TileEncoding::Zstd {
+                    let s = screen.clone();
+                    match tokio::task::spawn_blocking(move || {
+                        let u = s.update_since(&sent, encoding, known);
+                        (u, sent)
+                    })
+                    .await
+                    {
+                        Ok(((u, newest, e), old)) => {
+                            sent = old;
+                            (u, newest, e)
+                        }
+                        Err(_) => break,
                     }
-                    Err(_) => break,
+                } else {
+                    screen.update_since(&sent, encoding, known)
                 };
                 if epoch != Some(now_epoch) {
                     epoch = Some(now_epoch);
