@@ -360,7 +360,14 @@ impl Screen {
             if f.geometry != g {
                 return;
             }
-            (f.generation + 1, f.tiles.clone())
+            // Only the tiles under the rectangles, to compare with (a keystroke is one).
+            let tx = g.tiles_x();
+            let old: std::collections::HashMap<usize, Arc<TileData>> = rows
+                .iter()
+                .flat_map(|(ty, cols)| cols.iter().map(move |c| (ty * tx + c) as usize))
+                .filter_map(|i| f.tiles.get(i).map(|t| (i, t.clone())))
+                .collect();
+            (f.generation + 1, old)
         };
         let bytes: usize = rows.iter().map(|(_, t)| t.len()).sum::<usize>() * TILE_BYTES;
         let threads = capture_threads(bytes);
@@ -368,7 +375,7 @@ impl Screen {
             read_tile_row(file, &g, *ty, txs, &mut sc.read).map(|tiles| {
                 tiles
                     .into_iter()
-                    .filter(|(i, px)| old.get(*i).is_none_or(|t| t.raw[..] != px[..]))
+                    .filter(|(i, px)| old.get(i).is_none_or(|t| t.raw[..] != px[..]))
                     .map(|(i, px)| (i, Arc::new(TileData::new(generation, px, &mut sc.lz4))))
                     .collect::<Vec<_>>()
             })
