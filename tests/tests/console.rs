@@ -91,7 +91,11 @@ struct Check {
 
 impl Check {
     fn new(t: &Target) -> Check {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // A worker thread drives the connection between calls too: the agent pings every
+        // 30 s and closes a connection whose pings go unanswered, and the test spends
+        // minutes watching the console between its own calls.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
