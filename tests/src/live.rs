@@ -49,6 +49,8 @@ pub struct Live {
     next_cmd: u32,
     mode: Mode,
     name: String,
+    /// QEMU's (or the direct script's) process id, for [`Drop`].
+    pid: u32,
 }
 
 impl std::fmt::Debug for Live {
@@ -116,6 +118,7 @@ impl Live {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
         let n = name.to_string();
+        let pid = child.id();
         let thread = std::thread::spawn(move || collect_into(child, timeout, &n, sink));
         Ok(Live {
             share: Some(share),
@@ -125,6 +128,7 @@ impl Live {
             next_cmd: 1,
             mode,
             name: name.into(),
+            pid,
         })
     }
 
@@ -237,11 +241,26 @@ impl Live {
 
 impl Drop for Live {
     fn drop(&mut self) {
-        // A failing test must not leave the test host running: `done` ends the script,
-        // and the collector's timeout kills QEMU in any case.
+        // A failing test must not leave the test host running after the test process
+        // ends: `done` ends the script (and the test host with it); if it is still running
+        // after a grace period, it is killed. The collector has not reaped it until its
+        // thread finishes, so the id is still ours.
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
         if let Some(s) = &self.share {
             let _ = std::fs::write(s.path().join("done"), b"");
         }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !thread.is_finished()
+            && let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+        let _ = thread.join();
     }
 }
 
