@@ -78,7 +78,12 @@ pub async fn serve(
                 .max_encoding_message_size(max),
             t,
         ));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(opts.listener);
+    // The builder's `tcp_nodelay` covers only listeners it binds itself: without
+    // TCP_NODELAY here, the small last message of a burst (the end of a frame) waited for
+    // the console's delayed ACK.
+    let incoming = tonic::transport::server::TcpIncoming::from(opts.listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(std::time::Duration::from_secs(60)));
     router
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
