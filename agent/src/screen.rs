@@ -121,6 +121,9 @@ struct Frame {
     tiles: Vec<Arc<TileData>>,
     generation: u64,
     captured_us: i64,
+    /// A capture of dirty rectangles is publishing its tiles row by row: updates sent now
+    /// say `more`.
+    capturing: bool,
 }
 
 /// A dirty rectangle reported by the worker.
@@ -180,6 +183,7 @@ impl Screen {
                 tiles,
                 generation: 1,
                 captured_us: now_us(),
+                capturing: false,
             }),
             generation: watch::channel(1).0,
             subscribers: AtomicUsize::new(0),
@@ -350,13 +354,17 @@ impl Screen {
 
     /// Read only the tiles under `rects` (the guest's dirty rectangles). Tiles whose
     /// pixels turn out unchanged (a rectangle larger than the change) are not sent again.
+    ///
+    /// Each tile row is published as soon as it is compressed (the rows are shared out
+    /// among threads in order), so subscribers send the first rows while the rest are
+    /// still being read; the frame says `capturing` until the last row is in.
     fn capture_rects(&self, file: &OwnedFd, g: Geometry, rects: &[Rect]) {
         let rows = tiles_under(&g, rects);
         if rows.is_empty() {
             return;
         }
         let (generation, old) = {
-            let f = self.frame();
+            let mut f = self.frame();
             if f.geometry != g {
                 return;
             }
@@ -367,44 +375,54 @@ impl Screen {
                 .flat_map(|(ty, cols)| cols.iter().map(move |c| (ty * tx + c) as usize))
                 .filter_map(|i| f.tiles.get(i).map(|t| (i, t.clone())))
                 .collect();
+            f.capturing = true;
             (f.generation + 1, old)
         };
         let bytes: usize = rows.iter().map(|(_, t)| t.len()).sum::<usize>() * TILE_BYTES;
+        // One CPU stays free to send the rows already published while the rest capture.
         let threads = capture_threads(bytes);
-        let read = par_map(&rows, threads, Scratch::default, |sc, (ty, txs)| {
-            read_tile_row(file, &g, *ty, txs, &mut sc.read).map(|tiles| {
-                tiles
-                    .into_iter()
-                    .filter(|(i, px)| old.get(i).is_none_or(|t| t.raw[..] != px[..]))
-                    .map(|(i, px)| (i, Arc::new(TileData::new(generation, px, &mut sc.lz4))))
-                    .collect::<Vec<_>>()
-            })
-        });
-        let mut fresh = Vec::new();
-        for r in read {
-            match r {
-                Ok(t) => fresh.extend(t),
-                Err(e) => {
-                    tracing::warn!("cannot read the guest framebuffer: {e}");
-                    return;
+        let done = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        par_for_each(&rows, threads, Scratch::default, |sc, (ty, txs)| {
+            let fresh = if failed.load(Ordering::Relaxed) {
+                Vec::new()
+            } else {
+                match read_tile_row(file, &g, *ty, txs, &mut sc.read) {
+                    Ok(tiles) => tiles
+                        .into_iter()
+                        .filter(|(i, px)| old.get(i).is_none_or(|t| t.raw[..] != px[..]))
+                        .map(|(i, px)| (i, Arc::new(TileData::new(generation, px, &mut sc.lz4))))
+                        .collect::<Vec<_>>(),
+                    Err(e) => {
+                        if !failed.swap(true, Ordering::Relaxed) {
+                            tracing::warn!("cannot read the guest framebuffer: {e}");
+                        }
+                        Vec::new()
+                    }
                 }
+            };
+            let changed = !fresh.is_empty();
+            // Counted under the lock, so the row that finds itself last is the last one
+            // published and ends the capture.
+            let last = {
+                let mut f = self.frame();
+                if changed && f.geometry == g {
+                    for (i, t) in fresh {
+                        f.tiles[i] = t;
+                    }
+                    f.generation = generation;
+                    f.captured_us = now_us();
+                }
+                let last = done.fetch_add(1, Ordering::SeqCst) + 1 == rows.len();
+                if last {
+                    f.capturing = false;
+                }
+                last
+            };
+            if changed || last {
+                self.generation.send_replace(generation);
             }
-        }
-        if fresh.is_empty() {
-            return;
-        }
-        {
-            let mut f = self.frame();
-            if f.geometry != g {
-                return;
-            }
-            for (i, t) in fresh {
-                f.tiles[i] = t;
-            }
-            f.generation = generation;
-            f.captured_us = now_us();
-        }
-        self.generation.send_replace(generation);
+        });
     }
 
     /// A stream of updates for one console: everything first, then changes.
@@ -422,13 +440,16 @@ impl Screen {
             // The geometry epoch `sent` refers to; None before the first update.
             let mut epoch: Option<u64> = None;
             let mut seq = 0u64;
+            // The last update sent said `more`: the one that ends the capture must follow,
+            // with or without tiles.
+            let mut owed_end = false;
             loop {
                 gen_rx.borrow_and_update();
                 let known = epoch;
                 // LZ4 and raw tiles are ready: gathering them is quick, so it happens here
                 // rather than on another thread (two thread hops per update). zstd is
                 // compressed on first use, on a blocking thread.
-                let (update, newest, now_epoch) = if encoding == TileEncoding::Zstd {
+                let (update, newest, now_epoch, more) = if encoding == TileEncoding::Zstd {
                     let s = screen.clone();
                     match tokio::task::spawn_blocking(move || {
                         let u = s.update_since(&sent, encoding, known);
@@ -436,9 +457,9 @@ impl Screen {
                     })
                     .await
                     {
-                        Ok(((u, newest, e), old)) => {
+                        Ok(((u, newest, e, more), old)) => {
                             sent = old;
-                            (u, newest, e)
+                            (u, newest, e, more)
                         }
                         Err(_) => break,
                     }
@@ -453,8 +474,9 @@ impl Screen {
                             as usize
                     ];
                 }
-                if !update.tiles.is_empty() {
+                if !update.tiles.is_empty() || (owed_end && !more) {
                     seq += 1;
+                    owed_end = more;
                     for (i, g) in newest {
                         if let Some(s) = sent.get_mut(i) {
                             *s = g;
@@ -462,6 +484,7 @@ impl Screen {
                     }
                     let mut update = update;
                     update.seq = seq;
+                    update.more = more;
                     if tx.send(Ok(update)).await.is_err() {
                         break;
                     }
@@ -493,14 +516,16 @@ impl Screen {
     }
 
     /// Tiles newer than `sent` (all, a full update, when the geometry epoch is not `epoch`),
-    /// the generations they carry, and the current epoch.
+    /// the generations they carry, the current epoch, and whether a capture is still
+    /// publishing (more tiles follow).
     fn update_since(
         &self,
         sent: &[u64],
         encoding: TileEncoding,
         epoch: Option<u64>,
-    ) -> (FrameUpdate, Vec<(usize, u64)>, u64) {
-        let (g, now_epoch, tiles, captured_us): (Geometry, u64, Vec<(usize, Arc<TileData>)>, i64) = {
+    ) -> (FrameUpdate, Vec<(usize, u64)>, u64, bool) {
+        type Gathered = (Geometry, u64, Vec<(usize, Arc<TileData>)>, i64, bool);
+        let (g, now_epoch, tiles, captured_us, more): Gathered = {
             let f = self.frame();
             let full = epoch != Some(f.epoch);
             let t = f
@@ -510,7 +535,7 @@ impl Screen {
                 .filter(|(i, t)| full || sent.get(*i).is_none_or(|s| t.generation > *s))
                 .map(|(i, t)| (i, t.clone()))
                 .collect();
-            (f.geometry, f.epoch, t, f.captured_us)
+            (f.geometry, f.epoch, t, f.captured_us, f.capturing)
         };
         let full = epoch != Some(now_epoch);
         let enc = match encoding {
@@ -542,9 +567,11 @@ impl Screen {
                 tiles,
                 captured_us,
                 active: true,
+                more: false,
             },
             newest,
             now_epoch,
+            more,
         )
     }
 }
@@ -577,7 +604,13 @@ fn capture_threads(bytes: usize) -> usize {
     if bytes < 1 << 20 {
         return 1;
     }
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+    cpus().min(4)
+}
+
+/// The CPUs this process may use (asked once: the answer comes from reading cgroup files).
+fn cpus() -> usize {
+    static CPUS: OnceLock<usize> = OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// A capture thread's reusable buffers.
@@ -626,6 +659,35 @@ fn par_map<I: Sync, S, T: Send>(
         }
         out
     })
+}
+
+/// `f` over every item, shared out among up to `threads` threads (the calling thread is
+/// one) in order: each takes the next item not yet taken, so the items are started in
+/// order and a thread that is held up does not hold up a whole run of them. Each thread
+/// has its own state from `init`.
+fn par_for_each<I: Sync, S>(
+    items: &[I],
+    threads: usize,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, &I) + Sync,
+) {
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut state = init();
+        while let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
+            f(&mut state, item);
+        }
+    };
+    let work = &work;
+    std::thread::scope(|s| {
+        for _ in 1..threads.clamp(1, items.len().max(1)) {
+            // A thread that cannot be started leaves its share to the others.
+            let _ = std::thread::Builder::new()
+                .name("screen-encode".into())
+                .spawn_scoped(s, work);
+        }
+        work();
+    });
 }
 
 /// Every tile of a whole frame (`fb` holds `g.len()` bytes), encoded at `generation`.
@@ -1021,6 +1083,7 @@ mod tests {
         .unwrap();
         let u = next(&mut sub).await;
         assert!(!u.full);
+        assert!(!u.more, "one tile row is one update");
         assert_eq!(u.tiles.len(), 1);
         assert_eq!((u.tiles[0].x, u.tiles[0].y), (128, 64));
         apply(&mut fb, &g2, &u);
@@ -1030,6 +1093,112 @@ mod tests {
         tx.send(DisplayEvent::Inactive).unwrap();
         let u = next(&mut sub).await;
         assert!(u.full && (u.width, u.height) == (200, 100));
+        screen.stop();
+    }
+
+    /// Updates until one says the capture is complete (`more` false), checking that every
+    /// earlier one said `more`.
+    async fn until_complete(
+        sub: &mut mpsc::Receiver<Result<FrameUpdate, tonic::Status>>,
+    ) -> Vec<FrameUpdate> {
+        let mut parts = Vec::new();
+        loop {
+            let u = next(sub).await;
+            let more = u.more;
+            parts.push(u);
+            if !more {
+                return parts;
+            }
+        }
+    }
+
+    /// A large dirty rectangle is sent in parts as its tile rows are captured: every part
+    /// but the last says `more`, no tile comes twice, and together they are exactly the new
+    /// frame. A rectangle larger than the change sends only the changed tiles and still
+    /// ends with a part that says the capture is complete.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_dirty_rectangles_arrive_in_parts_that_end_complete() {
+        // Big enough for several capture threads (over 1 MiB), with partial edge tiles.
+        let g = Geometry {
+            offset: 4096,
+            width: 1000,
+            height: 600,
+            stride: 1000 * 4 + 32,
+        };
+        let f = memfile(&g);
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Booted at a smaller size, so the mode change's full update is told apart.
+        let screen =
+            Screen::start_with_display(f.try_clone().unwrap().into(), geometry(), Some(rx))
+                .unwrap();
+        tx.send(DisplayEvent::Mode(proto::worker::Framebuffer {
+            offset: g.offset,
+            width: g.width,
+            height: g.height,
+            stride: g.stride,
+            bytes_per_pixel: 4,
+        }))
+        .unwrap();
+        let mut sub = screen.subscribe(TileEncoding::Lz4);
+        let mut fb = vec![0u8; g.len()];
+        // The mode change's full update (and perhaps the first state before it).
+        loop {
+            let u = next(&mut sub).await;
+            if u.width == g.width {
+                assert!(u.full && !u.more);
+                apply(&mut fb, &g, &u);
+                break;
+            }
+        }
+
+        // Every pixel row different, so every tile changes.
+        let mut want = vec![0u8; g.len()];
+        for y in 0..g.height {
+            let row = pattern((g.width * 4) as usize, u64::from(y) + 1);
+            let off = g.offset + u64::from(y) * u64::from(g.stride);
+            f.write_all_at(&row, off).unwrap();
+            want[(y * g.width * 4) as usize..((y + 1) * g.width * 4) as usize]
+                .copy_from_slice(&row);
+        }
+        let whole = Rect {
+            x: 0,
+            y: 0,
+            width: g.width,
+            height: g.height,
+        };
+        tx.send(DisplayEvent::Dirty(vec![whole])).unwrap();
+        let parts = until_complete(&mut sub).await;
+        let mut seen = std::collections::HashSet::new();
+        for u in &parts {
+            for t in &u.tiles {
+                assert!(seen.insert((t.x, t.y)), "tile {},{} sent twice", t.x, t.y);
+            }
+            apply(&mut fb, &g, u);
+        }
+        assert_eq!(seen.len(), g.tile_count(), "every tile changed");
+        assert!(fb == want, "the parts together are the new frame");
+
+        // Only the top 100 rows change, but the whole screen is reported dirty.
+        for y in 0..100 {
+            let row = pattern((g.width * 4) as usize, u64::from(y) + 1000);
+            let off = g.offset + u64::from(y) * u64::from(g.stride);
+            f.write_all_at(&row, off).unwrap();
+            want[(y * g.width * 4) as usize..((y + 1) * g.width * 4) as usize]
+                .copy_from_slice(&row);
+        }
+        tx.send(DisplayEvent::Dirty(vec![whole])).unwrap();
+        let parts = until_complete(&mut sub).await;
+        for u in &parts {
+            assert!(
+                u.tiles.iter().all(|t| t.y < 128),
+                "an unchanged tile was sent: {:?}",
+                u.tiles.iter().map(|t| (t.x, t.y)).collect::<Vec<_>>()
+            );
+            apply(&mut fb, &g, u);
+        }
+        assert!(fb == want);
+        let idle = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await;
+        assert!(idle.is_err(), "nothing more after the capture completed");
         screen.stop();
     }
 

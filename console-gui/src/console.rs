@@ -189,10 +189,15 @@ async fn screen_task(slot: Slot, vm_id: String, shared: Arc<Mutex<ConsoleShared>
                     match s.message().await {
                         Ok(Some(u)) => {
                             let r = decoder.apply(&u, &shared);
+                            // A capture sent in parts is shown once it is complete, not
+                            // half new.
+                            let show = r.is_err() || !u.more;
                             let mut sh = lock(&shared);
                             sh.screen_error = r.err();
                             drop(sh);
-                            n.wake();
+                            if show {
+                                n.wake();
+                            }
                         }
                         Ok(None) => {
                             let mut sh = lock(&shared);
@@ -225,6 +230,11 @@ pub struct Decoder {
     fb: Vec<Color32>,
     /// One tile's pixels, reused from tile to tile.
     tile: Vec<u8>,
+    /// Patches of a capture whose last part has not come yet (`more`), and their pixels.
+    held: Vec<Patch>,
+    held_px: usize,
+    /// The screen size changed since patches last went to the UI.
+    resize_pending: bool,
 }
 
 impl Decoder {
@@ -235,10 +245,12 @@ impl Decoder {
             lock(shared).active = false;
             return Ok(());
         }
-        let resized = [w, h] != self.size;
-        if resized {
+        if [w, h] != self.size {
             self.size = [w, h];
             self.fb = vec![Color32::BLACK; w * h];
+            self.held.clear();
+            self.held_px = 0;
+            self.resize_pending = true;
         }
         let covered: usize = u
             .tiles
@@ -290,6 +302,29 @@ impl Decoder {
                 image: ColorImage::new([w, h], self.fb.clone()),
             });
         }
+        // A capture sent in parts goes to the UI whole, when its last part is in: the
+        // screen is never shown half new.
+        if u.more || !self.held.is_empty() {
+            self.held_px += px;
+            if self.held_px > w * h {
+                // Parts of more than a screen (or an agent that never ends a capture):
+                // one whole-screen patch, never a growing list.
+                self.held.clear();
+                self.held.push(Patch {
+                    pos: [0, 0],
+                    image: ColorImage::new([w, h], self.fb.clone()),
+                });
+                self.held_px = w * h;
+            } else {
+                self.held.extend(patches);
+            }
+            if u.more {
+                return Ok(());
+            }
+            patches = std::mem::take(&mut self.held);
+            px = std::mem::take(&mut self.held_px);
+        }
+        let resized = std::mem::take(&mut self.resize_pending);
         let mut sh = lock(shared);
         sh.active = true;
         sh.updates += 1;
@@ -525,5 +560,57 @@ mod tests {
         let mut bad = full.clone();
         bad.tiles[0].x = 3;
         assert!(d.apply(&bad, &shared).is_err());
+    }
+
+    #[test]
+    fn a_capture_in_parts_reaches_the_ui_only_when_complete() {
+        let shared = Mutex::new(ConsoleShared::default());
+        let mut d = Decoder::default();
+        let full = FrameUpdate {
+            width: 8,
+            height: 2,
+            active: true,
+            full: true,
+            tiles: vec![tile(0, 0, 8, 2, [0, 0, 0, 0])],
+            ..Default::default()
+        };
+        d.apply(&full, &shared).unwrap();
+        let _ = lock(&shared).take();
+        let part = |x: u32, more: bool| FrameUpdate {
+            full: false,
+            more,
+            tiles: vec![tile(x, 0, 2, 2, [0, 0, 255, 0])],
+            ..full.clone()
+        };
+        d.apply(&part(0, true), &shared).unwrap();
+        d.apply(&part(2, true), &shared).unwrap();
+        let (_, patches) = lock(&shared).take();
+        assert!(patches.is_empty(), "half a capture reached the UI");
+        d.apply(&part(4, false), &shared).unwrap();
+        let (_, patches) = lock(&shared).take();
+        let at: Vec<[usize; 2]> = patches.iter().map(|p| p.pos).collect();
+        assert_eq!(at, vec![[0, 0], [2, 0], [4, 0]]);
+        // An agent that never ends its capture costs at most one whole screen.
+        for i in 0..20 {
+            d.apply(&part((i % 4) * 2, true), &shared).unwrap();
+        }
+        assert!(
+            d.held.len() <= 4 && d.held_px <= 16,
+            "{} held",
+            d.held.len()
+        );
+        // The closing part may carry no tiles.
+        let end = FrameUpdate {
+            tiles: Vec::new(),
+            ..part(0, false)
+        };
+        d.apply(&end, &shared).unwrap();
+        let (_, patches) = lock(&shared).take();
+        assert!(!patches.is_empty());
+        assert!(
+            patches
+                .iter()
+                .all(|p| p.image.pixels[0] == Color32::from_rgb(255, 0, 0))
+        );
     }
 }

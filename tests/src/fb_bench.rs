@@ -4,8 +4,10 @@
 //! client here decodes every tile, as a console does, and measures:
 //! - frames per second actually delivered while the writer changes the full screen 60 times
 //!   a second, and how many of the writer's frames reached the client;
-//! - bytes per update on the wire (protobuf encoded size) against the raw frame size;
-//! - draw-to-client latency (writer's stamp → decoded on the client), p50/p99;
+//! - bytes per delivered frame on the wire (protobuf encoded size) against the raw frame size
+//!   (a large change comes as several updates, the last one completing the capture);
+//! - draw-to-client latency (writer's stamp → the update completing its capture decoded on
+//!   the client), p50/p99;
 //! - bytes per second while the screen is idle.
 //!
 //! The writer is not a guest, so this measures the agent's pipeline (capture, diff,
@@ -30,6 +32,8 @@ pub struct Workload {
     pub secs: f64,
     /// Updates received.
     pub updates: u64,
+    /// Captures completed (updates with `more` false): a large change comes in parts.
+    pub captures: u64,
     /// Distinct writer frames seen (stamps).
     pub frames_seen: u64,
     /// Writer frames drawn in the window (by sequence numbers).
@@ -353,6 +357,9 @@ where
     let start_ns = monotonic_ns();
     let end = start + Duration::from_secs_f64(secs);
     let (mut first_seq, mut last_seq) = (None::<u32>, 0u32);
+    // Stamps seen in the parts of a capture that is not complete yet: a frame counts as
+    // delivered when the update completing its capture is decoded.
+    let mut pending: Vec<fbstamp::Stamp> = Vec::new();
     loop {
         let left = end.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -370,7 +377,12 @@ where
         w.updates += 1;
         w.bytes += u.encoded_len() as u64;
         // Frames drawn before this window (a previous workload's) don't count.
-        for s in stamps.into_iter().filter(|s| s.drawn_ns >= start_ns) {
+        pending.extend(stamps.into_iter().filter(|s| s.drawn_ns >= start_ns));
+        if u.more {
+            continue;
+        }
+        w.captures += 1;
+        for s in pending.drain(..) {
             if s.seq > last_seq || first_seq.is_none() {
                 first_seq.get_or_insert(s.seq);
                 last_seq = s.seq;
@@ -410,19 +422,20 @@ pub fn print(r: &FbResult) {
     for c in &r.captures {
         println!(" {}:", c.name);
         for w in [&c.full, &c.typing] {
-            let per = if w.updates > 0 {
-                w.bytes as f64 / w.updates as f64
+            let per = if w.captures > 0 {
+                w.bytes as f64 / w.captures as f64
             } else {
                 0.0
             };
             println!(
-                "  {:<12} {:6.1} frames/s delivered ({} of {} drawn frames seen), {:>9.0} bytes/update ({:.3} of a raw frame), latency p50 {:.1} ms p99 {:.1} ms",
+                "  {:<12} {:6.1} frames/s delivered ({} of {} drawn frames seen), {:>9.0} bytes/frame ({:.3} of a raw frame, {:.1} updates/frame), latency p50 {:.1} ms p99 {:.1} ms",
                 w.name,
                 w.fps(),
                 w.frames_seen,
                 w.frames_drawn,
                 per,
                 per / raw,
+                w.updates as f64 / w.captures.max(1) as f64,
                 w.pct(0.5),
                 w.pct(0.99),
             );
