@@ -560,8 +560,11 @@ struct Screen {
     width: u32,
     height: u32,
     px: Vec<u32>,
-    /// (full, tiles) of every update after the last geometry change.
+    /// (full, tiles) of every capture after the last geometry change: a large one comes
+    /// as several updates, the last one without `more`.
     since_mode: Vec<(bool, Vec<RectXywh>)>,
+    /// The updates of a capture not complete yet.
+    part: Option<(bool, Vec<RectXywh>)>,
     modes: Vec<(u32, u32)>,
 }
 
@@ -573,12 +576,13 @@ impl Screen {
             self.px = vec![0; (u.width * u.height) as usize];
             self.modes.push((u.width, u.height));
             self.since_mode.clear();
+            self.part = None;
         }
         ensure!(
             (u.width, u.height) == (self.width, self.height),
             "update at another size"
         );
-        let mut tiles = Vec::new();
+        let (full, mut tiles) = self.part.take().unwrap_or((u.full, Vec::new()));
         for t in &u.tiles {
             let raw = proto::tiles::decode(t)?;
             ensure!(t.x + t.width <= self.width && t.y + t.height <= self.height);
@@ -591,7 +595,11 @@ impl Screen {
             }
             tiles.push((t.x, t.y, t.width, t.height));
         }
-        self.since_mode.push((u.full, tiles));
+        if u.more {
+            self.part = Some((full, tiles));
+        } else {
+            self.since_mode.push((full, tiles));
+        }
         Ok(())
     }
 }
@@ -769,10 +777,10 @@ async fn agent_story(target: &Target, checks: &mut Checks) -> Result<()> {
         },
     );
     checks.insert("agent_pattern", result.map_err(|e| format!("{e:#}")));
-    // After the mode change: updates are the guest's rectangles, not whole frames. Whole-
-    // screen updates are allowed only for the mode change itself, the guest's own full-screen
-    // DIRT after its mode set, and the worker's settle refresh; every other update carries
-    // only tiles under rectangles the guest drew (nothing found by scanning).
+    // After the mode change: captures are the guest's rectangles, not whole frames. Whole-
+    // screen captures are allowed only for the mode change itself, the guest's own
+    // full-screen DIRT after its mode set, and the worker's settle refresh; every other
+    // capture carries only tiles under rectangles the guest drew (nothing found by scanning).
     let rects = drawn_rects(&serial.text());
     let whole = screen
         .since_mode
@@ -812,7 +820,7 @@ async fn agent_story(target: &Target, checks: &mut Checks) -> Result<()> {
             Ok(())
         } else {
             Err(format!(
-                "{whole} whole-screen and {} partial updates after the mode change; tiles \
+                "{whole} whole-screen and {} partial captures after the mode change; tiles \
                  under no drawn rectangle: {stray:?}",
                 partial.len()
             ))
