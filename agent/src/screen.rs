@@ -379,7 +379,6 @@ impl Screen {
             (f.generation + 1, old)
         };
         let bytes: usize = rows.iter().map(|(_, t)| t.len()).sum::<usize>() * TILE_BYTES;
-        // One CPU stays free to send the rows already published while the rest capture.
         let threads = capture_threads(bytes);
         let done = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
@@ -604,13 +603,9 @@ fn capture_threads(bytes: usize) -> usize {
     if bytes < 1 << 20 {
         return 1;
     }
-    cpus().min(4)
-}
-
-/// The CPUs this process may use (asked once: the answer comes from reading cgroup files).
-fn cpus() -> usize {
+    // Asked once: the answer comes from reading cgroup files.
     static CPUS: OnceLock<usize> = OnceLock::new();
-    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
 }
 
 /// A capture thread's reusable buffers.
@@ -1096,8 +1091,7 @@ mod tests {
         screen.stop();
     }
 
-    /// Updates until one says the capture is complete (`more` false), checking that every
-    /// earlier one said `more`.
+    /// Updates until one says the capture is complete (`more` false).
     async fn until_complete(
         sub: &mut mpsc::Receiver<Result<FrameUpdate, tonic::Status>>,
     ) -> Vec<FrameUpdate> {
@@ -1151,15 +1145,19 @@ mod tests {
             }
         }
 
-        // Every pixel row different, so every tile changes.
+        // Every pixel row of `rows` different (from `seed` on), into the guest's memory and
+        // into `want`, the frame the client should end up with.
         let mut want = vec![0u8; g.len()];
-        for y in 0..g.height {
-            let row = pattern((g.width * 4) as usize, u64::from(y) + 1);
-            let off = g.offset + u64::from(y) * u64::from(g.stride);
-            f.write_all_at(&row, off).unwrap();
-            want[(y * g.width * 4) as usize..((y + 1) * g.width * 4) as usize]
-                .copy_from_slice(&row);
-        }
+        let draw = |want: &mut [u8], rows: std::ops::Range<u32>, seed: u64| {
+            let line = (g.width * 4) as usize;
+            for y in rows {
+                let row = pattern(line, u64::from(y) + seed);
+                f.write_all_at(&row, g.offset + u64::from(y) * u64::from(g.stride))
+                    .unwrap();
+                want[y as usize * line..(y as usize + 1) * line].copy_from_slice(&row);
+            }
+        };
+        draw(&mut want, 0..g.height, 1);
         let whole = Rect {
             x: 0,
             y: 0,
@@ -1179,13 +1177,7 @@ mod tests {
         assert!(fb == want, "the parts together are the new frame");
 
         // Only the top 100 rows change, but the whole screen is reported dirty.
-        for y in 0..100 {
-            let row = pattern((g.width * 4) as usize, u64::from(y) + 1000);
-            let off = g.offset + u64::from(y) * u64::from(g.stride);
-            f.write_all_at(&row, off).unwrap();
-            want[(y * g.width * 4) as usize..((y + 1) * g.width * 4) as usize]
-                .copy_from_slice(&row);
-        }
+        draw(&mut want, 0..100, 1000);
         tx.send(DisplayEvent::Dirty(vec![whole])).unwrap();
         let parts = until_complete(&mut sub).await;
         for u in &parts {

@@ -238,6 +238,14 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// The whole screen copy as one patch.
+    fn whole_patch(&self) -> Patch {
+        Patch {
+            pos: [0, 0],
+            image: ColorImage::new(self.size, self.fb.clone()),
+        }
+    }
+
     /// Apply one update; the patches go to `shared`.
     pub fn apply(&mut self, u: &FrameUpdate, shared: &Mutex<ConsoleShared>) -> Result<(), String> {
         let (w, h) = (u.width as usize, u.height as usize);
@@ -297,10 +305,7 @@ impl Decoder {
             }
         }
         if whole {
-            patches.push(Patch {
-                pos: [0, 0],
-                image: ColorImage::new([w, h], self.fb.clone()),
-            });
+            patches.push(self.whole_patch());
         }
         // A capture sent in parts goes to the UI whole, when its last part is in: the
         // screen is never shown half new.
@@ -310,10 +315,7 @@ impl Decoder {
                 // Parts of more than a screen (or an agent that never ends a capture):
                 // one whole-screen patch, never a growing list.
                 self.held.clear();
-                self.held.push(Patch {
-                    pos: [0, 0],
-                    image: ColorImage::new([w, h], self.fb.clone()),
-                });
+                self.held.push(self.whole_patch());
                 self.held_px = w * h;
             } else {
                 self.held.extend(patches);
@@ -337,10 +339,7 @@ impl Decoder {
         if sh.pending_px + px > w * h {
             // The UI is behind: one patch with the whole screen replaces the queue.
             sh.patches.clear();
-            sh.patches.push(Patch {
-                pos: [0, 0],
-                image: ColorImage::new([w, h], self.fb.clone()),
-            });
+            sh.patches.push(self.whole_patch());
             sh.pending_px = w * h;
         } else {
             sh.patches.extend(patches);
