@@ -9,13 +9,13 @@
 //! image's structure; only then does the file move into the library.
 //!
 //! The data path: the gRPC handler hands each chunk (a refcounted `Bytes`, never copied) to
-//! a writer thread, which copies it into an aligned staging buffer written out with direct
-//! I/O ([`super::staged`]; buffered where the filesystem has no direct I/O), and hands it on
-//! to a hasher thread (SHA-256). The hasher only sees what the writer took, and the writer
-//! writes out the staged rest when the stream ends, so then the hasher's state matches the
-//! written offset exactly; it is kept in memory for the next stream if all of it is
-//! durable. After a restart it is rebuilt by reading the partial file. Checkpoints fall
-//! where a staging buffer was written out.
+//! a writer thread, which copies it into an aligned staging buffer and hashes (SHA-256) each
+//! piece right after staging it, while it is in cache; full staging buffers are written out
+//! with direct I/O by an I/O thread while the next fills ([`super::staged`]; buffered where
+//! the filesystem has no direct I/O). The writer writes out the staged rest when the stream
+//! ends, so then the hasher's state matches the written offset exactly; it is kept in memory
+//! for the next stream if all of it is durable. After a restart it is rebuilt by reading the
+//! partial file. Checkpoints fall where a staging buffer was written out.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -44,10 +44,11 @@ use crate::tasks::TaskHandle;
 
 /// Data is made durable and `verified_offset` advanced at most this often.
 const CHECKPOINT: u64 = 64 << 20;
-/// Chunks queued between the handler and the writer, and between writer and hasher: with
-/// 1 MiB chunks, two staging buffers' worth, so the network side goes on while one is
-/// written.
-const QUEUE: usize = 16;
+/// Batches of data queued between the handler and the writer.
+const QUEUE: usize = 4;
+/// The handler hands data to the writer in batches of this many bytes (or what has come
+/// when the stream has nothing more at once).
+const BATCH: u64 = 1 << 20;
 /// Finished uploads remembered for `GetUpload`.
 const KEEP_FINISHED: usize = 100;
 const DATA: &str = "data.partial";
@@ -279,6 +280,23 @@ impl DiskLibrary {
         let start = claim.meta.verified_offset;
         let path = self.inner.upload_dir(&id).join(DATA);
         let hasher = claim.hasher.take();
+        let sync = Arc::new(SyncState {
+            req: Mutex::new((start, false)),
+            cv: Condvar::new(),
+            durable: AtomicU64::new(start),
+        });
+        let on_written = {
+            let sync = sync.clone();
+            // Checkpoints fall where a staging buffer was written out (the file is that long
+            // already, holes at its end included).
+            move |written: u64| {
+                let mut r = sync.req.lock().unwrap_or_else(|e| e.into_inner());
+                if written >= r.0 + CHECKPOINT {
+                    r.0 = written;
+                    sync.cv.notify_one();
+                }
+            }
+        };
         let (out, sync_file, hasher) = blocking(move || {
             let file = fs::OpenOptions::new()
                 .read(true)
@@ -298,19 +316,20 @@ impl DiskLibrary {
             let sync_file = file
                 .try_clone()
                 .map_err(|e| AgentError::internal("opening upload data", e))?;
-            let out = StagedFile::new(file, &path, start, true)
+            let out = StagedFile::new(file, &path, start, true, on_written)
                 .map_err(|e| AgentError::internal("opening upload data", e))?;
             Ok((out, sync_file, hasher))
         })
         .await?;
 
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUE);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(QUEUE);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let cancel = claim.cancel.clone();
         let writer = Writer {
             claim,
             out,
             sync_file,
+            sync,
             hasher,
         };
         std::thread::Builder::new()
@@ -323,6 +342,10 @@ impl DiskLibrary {
         let mut expected = start;
         let mut failure: Option<AgentError> = None;
         let mut data = first.data;
+        // Pieces go to the writer in batches of about BATCH bytes, or whatever has come when
+        // the stream has nothing more at once.
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut batched = 0;
         loop {
             if cancel.load(Ordering::SeqCst) {
                 failure = Some(AgentError::Cancelled);
@@ -339,13 +362,22 @@ impl DiskLibrary {
                     ));
                     break;
                 }
-                if tx.send(data).await.is_err() {
+                batch.push(data);
+                batched += len;
+                expected += len;
+            }
+            let mut next = now(&mut stream);
+            if (next.is_none() || batched >= BATCH) && !batch.is_empty() {
+                batched = 0;
+                if tx.send(std::mem::take(&mut batch)).await.is_err() {
                     // The writer stopped; its result says why.
                     break;
                 }
-                expected += len;
             }
-            data = match stream.next().await {
+            if next.is_none() {
+                next = Some(stream.next().await);
+            }
+            data = match next.expect("waited for above") {
                 None => break,
                 Some(Err(e)) => {
                     failure = Some(AgentError::Unavailable(format!(
@@ -372,6 +404,11 @@ impl DiskLibrary {
                 }
             };
         }
+        // Everything that came before the stream ended or broke is kept. (If the writer has
+        // stopped, its result says why.)
+        if !batch.is_empty() {
+            let _ = tx.send(batch).await;
+        }
         drop(tx);
         let written = done_rx
             .await
@@ -380,6 +417,16 @@ impl DiskLibrary {
             (_, Err(e)) | (Some(e), Ok(_)) => Err(e),
             (None, Ok(status)) => Ok(status),
         }
+    }
+}
+
+/// The stream's next item if it is there at once; `None` if it would have to be waited for.
+fn now<S: Stream + Unpin>(stream: &mut S) -> Option<Option<S::Item>> {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    match std::pin::Pin::new(stream).poll_next(&mut cx) {
+        std::task::Poll::Ready(item) => Some(item),
+        std::task::Poll::Pending => None,
     }
 }
 
@@ -728,6 +775,8 @@ struct Writer {
     out: StagedFile,
     /// The same file, for `fdatasync` (from the syncer thread too).
     sync_file: File,
+    /// Checkpoint requests, from the staged file's I/O thread to the syncer.
+    sync: Arc<SyncState>,
     hasher: Sha256,
 }
 
@@ -743,85 +792,51 @@ struct SyncState {
 impl Writer {
     /// Write what arrives on `rx` from the claim's verified offset on, then make it durable
     /// and release the claim.
-    fn run(self, mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> AgentResult<UploadStatus> {
+    fn run(self, mut rx: tokio::sync::mpsc::Receiver<Vec<Bytes>>) -> AgentResult<UploadStatus> {
         let Writer {
             claim,
             mut out,
             sync_file,
+            sync,
             hasher,
         } = self;
         let start = claim.meta.verified_offset;
-        let sync = SyncState {
-            req: Mutex::new((start, false)),
-            cv: Condvar::new(),
-            durable: AtomicU64::new(start),
-        };
         let json = claim.inner.upload_dir(&claim.meta.id).join(META);
         tracing::debug!(
             "upload {}: stream from offset {start}, direct I/O: {}",
             claim.meta.id,
             out.is_direct()
         );
-        // Bytes handed to the hasher (all of them written or staged).
+        // Bytes staged (and hashed).
         let mut off = start;
+        let mut hasher = hasher;
         let mut failure: Option<std::io::Error> = None;
-        let hasher = std::thread::scope(|s| {
-            let (htx, hrx) = std::sync::mpsc::sync_channel::<Bytes>(QUEUE);
-            let hashing = std::thread::Builder::new()
-                .name("upload-hasher".into())
-                .spawn_scoped(s, move || {
-                    let mut hasher = hasher;
-                    for b in hrx {
-                        hasher.update(&b);
-                    }
-                    hasher
-                });
-            let hashing = match hashing {
-                Ok(h) => h,
-                Err(e) => {
-                    failure = Some(e);
-                    return None;
-                }
-            };
+        std::thread::scope(|s| {
             let syncing = std::thread::Builder::new()
                 .name("upload-syncer".into())
                 .spawn_scoped(s, || syncer(&sync_file, &sync, &claim, &json));
             if let Err(e) = &syncing {
                 failure = Some(std::io::Error::new(e.kind(), e.to_string()));
             }
-            let mut last_sync = start;
-            while failure.is_none()
-                && let Some(b) = rx.blocking_recv()
+            'recv: while failure.is_none()
+                && let Some(batch) = rx.blocking_recv()
             {
-                if let Err(e) = out.write(&b) {
-                    failure = Some(e);
-                    break;
-                }
-                off += b.len() as u64;
-                let _ = htx.send(b);
-                // Checkpoints fall where a staging buffer was written out.
-                let written = out.written();
-                if written - last_sync >= CHECKPOINT {
-                    // Zeros at the end are holes: the length must cover them.
-                    if let Err(e) = out.extend_to(written) {
+                for b in batch {
+                    // Hashed right after staging, while the bytes are in cache.
+                    if let Err(e) = out.write(&b, |piece| hasher.update(piece)) {
                         failure = Some(e);
-                        break;
+                        break 'recv;
                     }
-                    let mut r = sync.req.lock().unwrap_or_else(|e| e.into_inner());
-                    r.0 = written;
-                    sync.cv.notify_one();
-                    last_sync = written;
+                    off += b.len() as u64;
                 }
             }
             // Refuse further data at once if writing failed.
             drop(rx);
-            drop(htx);
             sync.req.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
             sync.cv.notify_one();
             if let Ok(h) = syncing {
                 let _ = h.join();
             }
-            hashing.join().ok()
         });
         debug_assert!(failure.is_some() || out.offset() == off);
         let mut durable = sync.durable.load(Ordering::SeqCst);
@@ -839,7 +854,7 @@ impl Writer {
         drop(out);
         drop(sync_file);
         // The hasher covers `off` bytes: keep it only if they are all durable.
-        let hasher = hasher.filter(|_| durable == off);
+        let hasher = (failure.is_none() && durable == off).then_some(hasher);
         let status = claim.release(durable, hasher);
         match failure {
             Some(e) => Err(AgentError::internal("writing upload data", e)),
