@@ -14,6 +14,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::Agent;
 use crate::security::{TlsIdentity, TokenCheck};
+use crate::service::upload::DiskRoutes;
 use crate::service::{console::ConsoleSvc, disk::DiskSvc, host::HostSvc, vm::VmSvc};
 
 /// How the server listens.
@@ -73,9 +74,13 @@ pub async fn serve(
             t.clone(),
         ))
         .add_service(InterceptedService::new(
-            DiskServiceServer::new(DiskSvc::new(agent))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+            // UploadDisk bypasses tonic's codec (see `service::upload`).
+            DiskRoutes::new(
+                DiskServiceServer::new(DiskSvc::new(agent.clone()))
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+                agent,
+            ),
             t,
         ));
     // The builder's `tcp_nodelay` covers only listeners it binds itself: without

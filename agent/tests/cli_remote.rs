@@ -444,3 +444,248 @@ fn tls_agents_are_pinned_by_fingerprint() {
     );
     assert!(!list.contains("lab2"), "{list}");
 }
+
+/// UploadDisk on the wire: the agent decodes request bodies itself (`proto::upload_wire`),
+/// so every way a client may frame the stream must land the same bytes on the disk, and
+/// broken streams must end in a clear error that keeps what came before.
+mod upload_wire {
+    use super::Agent;
+
+    use bytes::{BufMut, Bytes};
+    use prost::Message;
+    use proto::client::{self, Auth, Clients, Target};
+    use proto::upload_wire::UPLOAD_DISK_PATH;
+    use proto::v1::{BeginUploadRequest, UploadChunk, UploadRef, UploadState, UploadStatus};
+    use sha2::{Digest, Sha256};
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::service::interceptor::InterceptedService;
+    use tonic::{Code, Status};
+
+    /// Sends messages as given bytes (gRPC-framed by tonic), reads an `UploadStatus`.
+    #[derive(Debug, Clone, Copy)]
+    struct RawCodec;
+
+    impl Codec for RawCodec {
+        type Encode = Vec<u8>;
+        type Decode = UploadStatus;
+        type Encoder = RawCodec;
+        type Decoder = RawCodec;
+        fn encoder(&mut self) -> RawCodec {
+            *self
+        }
+        fn decoder(&mut self) -> RawCodec {
+            *self
+        }
+    }
+
+    impl Encoder for RawCodec {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for RawCodec {
+        type Item = UploadStatus;
+        type Error = Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<UploadStatus>, Status> {
+            UploadStatus::decode(src)
+                .map(Some)
+                .map_err(|e| Status::internal(e.to_string()))
+        }
+    }
+
+    fn target(a: &Agent) -> Target {
+        Target {
+            addr: a.addr.clone(),
+            fingerprint: a.fingerprint.clone(),
+            token: a.token.clone(),
+        }
+    }
+
+    /// An UploadDisk call whose messages are exactly `msgs`.
+    async fn raw_upload(t: &Target, msgs: Vec<Vec<u8>>) -> Result<UploadStatus, Status> {
+        let ch = client::channel(t).await.unwrap();
+        let mut g =
+            tonic::client::Grpc::new(InterceptedService::new(ch, Auth::new(&t.token).unwrap()));
+        g.ready().await.unwrap();
+        g.client_streaming(
+            tonic::Request::new(tokio_stream::iter(msgs)),
+            http::uri::PathAndQuery::from_static(UPLOAD_DISK_PATH),
+            RawCodec,
+        )
+        .await
+        .map(tonic::Response::into_inner)
+    }
+
+    fn string_field(n: u32, v: &str, out: &mut Vec<u8>) {
+        prost::encoding::string::encode(n, &v.to_string(), out);
+    }
+
+    fn data(len: usize) -> Vec<u8> {
+        let mut d: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        d[100_000..300_000].fill(0);
+        d
+    }
+
+    async fn begin(c: &Clients, name: &str, data: &[u8]) -> String {
+        c.disk
+            .clone()
+            .begin_upload(BeginUploadRequest {
+                name: name.into(),
+                size: data.len() as u64,
+                sha256: hex::encode(Sha256::digest(data)),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .upload_id
+    }
+
+    /// Wait for the upload to end; the finished disk's bytes.
+    async fn finished(a: &Agent, c: &Clients, id: &str) -> Vec<u8> {
+        for _ in 0..500 {
+            let s = c
+                .disk
+                .clone()
+                .get_upload(UploadRef {
+                    upload_id: id.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if s.state == UploadState::Done as i32 {
+                let dir = a.dir.path().join("state/disks").join(&s.disk_id);
+                for e in std::fs::read_dir(&dir).unwrap() {
+                    let p = e.unwrap().path();
+                    if p.extension().is_none_or(|x| x != "json") {
+                        return std::fs::read(p).unwrap();
+                    }
+                }
+                panic!("no image in {}", dir.display());
+            }
+            assert!(
+                s.state == UploadState::Receiving as i32
+                    || s.state == UploadState::Verifying as i32,
+                "{s:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("upload {id} did not finish");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn every_framing_of_an_upload_lands_the_same_bytes() {
+        let a = Agent::start(true);
+        let t = target(&a);
+        let c = client::connect(&t).await.unwrap();
+        let want = data((3 << 20) + 512);
+
+        // The zero-copy client, 1 MiB chunks.
+        let id = begin(&c, "a.img", &want).await;
+        let chunks: Vec<UploadChunk> = want
+            .chunks(1 << 20)
+            .enumerate()
+            .map(|(i, d)| UploadChunk {
+                upload_id: id.clone(),
+                offset: (i << 20) as u64,
+                data: Bytes::copy_from_slice(d),
+            })
+            .collect();
+        let s = c.upload_disk(tokio_stream::iter(chunks)).await.unwrap();
+        assert_eq!(s.verified_offset, want.len() as u64);
+        assert!(finished(&a, &c, &id).await == want);
+
+        // tonic's own codec, odd chunk sizes, the id only in the first message.
+        let id = begin(&c, "b.img", &want).await;
+        let chunks: Vec<UploadChunk> = want
+            .chunks(777_777)
+            .enumerate()
+            .map(|(i, d)| UploadChunk {
+                upload_id: if i == 0 { id.clone() } else { String::new() },
+                offset: 0,
+                data: Bytes::copy_from_slice(d),
+            })
+            .collect();
+        c.disk
+            .clone()
+            .upload_disk(tokio_stream::iter(chunks))
+            .await
+            .unwrap();
+        assert!(finished(&a, &c, &id).await == want);
+
+        // Fields in reverse order, then an unknown field before the data, then an empty
+        // message: all valid protobuf.
+        let id = begin(&c, "c.img", &want).await;
+        let mut m1 = Vec::new();
+        prost::encoding::bytes::encode(3, &want[..100_001].to_vec(), &mut m1);
+        prost::encoding::uint64::encode(2, &0, &mut m1);
+        string_field(1, &id, &mut m1);
+        let mut m2 = Vec::new();
+        prost::encoding::fixed64::encode(9, &7, &mut m2);
+        prost::encoding::bytes::encode(3, &want[100_001..].to_vec(), &mut m2);
+        let s = raw_upload(&t, vec![m1, m2, Vec::new()]).await.unwrap();
+        assert_eq!(s.verified_offset, want.len() as u64);
+        assert!(finished(&a, &c, &id).await == want);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn broken_upload_streams_end_in_an_error_and_keep_what_came_before() {
+        let a = Agent::start(false);
+        let t = target(&a);
+        let c = client::connect(&t).await.unwrap();
+        let want = data(1 << 20);
+        let id = begin(&c, "d.img", &want).await;
+
+        // Field number 0 in the first message.
+        let e = raw_upload(&t, vec![vec![0x00, 0x01]]).await.unwrap_err();
+        assert!(e.message().contains("malformed"), "{e:?}");
+
+        // 512 good bytes, then a message whose data field claims more than it holds.
+        let first = UploadChunk {
+            upload_id: id.clone(),
+            offset: 0,
+            data: Bytes::copy_from_slice(&want[..512]),
+        }
+        .encode_to_vec();
+        let mut bad = Vec::new();
+        prost::encoding::encode_key(3, prost::encoding::WireType::LengthDelimited, &mut bad);
+        prost::encoding::encode_varint(1 << 20, &mut bad);
+        bad.extend_from_slice(&want[512..4096]);
+        let e = raw_upload(&t, vec![first, bad]).await.unwrap_err();
+        assert!(e.message().contains("malformed"), "{e:?}");
+        let s = c
+            .disk
+            .clone()
+            .get_upload(UploadRef {
+                upload_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.verified_offset, 512, "{s:?}");
+
+        // Without the token nothing is taken.
+        let bad_token = client::clients(client::channel(&t).await.unwrap(), "nope").unwrap();
+        let e = bad_token
+            .upload_disk(tokio_stream::iter(vec![UploadChunk {
+                upload_id: id.clone(),
+                offset: 512,
+                data: Bytes::copy_from_slice(&want[512..1024]),
+            }]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+
+        // The upload goes on from where the broken stream left it.
+        let rest = UploadChunk {
+            upload_id: id.clone(),
+            offset: 512,
+            data: Bytes::copy_from_slice(&want[512..]),
+        };
+        c.upload_disk(tokio_stream::iter(vec![rest])).await.unwrap();
+        assert!(finished(&a, &c, &id).await == want);
+    }
+}

@@ -667,14 +667,13 @@ async fn send_stream(
         Ok(())
     });
     let res = c
-        .disk
         .upload_disk(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await;
     let read = reader
         .await
         .map_err(|e| Stop::File(UploadError::Check(e.to_string())))?;
     read.map_err(Stop::File)?;
-    res.map(tonic::Response::into_inner).map_err(Stop::Rpc)
+    res.map_err(Stop::Rpc)
 }
 
 /// Wait for the agent's verification task.

@@ -6,8 +6,12 @@
 //! confirms, and the fingerprint is saved with the host). Every call carries the bearer
 //! token ([`Auth`]).
 
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
 
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -18,9 +22,14 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_stream::Stream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
+use tower::Service;
+
+use crate::upload_wire::{UPLOAD_DISK_PATH, encode_chunk};
+use crate::v1::{UploadChunk, UploadStatus};
 
 use crate::v1::console_service_client::ConsoleServiceClient;
 use crate::v1::disk_service_client::DiskServiceClient;
@@ -69,6 +78,129 @@ pub struct Clients {
     pub vm: VmServiceClient<InterceptedService<Channel, Auth>>,
     pub console: ConsoleServiceClient<InterceptedService<Channel, Auth>>,
     pub disk: DiskServiceClient<InterceptedService<Channel, Auth>>,
+    /// The connection itself, for [`Clients::upload_disk`].
+    raw: InterceptedService<Channel, Auth>,
+}
+
+impl Clients {
+    /// `DiskService.UploadDisk` with the data sent as it is, not copied into a message
+    /// buffer first ([`crate::upload_wire`]); otherwise the same call as
+    /// `self.disk.upload_disk`.
+    pub async fn upload_disk<S>(&self, chunks: S) -> Result<UploadStatus, tonic::Status>
+    where
+        S: Stream<Item = UploadChunk> + Unpin + Send + 'static,
+    {
+        let mut req = http::Request::new(tonic::body::Body::new(ChunkBody {
+            chunks,
+            pending: None,
+        }));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = http::Uri::from_static(UPLOAD_DISK_PATH);
+        let h = req.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        let mut svc = self.raw.clone();
+        std::future::poll_fn(|cx| svc.poll_ready(cx))
+            .await
+            .map_err(|e| tonic::Status::from_error(e.into()))?;
+        let res = svc
+            .call(req)
+            .await
+            .map_err(|e| tonic::Status::from_error(e.into()))?;
+        unary_response(res).await
+    }
+}
+
+/// An UploadDisk request body: each chunk as its header, then its data.
+struct ChunkBody<S> {
+    chunks: S,
+    pending: Option<Bytes>,
+}
+
+impl<S: Stream<Item = UploadChunk> + Unpin> http_body::Body for ChunkBody<S> {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Some(d) = this.pending.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(d))));
+        }
+        Poll::Ready(ready!(Pin::new(&mut this.chunks).poll_next(cx)).map(|c| {
+            let [head, data] = encode_chunk(&c.upload_id, c.offset, c.data);
+            if !data.is_empty() {
+                this.pending = Some(data);
+            }
+            Ok(http_body::Frame::data(head))
+        }))
+    }
+}
+
+/// The message of a unary gRPC response, or its status.
+async fn unary_response<B, M>(res: http::Response<B>) -> Result<M, tonic::Status>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    M: prost::Message + Default,
+{
+    let (parts, mut body) = res.into_parts();
+    // A trailers-only response (an error) has its status in the headers.
+    if let Some(s) = tonic::Status::from_header_map(&parts.headers)
+        && s.code() != tonic::Code::Ok
+    {
+        return Err(s);
+    }
+    if !parts.status.is_success() {
+        return Err(tonic::Status::unknown(format!(
+            "the agent answered with HTTP status {}",
+            parts.status
+        )));
+    }
+    let mut msg = BytesMut::new();
+    let mut status = None;
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let frame = frame.map_err(|e| tonic::Status::from_error(e.into()))?;
+        match frame.into_data() {
+            Ok(d) => {
+                if msg.len() + d.len() > crate::MAX_MESSAGE_BYTES {
+                    return Err(tonic::Status::out_of_range("the response is too large"));
+                }
+                msg.extend_from_slice(&d);
+            }
+            Err(f) => {
+                if let Ok(t) = f.into_trailers() {
+                    status = tonic::Status::from_header_map(&t);
+                }
+            }
+        }
+    }
+    match status {
+        Some(s) if s.code() == tonic::Code::Ok => {}
+        Some(s) => return Err(s),
+        None => {
+            return Err(tonic::Status::internal(
+                "the response carried no grpc-status",
+            ));
+        }
+    }
+    if msg.len() < 5 || msg[0] != 0 {
+        return Err(tonic::Status::internal(
+            "the response is not one plain gRPC message",
+        ));
+    }
+    let len = u32::from_be_bytes([msg[1], msg[2], msg[3], msg[4]]) as usize;
+    if msg.len() != 5 + len {
+        return Err(tonic::Status::internal(
+            "the response is not one gRPC message",
+        ));
+    }
+    M::decode(&msg[5..]).map_err(|e| tonic::Status::internal(format!("bad response message: {e}")))
 }
 
 /// Adds `authorization: Bearer <token>` to every request.
@@ -166,9 +298,10 @@ pub fn clients(channel: Channel, token: &str) -> Result<Clients, ConnectError> {
         console: ConsoleServiceClient::with_interceptor(channel.clone(), auth.clone())
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
-        disk: DiskServiceClient::with_interceptor(channel, auth)
+        disk: DiskServiceClient::with_interceptor(channel.clone(), auth.clone())
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
+        raw: InterceptedService::new(channel, auth),
     })
 }
 

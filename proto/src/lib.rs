@@ -6,10 +6,12 @@
 //! - [`worker`]: the internal, unstable agent↔worker protocol (`parvis.worker.v1`).
 //! - [`client`]: connecting to an agent: plain HTTP/2 on loopback, TLS with a pinned
 //!   certificate elsewhere, the bearer token on every call.
+//! - [`upload_wire`]: `DiskService.UploadDisk` framed on both ends without copying the data.
 
 pub mod client;
 pub mod framing;
 pub mod tiles;
+pub mod upload_wire;
 
 /// Version of the `parvis.v1` API family, reported by the agent and the worker.
 pub const API_VERSION: &str = "parvis.v1";

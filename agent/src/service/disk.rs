@@ -136,6 +136,8 @@ impl DiskService for DiskSvc {
         ))
     }
 
+    /// The server routes UploadDisk to `service::upload`, which hands the data on without
+    /// copying it; this is the same upload through tonic's codec.
     async fn upload_disk(
         &self,
         req: Request<Streaming<UploadChunk>>,

@@ -4,4 +4,5 @@
 pub mod console;
 pub mod disk;
 pub mod host;
+pub mod upload;
 pub mod vm;

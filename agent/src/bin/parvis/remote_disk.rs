@@ -785,7 +785,6 @@ async fn send_stream(
         Ok(())
     });
     let res = c
-        .disk
         .upload_disk(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await;
     match res {
@@ -795,7 +794,6 @@ async fn send_stream(
             if let Err(e) = read {
                 return Err(SendError::File(e));
             }
-            let s = s.into_inner();
             if stop_after.is_some() && end < size {
                 return Ok(Sent::Interrupted(end - from));
             }
