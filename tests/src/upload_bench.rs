@@ -12,23 +12,39 @@ use proto::client;
 use proto::v1::{BeginUploadRequest, UploadChunk, UploadRef, UploadState};
 use sha2::{Digest, Sha256};
 
+/// One upload's figures.
+#[derive(Debug, Clone)]
+pub struct UploadRun {
+    /// Until the agent reported the disk usable (hash + structure check included).
+    pub upload_secs: f64,
+    /// Streaming alone (until the agent answered the stream).
+    pub stream_secs: f64,
+    /// CPU seconds the agent and this client used during the upload.
+    pub cpu_agent: f64,
+    pub cpu_client: f64,
+}
+
 /// Measured figures.
 #[derive(Debug)]
 pub struct UploadResult {
     pub bytes: u64,
-    /// Until the agent reported the disk usable (hash + structure check included).
-    pub upload_secs: f64,
-    /// Streaming alone (until the last chunk was acknowledged).
-    pub stream_secs: f64,
+    /// Each upload, to a fresh agent.
+    pub runs: Vec<UploadRun>,
     pub cp_secs: f64,
     /// `dd bs=4M oflag=direct conv=fsync` of the same file.
     pub dd_secs: f64,
-    /// CPU seconds the agent and this client used during the upload.
-    pub cpu_agent: f64,
-    pub cpu_client: f64,
-    /// The 1, 5 and 15 minute load averages before the upload and after the peers.
+    /// The 1, 5 and 15 minute load averages before the uploads and after the peers.
     pub load_before: String,
     pub load_after: String,
+}
+
+impl UploadResult {
+    /// The run with the median time until the disk was usable.
+    pub fn median(&self) -> &UploadRun {
+        let mut order: Vec<&UploadRun> = self.runs.iter().collect();
+        order.sort_by(|a, b| a.upload_secs.total_cmp(&b.upload_secs));
+        order[order.len() / 2]
+    }
 }
 
 fn load_average() -> String {
@@ -51,11 +67,9 @@ fn timed_shell(cmd: &str) -> Result<f64> {
     Ok(secs)
 }
 
-/// Upload a `gib` GiB raw image to a fresh agent in `dir`.
-pub fn run(dir: &Path, gib: u64) -> Result<UploadResult> {
-    let state = dir.join("agent-state");
-    let (mut agent, target) =
-        crate::agent_proc::spawn_agent(&state, &["--worker", "/bin/false"], None)?;
+/// Upload a `gib` GiB raw image `runs` times, each to a fresh agent in `dir`, then copy it
+/// with the peers.
+pub fn run(dir: &Path, gib: u64, runs: usize) -> Result<UploadResult> {
     let file = dir.join("upload.raw");
     let size = gib << 30;
     {
@@ -69,60 +83,17 @@ pub fn run(dir: &Path, gib: u64) -> Result<UploadResult> {
         }
         f.flush()?;
     }
-    let data = std::fs::read(&file)?;
+    let data = bytes::Bytes::from(std::fs::read(&file)?);
     let sha = hex::encode(Sha256::digest(&data));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let load_before = load_average();
-    let cpu0 = [agent.id(), std::process::id()].map(crate::fb_bench::cpu_secs);
-    let (upload_secs, stream_secs) = rt.block_on(async {
-        let mut c = client::connect(&target).await?;
-        let start = Instant::now();
-        let st = c
-            .disk
-            .begin_upload(BeginUploadRequest {
-                name: "bench".into(),
-                size,
-                sha256: sha,
-            })
-            .await?
-            .into_inner();
-        let id = st.upload_id.clone();
-        let chunk = 1usize << 20;
-        let bytes = bytes::Bytes::from(data);
-        let msgs = (0..bytes.len().div_ceil(chunk)).map(move |i| UploadChunk {
-            upload_id: if i == 0 { id.clone() } else { String::new() },
-            offset: (i * chunk) as u64,
-            data: bytes.slice(i * chunk..((i + 1) * chunk).min(bytes.len())),
-        });
-        c.disk.upload_disk(tokio_stream::iter(msgs)).await?;
-        let stream_secs = start.elapsed().as_secs_f64();
-        loop {
-            let st = c
-                .disk
-                .get_upload(UploadRef {
-                    upload_id: st.upload_id.clone(),
-                })
-                .await?
-                .into_inner();
-            if st.state == UploadState::Done as i32 {
-                break;
-            }
-            if st.state != UploadState::Verifying as i32
-                && st.state != UploadState::Receiving as i32
-            {
-                bail!("upload ended as {st:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok::<_, anyhow::Error>((start.elapsed().as_secs_f64(), stream_secs))
-    })?;
-    let cpu1 = [agent.id(), std::process::id()].map(crate::fb_bench::cpu_secs);
-    let _ = agent.kill();
-    let _ = agent.wait();
-    // The agent's copy of the image goes first: the peers get the same free space.
-    let _ = std::fs::remove_dir_all(&state);
+    let mut out = Vec::new();
+    for _ in 0..runs.max(1) {
+        out.push(upload_once(&rt, dir, data.clone(), &sha)?);
+    }
+    drop(data);
     let copy = dir.join("copy.raw");
     let cp_secs = timed_shell(&format!(
         "cp '{}' '{}' && sync",
@@ -139,63 +110,144 @@ pub fn run(dir: &Path, gib: u64) -> Result<UploadResult> {
     let _ = std::fs::remove_file(&file);
     Ok(UploadResult {
         bytes: size,
-        upload_secs,
-        stream_secs,
+        runs: out,
         cp_secs,
         dd_secs,
-        cpu_agent: cpu1[0] - cpu0[0],
-        cpu_client: cpu1[1] - cpu0[1],
         load_before,
         load_after: load_average(),
+    })
+}
+
+/// One upload of `data` to a fresh agent.
+fn upload_once(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    data: bytes::Bytes,
+    sha: &str,
+) -> Result<UploadRun> {
+    let state = dir.join("agent-state");
+    let (mut agent, target) =
+        crate::agent_proc::spawn_agent(&state, &["--worker", "/bin/false"], None)?;
+    let size = data.len() as u64;
+    let cpu0 = [agent.id(), std::process::id()].map(crate::fb_bench::cpu_secs);
+    let timed = rt.block_on(async {
+        let c = client::connect(&target).await?;
+        let start = Instant::now();
+        let st = c
+            .disk
+            .clone()
+            .begin_upload(BeginUploadRequest {
+                name: "bench".into(),
+                size,
+                sha256: sha.to_string(),
+            })
+            .await?
+            .into_inner();
+        let id = st.upload_id.clone();
+        let chunk = 1usize << 20;
+        let msgs = (0..data.len().div_ceil(chunk)).map(move |i| UploadChunk {
+            upload_id: if i == 0 { id.clone() } else { String::new() },
+            offset: (i * chunk) as u64,
+            data: data.slice(i * chunk..((i + 1) * chunk).min(data.len())),
+        });
+        c.upload_disk(tokio_stream::iter(msgs)).await?;
+        let stream_secs = start.elapsed().as_secs_f64();
+        loop {
+            let st = c
+                .disk
+                .clone()
+                .get_upload(UploadRef {
+                    upload_id: st.upload_id.clone(),
+                })
+                .await?
+                .into_inner();
+            if st.state == UploadState::Done as i32 {
+                break;
+            }
+            if st.state != UploadState::Verifying as i32
+                && st.state != UploadState::Receiving as i32
+            {
+                bail!("upload ended as {st:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok::<_, anyhow::Error>((start.elapsed().as_secs_f64(), stream_secs))
+    });
+    let cpu1 = [agent.id(), std::process::id()].map(crate::fb_bench::cpu_secs);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    // The agent's copy of the image goes: the next run and the peers get the same space.
+    let _ = std::fs::remove_dir_all(&state);
+    let (upload_secs, stream_secs) = timed?;
+    Ok(UploadRun {
+        upload_secs,
+        stream_secs,
+        cpu_agent: cpu1[0] - cpu0[0],
+        cpu_client: cpu1[1] - cpu0[1],
     })
 }
 
 /// Print the figures and ratios.
 pub fn print(r: &UploadResult) {
     let mb = r.bytes as f64 / 1e6;
+    let gb = r.bytes as f64 / 1e9;
     println!(
-        "upload ({} MiB raw image, TLS on loopback, 1 MiB chunks)",
-        r.bytes >> 20
+        "upload ({} MiB raw image, TLS on loopback, 1 MiB chunks, {} runs, each to a fresh agent)",
+        r.bytes >> 20,
+        r.runs.len()
+    );
+    for (i, u) in r.runs.iter().enumerate() {
+        println!(
+            "  run {}: until the disk is usable {:.2} s {:.0} MB/s, streaming only {:.0} MB/s; \
+             CPU per GB: agent {:.2} s, client {:.2} s",
+            i + 1,
+            u.upload_secs,
+            mb / u.upload_secs,
+            mb / u.stream_secs,
+            u.cpu_agent / gb,
+            u.cpu_client / gb
+        );
+    }
+    let m = r.median();
+    println!(
+        "  parvis upload, until the disk is usable (median): {:.2} s  {:.0} MB/s",
+        m.upload_secs,
+        mb / m.upload_secs
     );
     println!(
-        "  parvis upload, until the disk is usable: {:.2} s  {:.0} MB/s",
-        r.upload_secs,
-        mb / r.upload_secs
+        "  parvis upload, streaming only (that run):        {:.2} s  {:.0} MB/s",
+        m.stream_secs,
+        mb / m.stream_secs
     );
     println!(
-        "  parvis upload, streaming only:          {:.2} s  {:.0} MB/s",
-        r.stream_secs,
-        mb / r.stream_secs
-    );
-    println!(
-        "  cp + sync of the same file (peer):      {:.2} s  {:.0} MB/s",
+        "  cp + sync of the same file (peer):               {:.2} s  {:.0} MB/s",
         r.cp_secs,
         mb / r.cp_secs
     );
     println!(
-        "  dd bs=4M oflag=direct conv=fsync (peer): {:.2} s  {:.0} MB/s",
+        "  dd bs=4M oflag=direct conv=fsync (peer):         {:.2} s  {:.0} MB/s",
         r.dd_secs,
         mb / r.dd_secs
     );
-    let gb = r.bytes as f64 / 1e9;
     println!(
-        "  CPU per GB: agent {:.2} s, client {:.2} s (so one free core each would allow {:.0} MB/s)",
-        r.cpu_agent / gb,
-        r.cpu_client / gb,
-        1e3 / (r.cpu_agent.max(r.cpu_client) / gb)
+        "  CPU per GB (that run): agent {:.2} s, client {:.2} s (so one free core each would \
+         allow {:.0} MB/s)",
+        m.cpu_agent / gb,
+        m.cpu_client / gb,
+        1e3 / (m.cpu_agent.max(m.cpu_client) / gb)
     );
     println!(
-        "  load average before the run: {}, after: {}",
+        "  load average before the runs: {}, after: {}",
         r.load_before, r.load_after
     );
     println!(
         "  ratio upload/cp speed: {:.2}x (streaming only {:.2}x)",
-        r.cp_secs / r.upload_secs,
-        r.cp_secs / r.stream_secs
+        r.cp_secs / m.upload_secs,
+        r.cp_secs / m.stream_secs
     );
     println!(
         "  ratio upload/dd speed: {:.2}x (streaming only {:.2}x)",
-        r.dd_secs / r.upload_secs,
-        r.dd_secs / r.stream_secs
+        r.dd_secs / m.upload_secs,
+        r.dd_secs / m.stream_secs
     );
 }

@@ -204,7 +204,8 @@ fn args() -> Result<Args> {
                      disk: image conversion versus qemu-img convert on a G GiB half-allocated \
                      image (default 4) and an empty 100 GiB VHDX, in --disk-dir (default a \
                      temporary folder), best of N runs\n\
-                     upload: a 1 GiB upload to parvis-agent over TLS on loopback versus cp + sync\n\
+                     upload: N 1 GiB uploads to parvis-agent over TLS on loopback (the median \
+                     counts) versus cp + sync and dd with direct writes\n\
                      console: the desktop console, headless: UI frame time with 50 hosts / \
                      1,000 VMs, and console fps at 1920x1080 with full-screen tile updates\n\
                      fb: the agent's framebuffer stream at 1920x1080 (full-screen changes at \
@@ -258,7 +259,7 @@ fn run() -> Result<bool> {
         let tmp = tempfile::Builder::new()
             .prefix("parvis-upload-bench-")
             .tempdir_in(args.disk_dir.clone().unwrap_or_else(std::env::temp_dir))?;
-        let r = parvis_tests::upload_bench::run(tmp.path(), 1)?;
+        let r = parvis_tests::upload_bench::run(tmp.path(), 1, args.runs as usize)?;
         parvis_tests::upload_bench::print(&r);
     }
     if want("disk") {

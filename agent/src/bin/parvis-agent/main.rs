@@ -75,8 +75,20 @@ fn default_worker() -> PathBuf {
     PathBuf::from("parvis-worker")
 }
 
+/// glibc serves blocks over 128 KiB with fresh mmaps and hands the free top of a heap back to
+/// the kernel once more than 128 KiB of it is free, so a stream of megabyte-sized network
+/// buffers (the HTTP/2 frames of an upload or a screen) pays for page faults, zeroing and
+/// TLB shootdowns on every buffer: a tenth of the agent's CPU per uploaded byte. glibc raises
+/// both thresholds by itself the first time it frees a large mmapped block ("dynamic mmap
+/// threshold", mallopt(3)); freeing one here, before any work, does that once for the whole
+/// process. Other allocators ignore it.
+fn settle_allocator() {
+    drop(std::hint::black_box(vec![0u8; 16 << 20]));
+}
+
 fn main() {
     let cli = Cli::parse();
+    settle_allocator();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
