@@ -8,8 +8,10 @@
 //!   worker reports the geometry (resolution changes) and the guest's dirty rectangles, and
 //!   only the tiles under those rectangles are read — no full scans.
 //!
-//! Either way each changed tile is stored (raw, and LZ4-compressed at once) with the
-//! capture's generation number. Each subscriber sends, when it is ready, every tile newer
+//! Either way each changed tile is stored LZ4-compressed, with a 128-bit hash of its pixels
+//! (what the next capture compares with) and the capture's generation number; raw pixels
+//! are decoded from it only for subscribers that ask for raw or zstd tiles. Tiles are
+//! packed in a reused buffer, so a capture writes no screen-sized memory of its own. Each subscriber sends, when it is ready, every tile newer
 //! than what it has sent: a slow client skips intermediate states instead of queueing
 //! them, and nothing is sent while nothing changes.
 
@@ -80,32 +82,63 @@ impl Geometry {
 #[derive(Debug)]
 struct TileData {
     generation: u64,
-    raw: Bytes,
+    /// [`tile_hash`] of the pixels.
+    hash: u128,
     lz4: Bytes,
+    raw: OnceLock<Bytes>,
     zstd: OnceLock<Bytes>,
+}
+
+/// What captures compare tiles by: equal pixels have equal hashes, and different pixels
+/// (xxh3, 128 bits) practically never do. A guest that made two of its own tiles collide
+/// would only keep its own screen from updating.
+fn tile_hash(px: &[u8]) -> u128 {
+    twox_hash::XxHash3_128::oneshot(px)
 }
 
 impl TileData {
     /// `scratch` is the compressor's working buffer, reused across tiles.
-    fn new(generation: u64, raw: Vec<u8>, scratch: &mut Vec<u8>) -> Self {
-        let lz4 = proto::tiles::encode_lz4_with(&raw, scratch);
+    fn new(generation: u64, px: &[u8], scratch: &mut Vec<u8>) -> Self {
+        Self::with_hash(generation, tile_hash(px), px, scratch)
+    }
+
+    fn with_hash(generation: u64, hash: u128, px: &[u8], scratch: &mut Vec<u8>) -> Self {
         TileData {
             generation,
-            raw: raw.into(),
-            lz4: lz4.into(),
+            hash,
+            lz4: proto::tiles::encode_lz4_with(px, scratch).into(),
+            raw: OnceLock::new(),
             zstd: OnceLock::new(),
         }
     }
 
-    fn encoded(&self, enc: TileEncoding) -> Bytes {
+    /// The pixels of this `w`×`h` tile, decoded once.
+    fn raw(&self, w: u32, h: u32) -> Bytes {
+        self.raw
+            .get_or_init(|| {
+                let t = Tile {
+                    width: w,
+                    height: h,
+                    encoding: TileEncoding::Lz4 as i32,
+                    data: self.lz4.clone(),
+                    ..Default::default()
+                };
+                // Our own encoding of a tile of this size: it decodes.
+                proto::tiles::decode(&t).map_or_else(|_| Bytes::new(), Bytes::from)
+            })
+            .clone()
+    }
+
+    fn encoded(&self, enc: TileEncoding, w: u32, h: u32) -> Bytes {
         match enc {
-            TileEncoding::Raw => self.raw.clone(),
+            TileEncoding::Raw => self.raw(w, h),
             TileEncoding::Zstd => self
                 .zstd
                 .get_or_init(|| {
-                    zstd::bulk::compress(&self.raw, 1)
+                    let raw = self.raw(w, h);
+                    zstd::bulk::compress(&raw, 1)
                         .map(Bytes::from)
-                        .unwrap_or_else(|_| self.raw.clone())
+                        .unwrap_or(raw)
                 })
                 .clone(),
             TileEncoding::Lz4 | TileEncoding::Unspecified => self.lz4.clone(),
@@ -383,23 +416,23 @@ impl Screen {
         let done = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         par_for_each(&rows, threads, Scratch::default, |sc, (ty, txs)| {
-            let fresh = if failed.load(Ordering::Relaxed) {
-                Vec::new()
-            } else {
-                match read_tile_row(file, &g, *ty, txs, &mut sc.read) {
-                    Ok(tiles) => tiles
-                        .into_iter()
-                        .filter(|(i, px)| old.get(i).is_none_or(|t| t.raw[..] != px[..]))
-                        .map(|(i, px)| (i, Arc::new(TileData::new(generation, px, &mut sc.lz4))))
-                        .collect::<Vec<_>>(),
-                    Err(e) => {
-                        if !failed.swap(true, Ordering::Relaxed) {
-                            tracing::warn!("cannot read the guest framebuffer: {e}");
-                        }
-                        Vec::new()
+            let mut fresh = Vec::new();
+            if !failed.load(Ordering::Relaxed) {
+                let Scratch { read, tile, lz4 } = sc;
+                let read = read_tile_row(file, &g, *ty, txs, read, tile, |i, px| {
+                    let hash = tile_hash(px);
+                    if old.get(&i).is_none_or(|t| t.hash != hash) {
+                        let t = TileData::with_hash(generation, hash, px, lz4);
+                        fresh.push((i, Arc::new(t)));
+                    }
+                });
+                if let Err(e) = read {
+                    fresh.clear();
+                    if !failed.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("cannot read the guest framebuffer: {e}");
                     }
                 }
-            };
+            }
             let changed = !fresh.is_empty();
             // Counted under the lock, so the row that finds itself last is the last one
             // published and ends the capture.
@@ -552,7 +585,7 @@ impl Screen {
                     width: w,
                     height: h,
                     encoding: enc as i32,
-                    data: t.encoded(enc),
+                    data: t.encoded(enc, w, h),
                 }
             })
             .collect();
@@ -612,6 +645,7 @@ fn capture_threads(bytes: usize) -> usize {
 #[derive(Default)]
 struct Scratch {
     read: Vec<u8>,
+    tile: Vec<u8>,
     lz4: Vec<u8>,
 }
 
@@ -688,25 +722,27 @@ fn par_for_each<I: Sync, S>(
 /// Every tile of a whole frame (`fb` holds `g.len()` bytes), encoded at `generation`.
 fn encode_all(g: &Geometry, fb: &[u8], generation: u64) -> Vec<Arc<TileData>> {
     let all: Vec<usize> = (0..g.tile_count()).collect();
-    par_map(&all, capture_threads(g.len()), Vec::new, |scratch, &i| {
-        let (x, y, w, h) = g.tile_rect(i);
-        let start = y as usize * g.stride as usize;
-        Arc::new(TileData::new(
-            generation,
-            pack(&fb[start..], g.stride, x, w, h),
-            scratch,
-        ))
-    })
+    par_map(
+        &all,
+        capture_threads(g.len()),
+        Scratch::default,
+        |sc, &i| {
+            let (x, y, w, h) = g.tile_rect(i);
+            let start = y as usize * g.stride as usize;
+            pack_into(&mut sc.tile, &fb[start..], g.stride, x, w, h);
+            Arc::new(TileData::new(generation, &sc.tile, &mut sc.lz4))
+        },
+    )
 }
 
-/// The pixels of a `w`×`h` tile at column `x` of a band of rows starting at `band[0]`.
-fn pack(band: &[u8], stride: u32, x: u32, w: u32, h: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity((w * h * 4) as usize);
+/// The pixels of a `w`×`h` tile at column `x` of a band of rows starting at `band[0]`,
+/// into `out` (whose allocation is reused).
+fn pack_into(out: &mut Vec<u8>, band: &[u8], stride: u32, x: u32, w: u32, h: u32) {
+    out.clear();
     for row in 0..h as usize {
         let start = row * stride as usize + x as usize * 4;
         out.extend_from_slice(&band[start..start + w as usize * 4]);
     }
-    out
 }
 
 /// The tiles under `rects`, as (tile row, tile columns) with both in increasing order.
@@ -735,19 +771,22 @@ fn tiles_under(g: &Geometry, rects: &[Rect]) -> Vec<(u32, Vec<u32>)> {
     rows
 }
 
-/// Read the tiles at columns `cols` (increasing) of tile row `ty`: with one read spanning
-/// them all when there are several, else row by row.
+/// Read the tiles at columns `cols` (increasing) of tile row `ty` and call `f` with each
+/// tile's index and packed pixels (in `tile`, reused): with one read spanning them all when
+/// there are several, else row by row.
 fn read_tile_row(
     file: &OwnedFd,
     g: &Geometry,
     ty: u32,
     cols: &[u32],
     buf: &mut Vec<u8>,
-) -> std::io::Result<Vec<(usize, Vec<u8>)>> {
+    tile: &mut Vec<u8>,
+    mut f: impl FnMut(usize, &[u8]),
+) -> std::io::Result<()> {
     let y = ty * TILE;
     let h = TILE.min(g.height - y);
     let (Some(&first), Some(&last)) = (cols.first(), cols.last()) else {
-        return Ok(Vec::new());
+        return Ok(());
     };
     let index = |col: u32| (ty * g.tiles_x() + col) as usize;
     let row_start = g.offset + u64::from(y) * u64::from(g.stride);
@@ -758,28 +797,25 @@ fn read_tile_row(
         // Growing zeroes only the new part; the read overwrites all of it.
         buf.resize(span, 0);
         read_exact_at(file, &mut buf[..span], row_start + u64::from(x0) * 4)?;
-        Ok(cols
-            .iter()
-            .map(|&col| {
-                let x = col * TILE;
-                let w = TILE.min(g.width - x);
-                (index(col), pack(buf, g.stride, x - x0, w, h))
-            })
-            .collect())
+        for &col in cols {
+            let x = col * TILE;
+            let w = TILE.min(g.width - x);
+            pack_into(tile, buf, g.stride, x - x0, w, h);
+            f(index(col), tile);
+        }
     } else {
-        cols.iter()
-            .map(|&col| {
-                let x = col * TILE;
-                let w = TILE.min(g.width - x);
-                let mut px = Vec::with_capacity((w * h * 4) as usize);
-                for row in 0..h {
-                    let off = row_start + u64::from(row) * u64::from(g.stride) + u64::from(x) * 4;
-                    read_into(file, &mut px, (w * 4) as usize, off)?;
-                }
-                Ok((index(col), px))
-            })
-            .collect()
+        for &col in cols {
+            let x = col * TILE;
+            let w = TILE.min(g.width - x);
+            tile.clear();
+            for row in 0..h {
+                let off = row_start + u64::from(row) * u64::from(g.stride) + u64::from(x) * 4;
+                read_into(file, tile, (w * 4) as usize, off)?;
+            }
+            f(index(col), tile);
+        }
     }
+    Ok(())
 }
 
 /// Append `len` bytes read at `offset` to `buf`.
@@ -819,7 +855,7 @@ fn scan(
                 out.extend(
                     scan_band(g, at / band, &prev[at..at + rows.len()], rows)
                         .into_iter()
-                        .map(|(i, px)| (i, Arc::new(TileData::new(generation, px, &mut scratch)))),
+                        .map(|(i, px)| (i, Arc::new(TileData::new(generation, &px, &mut scratch)))),
                 );
             }
             Ok(out)
@@ -891,7 +927,9 @@ fn scan_band(g: &Geometry, row0: usize, prev: &[u8], cur: &[u8]) -> Vec<(usize, 
         for (tx, _) in changed.iter().enumerate().filter(|(_, f)| **f) {
             let x = tx as u32 * TILE;
             let w = TILE.min(g.width - x);
-            out.push(((row0 + k) * tiles_x + tx, pack(c, g.stride, x, w, h as u32)));
+            let mut px = Vec::new();
+            pack_into(&mut px, c, g.stride, x, w, h as u32);
+            out.push(((row0 + k) * tiles_x + tx, px));
         }
     }
     out
@@ -1243,9 +1281,10 @@ mod tests {
         let all = encode_all(&g, &after, 3);
         for (i, t) in &found {
             assert_eq!(t.generation, 3);
-            assert_eq!(t.raw, all[*i].raw, "tile {i}");
             let (_, _, w, h) = g.tile_rect(*i);
-            assert_eq!(t.raw.len(), (w * h * 4) as usize);
+            assert_eq!(t.raw(w, h), all[*i].raw(w, h), "tile {i}");
+            assert_eq!(t.hash, all[*i].hash, "tile {i}");
+            assert_eq!(t.raw(w, h).len(), (w * h * 4) as usize);
         }
     }
 
@@ -1303,11 +1342,25 @@ mod tests {
             rows,
             vec![(0, (0..10).collect()), (1, vec![0]), (2, vec![10])]
         );
+        let mut seen = Vec::new();
         for (ty, cols) in &rows {
-            for (i, px) in read_tile_row(&fd, &g, *ty, cols, &mut Vec::new()).unwrap() {
-                assert_eq!(px[..], all[i].raw[..], "tile {i}");
-            }
+            read_tile_row(
+                &fd,
+                &g,
+                *ty,
+                cols,
+                &mut Vec::new(),
+                &mut Vec::new(),
+                |i, px| {
+                    let (_, _, w, h) = g.tile_rect(i);
+                    assert_eq!(px[..], all[i].raw(w, h)[..], "tile {i}");
+                    assert_eq!(tile_hash(px), all[i].hash, "tile {i}");
+                    seen.push(i);
+                },
+            )
+            .unwrap();
         }
+        assert_eq!(seen, vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 32]);
     }
 
     #[test]
