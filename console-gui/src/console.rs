@@ -228,8 +228,8 @@ async fn screen_task(slot: Slot, vm_id: String, shared: Arc<Mutex<ConsoleShared>
 pub struct Decoder {
     size: [usize; 2],
     fb: Vec<Color32>,
-    /// One tile's pixels, reused from tile to tile.
-    tile: Vec<u8>,
+    /// The decoded tiles of one tile row, reused.
+    band: Vec<Vec<u8>>,
     /// Patches of a capture whose last part has not come yet (`more`), and their pixels.
     held: Vec<Patch>,
     held_px: usize,
@@ -269,6 +269,42 @@ impl Decoder {
         let whole = covered >= w * h;
         let mut patches = Vec::with_capacity(if whole { 1 } else { u.tiles.len() });
         let mut px = 0;
+        // The tiles of a tile row are decoded first, then written into the screen copy a
+        // whole pixel row at a time: writing a screen-sized buffer a tile's width at a time,
+        // tile after tile, costs about twice as much.
+        for run in u.tiles.chunk_by(|a, b| a.y == b.y && a.height == b.height) {
+            for t in run {
+                let (tx, ty, tw, th) = (
+                    t.x as usize,
+                    t.y as usize,
+                    t.width as usize,
+                    t.height as usize,
+                );
+                if tx + tw > w || ty + th > h {
+                    return Err(format!(
+                        "the host sent a tile at {tx},{ty} ({tw}x{th}) outside the {w}x{h} screen"
+                    ));
+                }
+            }
+            if self.band.len() < run.len() {
+                self.band.resize_with(run.len(), Vec::new);
+            }
+            for (t, raw) in run.iter().zip(&mut self.band) {
+                proto::tiles::decode_into(t, raw)
+                    .map_err(|e| format!("a screen tile is damaged: {e}"))?;
+            }
+            let (ty, th) = (run[0].y as usize, run[0].height as usize);
+            for row in 0..th {
+                for (t, raw) in run.iter().zip(&self.band) {
+                    let (tx, tw) = (t.x as usize, t.width as usize);
+                    let dst = (ty + row) * w + tx;
+                    let src = &raw[row * tw * 4..(row + 1) * tw * 4];
+                    for (d, p) in self.fb[dst..dst + tw].iter_mut().zip(src.chunks_exact(4)) {
+                        *d = Color32::from_rgb(p[2], p[1], p[0]);
+                    }
+                }
+            }
+        }
         for t in &u.tiles {
             let (tx, ty, tw, th) = (
                 t.x as usize,
@@ -276,21 +312,6 @@ impl Decoder {
                 t.width as usize,
                 t.height as usize,
             );
-            if tx + tw > w || ty + th > h {
-                return Err(format!(
-                    "the host sent a tile at {tx},{ty} ({tw}x{th}) outside the {w}x{h} screen"
-                ));
-            }
-            proto::tiles::decode_into(t, &mut self.tile)
-                .map_err(|e| format!("a screen tile is damaged: {e}"))?;
-            let raw = &self.tile;
-            for row in 0..th {
-                let dst = (ty + row) * w + tx;
-                let src = &raw[row * tw * 4..(row + 1) * tw * 4];
-                for (d, p) in self.fb[dst..dst + tw].iter_mut().zip(src.chunks_exact(4)) {
-                    *d = Color32::from_rgb(p[2], p[1], p[0]);
-                }
-            }
             px += tw * th;
             if !whole {
                 let mut pixels = Vec::with_capacity(tw * th);
