@@ -274,17 +274,8 @@ impl Decoder {
         // tile after tile, costs about twice as much.
         for run in u.tiles.chunk_by(|a, b| a.y == b.y && a.height == b.height) {
             for t in run {
-                let (tx, ty, tw, th) = (
-                    t.x as usize,
-                    t.y as usize,
-                    t.width as usize,
-                    t.height as usize,
-                );
-                if tx + tw > w || ty + th > h {
-                    return Err(format!(
-                        "the host sent a tile at {tx},{ty} ({tw}x{th}) outside the {w}x{h} screen"
-                    ));
-                }
+                proto::tiles::place(t, u.width, u.height)
+                    .map_err(|e| format!("the host sent a damaged screen update: {e}"))?;
             }
             if self.band.len() < run.len() {
                 self.band.resize_with(run.len(), Vec::new);

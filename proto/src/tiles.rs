@@ -18,6 +18,17 @@ pub enum TileError {
     Decompress(String),
     #[error("a {width}x{height} tile is larger than any screen")]
     TooBig { width: u32, height: u32 },
+    #[error(
+        "a tile at {x},{y} ({width}x{height}) is outside the {screen_width}x{screen_height} screen"
+    )]
+    Outside {
+        x: u32,
+        y: u32,
+        width: u32,
+        height: u32,
+        screen_width: u32,
+        screen_height: u32,
+    },
     #[error("a {width}x{height} tile has {got} bytes, not {want}")]
     WrongSize {
         width: u32,
@@ -51,6 +62,32 @@ pub fn encode_lz4_with(raw: &[u8], scratch: &mut Vec<u8>) -> Vec<u8> {
         // Cannot happen with room for the maximum size; the allocating path is always right.
         Err(_) => encode_lz4(raw),
     }
+}
+
+/// Where `t` goes on a `screen_width`×`screen_height` screen: its x, y, width and height in
+/// pixels, or why it does not fit (a client checks this before writing a tile anywhere).
+pub fn place(
+    t: &Tile,
+    screen_width: u32,
+    screen_height: u32,
+) -> Result<(usize, usize, usize, usize), TileError> {
+    let fits = |at: u32, len: u32, end: u32| at.checked_add(len).is_some_and(|e| e <= end);
+    if !fits(t.x, t.width, screen_width) || !fits(t.y, t.height, screen_height) {
+        return Err(TileError::Outside {
+            x: t.x,
+            y: t.y,
+            width: t.width,
+            height: t.height,
+            screen_width,
+            screen_height,
+        });
+    }
+    Ok((
+        t.x as usize,
+        t.y as usize,
+        t.width as usize,
+        t.height as usize,
+    ))
 }
 
 /// The largest tile: a whole 8192×8192 screen.
@@ -118,6 +155,29 @@ pub fn decode_into(t: &Tile, px: &mut Vec<u8>) -> Result<(), TileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tiles_are_placed_only_inside_the_screen() {
+        let t = |x, y, width, height| Tile {
+            x,
+            y,
+            width,
+            height,
+            ..Default::default()
+        };
+        assert_eq!(place(&t(64, 0, 64, 64), 128, 64).unwrap(), (64, 0, 64, 64));
+        for bad in [
+            t(65, 0, 64, 64),
+            t(0, 1, 64, 64),
+            t(u32::MAX, 0, 2, 1),
+            t(0, u32::MAX - 1, 1, 4),
+        ] {
+            assert!(matches!(
+                place(&bad, 128, 64),
+                Err(TileError::Outside { .. })
+            ));
+        }
+    }
 
     /// One buffer decodes tiles of every encoding and size in turn; damaged or oversized
     /// tiles are errors, not panics.

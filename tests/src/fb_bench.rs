@@ -311,11 +311,8 @@ impl Screen {
             self.pixels = vec![0; (u.width * u.height * 4) as usize];
         }
         let mut stamps = Vec::new();
-        if u.tiles
-            .iter()
-            .any(|t| t.x + t.width > self.width || t.y + t.height > self.height)
-        {
-            bail!("tile outside the screen");
+        for t in &u.tiles {
+            proto::tiles::place(t, self.width, self.height)?;
         }
         // The tiles of one tile row are decoded into reused buffers, then copied into the
         // screen a whole pixel row at a time (as the console does): writing a screen-sized

@@ -173,15 +173,7 @@ pub fn decode_frame(u: &FrameUpdate) -> Result<Vec<u8>> {
     let (w, h) = (u.width as usize, u.height as usize);
     let mut rgb = vec![0u8; w * h * 3];
     for t in &u.tiles {
-        let (tx, ty, tw, th) = (
-            t.x as usize,
-            t.y as usize,
-            t.width as usize,
-            t.height as usize,
-        );
-        if tx + tw > w || ty + th > h {
-            bail!("a tile at {tx},{ty} ({tw}x{th}) is outside the {w}x{h} screen");
-        }
+        let (tx, ty, tw, th) = proto::tiles::place(t, u.width, u.height)?;
         let px = proto::tiles::decode(t)?;
         for row in 0..th {
             let src = &px[row * tw * 4..(row + 1) * tw * 4];
