@@ -1,49 +1,14 @@
 #!/usr/bin/env bash
 # Build the VMM's fuzz targets (VMBus ring layer, VMBus control plane, synthetic device
-# parsers) on the stable toolchain and run each for a bounded time over its seeds. Exits
-# non-zero if a build fails or the fuzzer finds a crash, a timeout or an out-of-memory input
-# (saved under $WORK/artifacts/<target>/). Same scheme as hypervisor/disk/fuzz/run-ci.sh.
+# parsers) on the stable toolchain and run each for a bounded time over its seeds; see
+# .ci/fuzz.sh.
 #
 #   hypervisor/fuzz/run-ci.sh [SECONDS_PER_TARGET]     (default 30, or $FUZZ_SECONDS)
 #
-# Builds and the grown corpus live in "$CARGO_TARGET_DIR/fuzz-hypervisor" when
-# CARGO_TARGET_DIR is set (else hypervisor/fuzz/target). Nothing is written into the tree.
+# Builds and the grown corpus live in "$CARGO_TARGET_DIR/fuzz-hypervisor" (else
+# hypervisor/fuzz/target).
 set -euo pipefail
-
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-seconds="${1:-${FUZZ_SECONDS:-30}}"
-work="${CARGO_TARGET_DIR:+$CARGO_TARGET_DIR/fuzz-hypervisor}"
-work="${work:-$here/target}"
-
-if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "fuzz: installing cargo-fuzz" >&2
-    cargo install cargo-fuzz --locked
-fi
-
-# cargo-fuzz passes -Z flags; RUSTC_BOOTSTRAP lets stable take them. No sanitizer (-s none):
-# coverage instrumentation, debug assertions and overflow checks remain.
-export RUSTC_BOOTSTRAP=1
-cd "$here"
-cargo fuzz build -s none --target-dir "$work" >&2
-
-host="$(rustc -vV | sed -n 's/^host: //p')"
-bin="$work/$host/release"
-
-status=0
-for target in vmbus_ring vmbus_control synth_devices; do
-    corpus="$work/corpus/$target"
-    artifacts="$work/artifacts/$target"
-    mkdir -p "$corpus" "$artifacts"
-    echo "fuzz: $target for ${seconds}s (corpus $corpus)" >&2
-    if ! "$bin/$target" "$corpus" "$here/seeds/$target" \
-        -max_total_time="$seconds" -max_len=16384 -timeout=10 -rss_limit_mb=2048 \
-        -artifact_prefix="$artifacts/" -print_final_stats=1 2>"$work/$target.log"; then
-        status=1
-        echo "fuzz: $target FAILED; the last lines of $work/$target.log:" >&2
-        tail -n 40 "$work/$target.log" >&2
-        ls -l "$artifacts" >&2
-    else
-        grep -E '^stat::(number_of_executed_units|new_units_added)' "$work/$target.log" >&2 || true
-    fi
-done
-exit "$status"
+exec "$here/../../.ci/fuzz.sh" "$here" fuzz-hypervisor "${1:-${FUZZ_SECONDS:-30}}" 16384 \
+    vmbus_ring=seeds/vmbus_ring vmbus_control=seeds/vmbus_control \
+    synth_devices=seeds/synth_devices
