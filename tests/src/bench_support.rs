@@ -256,6 +256,11 @@ impl Memory {
     }
 }
 
+/// How a bench reports a target: "met" or "NOT met".
+pub fn ok(b: bool) -> &'static str {
+    if b { "met" } else { "NOT met" }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,7 @@ use proto::client;
 use proto::v1::{CreateVmRequest, FramebufferRequest, SerialInput, TileEncoding, VmRef, VmSpec};
 use tokio_stream::StreamExt;
 
+use crate::bench_support::ok;
 use crate::fbstamp::{self, monotonic_ns};
 
 /// One workload's figures.
@@ -486,8 +487,4 @@ pub fn print(r: &FbResult) {
             .join(" "),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-}
-
-fn ok(b: bool) -> &'static str {
-    if b { "met" } else { "NOT met" }
 }
