@@ -256,8 +256,14 @@ fn uploads_resume_and_disks_convert_on_the_host() {
     assert!(a.dir.path().join("cache/parvis/uploads.json").exists());
     assert_eq!(a.json(&["disk", "list", "--json"]), serde_json::json!([]));
 
-    let o = a.parvis(&["disk", "upload", path]);
-    let id = ok(&o, "resumed upload").trim().to_string();
+    // --json: the new disk, as `disk list --json` shows it.
+    let o = a.parvis(&["disk", "upload", path, "--json"]);
+    let up: Value = serde_json::from_str(&ok(&o, "resumed upload")).unwrap();
+    let id = up["id"].as_str().unwrap().to_string();
+    assert_eq!(up["name"], "big.vhdx", "{up}");
+    assert_eq!(up["format"], "vhdx", "{up}");
+    assert_eq!(up["virtual_size"], 3u64 << 20, "{up}");
+    assert_eq!(a.json(&["disk", "list", "--json"]), serde_json::json!([up]));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("Resuming upload"), "{err}");
     assert!(err.contains("1.0 MiB"), "{err}");
@@ -280,6 +286,27 @@ fn uploads_resume_and_disks_convert_on_the_host() {
     assert_eq!(d["name"], "big-copy");
     assert_eq!(d["format"], "vhd");
     assert_eq!(d["virtual_size"], 3u64 << 20, "{d}");
+    let fixed = a.json(&[
+        "disk",
+        "convert",
+        "big.vhdx",
+        "--format",
+        "vhdx",
+        "--variant",
+        "fixed",
+        "--json",
+    ]);
+    assert_eq!(fixed["format"], "vhdx", "{fixed}");
+    assert_eq!(fixed["variant"], "fixed", "{fixed}");
+    assert_eq!(fixed["virtual_size"], 3u64 << 20, "{fixed}");
+    assert_eq!(
+        a.json(&["disk", "get", fixed["id"].as_str().unwrap(), "--json"])["id"],
+        fixed["id"]
+    );
+    ok(
+        &a.parvis(&["disk", "delete", fixed["id"].as_str().unwrap()]),
+        "disk delete",
+    );
     let e = fails(
         &a.parvis(&["disk", "convert", "big.vhdx"]),
         "convert without --format",

@@ -175,6 +175,30 @@ fn info_json_and_check_json() {
     ))
     .unwrap();
     assert_eq!(q["virtual-size"], 1u64 << 30);
+
+    // A local conversion with --json says what it made and what it did.
+    let raw = patterned_raw(dir.path(), "half.raw", 8 << 20);
+    let out = dir.path().join("half.vhdx");
+    let c: serde_json::Value = serde_json::from_str(&ok(
+        &parvis(&["disk", "convert", "--json", s(&raw), s(&out)]),
+        "convert --json",
+    ))
+    .unwrap();
+    assert_eq!(c["dst"], s(&out), "{c}");
+    assert_eq!(c["format"], "vhdx", "{c}");
+    assert_eq!(c["variant"], "dynamic", "{c}");
+    assert_eq!(c["virtual_size"], 8u64 << 20, "{c}");
+    // Half of the source is data, half is zeros that are not written.
+    assert_eq!(c["written"], 4u64 << 20, "{c}");
+    assert_eq!(
+        c["skipped_zero"].as_u64().unwrap() + c["skipped_unallocated"].as_u64().unwrap(),
+        4u64 << 20,
+        "{c}"
+    );
+    ok(
+        &parvis(&["disk", "compare", "-q", s(&raw), s(&out)]),
+        "compare",
+    );
 }
 
 #[test]

@@ -74,6 +74,10 @@ pub enum DiskCommand {
         /// No progress bar.
         #[arg(long, short)]
         quiet: bool,
+        /// Machine-readable output: the new disk (remote), or what the conversion did
+        /// (local).
+        #[arg(long)]
+        json: bool,
     },
     /// Change an image's virtual size (VHDX: grow or shrink; VHD: grow).
     Resize {
@@ -148,6 +152,7 @@ pub fn run(cmd: DiskCommand) -> Result<i32> {
             block_size,
             threads,
             quiet,
+            json,
         } => {
             // One argument means a remote conversion, which `main` dispatches.
             let Some(dst) = dst else {
@@ -188,7 +193,25 @@ pub fn run(cmd: DiskCommand) -> Result<i32> {
             bar.finish_and_clear();
             match result {
                 Ok(st) => {
-                    if !quiet {
+                    if json {
+                        let i = d.info(&dst);
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&json!({
+                                "src": src.display().to_string(),
+                                "dst": dst.display().to_string(),
+                                "format": i.format.to_string(),
+                                "variant": i.variant,
+                                "virtual_size": i.virtual_size,
+                                "file_size": i.file_size,
+                                "seconds": start.elapsed().as_secs_f64(),
+                                "read": st.read,
+                                "written": st.written,
+                                "skipped_unallocated": st.skipped_unallocated,
+                                "skipped_zero": st.skipped_zero,
+                            }))?
+                        );
+                    } else if !quiet {
                         eprintln!(
                             "converted {} in {:.2} s: read {}, wrote {}, skipped {} unallocated and {} zero",
                             human(sdev.size()),
@@ -461,7 +484,8 @@ pub fn human(b: u64) -> String {
     }
 }
 
-fn progress(total: u64, quiet: bool, what: &'static str) -> ProgressBar {
+/// A bytes progress bar on stderr (hidden with `quiet`).
+pub(crate) fn progress(total: u64, quiet: bool, what: &'static str) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
     }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Subcommand;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use proto::client::Clients;
 use proto::v1::{
     BeginUploadRequest, ConvertDiskRequest, Disk, DiskFormat, DiskRef, DiskVariant,
@@ -77,6 +77,9 @@ pub enum DiskCli {
         /// For tests: end the first stream after this many bytes, as if interrupted.
         #[arg(long, hide = true)]
         interrupt_after: Option<u64>,
+        /// Print the new disk as JSON (as `disk list --json` does) instead of its id.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -91,6 +94,7 @@ pub fn run(cmd: DiskCli, host: Option<&str>) -> Result<i32> {
             quiet,
             block_size,
             threads,
+            json,
         }) => {
             if block_size.is_some() || threads.is_some() {
                 bail!("--block-size and --threads are for local conversions (SRC DST)");
@@ -101,7 +105,13 @@ pub fn run(cmd: DiskCli, host: Option<&str>) -> Result<i32> {
             let src = src.to_string_lossy().into_owned();
             crate::block_on(async move {
                 let mut c = remote::connect(host).await?;
-                convert(&mut c, &src, &format, variant.as_deref(), name, quiet).await
+                let opts = RemoteConvert {
+                    variant,
+                    name,
+                    quiet,
+                    json,
+                };
+                convert(&mut c, &src, &format, opts).await
             })
         }
         DiskCli::Local(c) => disk::run(c),
@@ -222,18 +232,17 @@ async fn run_remote(c: &mut Clients, cmd: DiskCli, host: Option<&str>) -> Result
             retries,
             quiet,
             interrupt_after,
+            json,
         } => {
             let (_, target) = remote::target(host)?;
-            upload(
-                c,
-                &target.addr,
-                &file,
+            let opts = UploadOptions {
                 name,
                 retries,
                 quiet,
                 interrupt_after,
-            )
-            .await
+                json,
+            };
+            upload(c, &target.addr, &file, opts).await
         }
     }
 }
@@ -273,16 +282,23 @@ fn parse_variant(v: &str) -> Result<DiskVariant> {
     })
 }
 
-async fn convert(
-    c: &mut Clients,
-    src: &str,
-    format: &str,
-    variant: Option<&str>,
+/// `parvis disk convert DISK`'s options.
+struct RemoteConvert {
+    variant: Option<String>,
     name: Option<String>,
     quiet: bool,
-) -> Result<i32> {
+    json: bool,
+}
+
+async fn convert(c: &mut Clients, src: &str, format: &str, opts: RemoteConvert) -> Result<i32> {
+    let RemoteConvert {
+        variant,
+        name,
+        quiet,
+        json,
+    } = opts;
     let format = parse_format(format)?;
-    let variant = variant.map(parse_variant).transpose()?;
+    let variant = variant.as_deref().map(parse_variant).transpose()?;
     let id = disk_id(c, src).await?;
     let task = c
         .disk
@@ -318,7 +334,11 @@ async fn convert(
         disk_variant(d.variant),
         human(d.virtual_size)
     );
-    println!("{}", d.id);
+    if json {
+        print_json(&disk_json(&d))?;
+    } else {
+        println!("{}", d.id);
+    }
     Ok(0)
 }
 
@@ -397,25 +417,9 @@ impl ResumeFile {
     }
 }
 
-fn bytes_bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_message(what.to_string());
-    bar
-}
-
 /// SHA-256 of a file, with a progress bar; `None` when Ctrl-C stopped it.
 async fn hash_file(path: &Path, size: u64, quiet: bool) -> Result<Option<String>> {
-    let bar = bytes_bar(size, quiet, "checksum");
+    let bar = crate::disk::progress(size, quiet, "checksum");
     let stop = Arc::new(AtomicBool::new(false));
     let mut ctrl = CtrlC::claim();
     let (p, b, s) = (path.to_path_buf(), bar.clone(), stop.clone());
@@ -454,15 +458,23 @@ fn mtime_ns(m: &std::fs::Metadata) -> i128 {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn upload(
-    c: &mut Clients,
-    host_addr: &str,
-    file: &Path,
+/// `parvis disk upload`'s options.
+struct UploadOptions {
     name: Option<String>,
     retries: u32,
     quiet: bool,
     interrupt_after: Option<u64>,
-) -> Result<i32> {
+    json: bool,
+}
+
+async fn upload(c: &mut Clients, host_addr: &str, file: &Path, opts: UploadOptions) -> Result<i32> {
+    let UploadOptions {
+        name,
+        retries,
+        quiet,
+        interrupt_after,
+        json,
+    } = opts;
     let meta =
         std::fs::metadata(file).with_context(|| format!("cannot open {}", file.display()))?;
     if !meta.is_file() {
@@ -565,7 +577,7 @@ async fn upload(
 
     // Send the data, from wherever the agent has it up to.
     if status.state == UploadState::Receiving as i32 {
-        let bar = bytes_bar(size, quiet, "upload");
+        let bar = crate::disk::progress(size, quiet, "upload");
         let mut ctrl = CtrlC::claim();
         let mut failures = 0u32;
         let mut stop_after = interrupt_after;
@@ -732,7 +744,11 @@ async fn upload(
         disk_variant(d.variant),
         human(d.virtual_size)
     );
-    println!("{}", d.id);
+    if json {
+        print_json(&disk_json(&d))?;
+    } else {
+        println!("{}", d.id);
+    }
     Ok(0)
 }
 
