@@ -743,7 +743,8 @@ fn open_upload(path: &Path) -> AgentResult<(Image, ImageFormat)> {
 /// SHA-256 of the first `len` bytes of `file`; a task handle gets progress and can cancel.
 fn hash_prefix(file: &File, len: u64, h: Option<&TaskHandle>) -> AgentResult<Sha256> {
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 4 << 20];
+    // Small reads are hashed while they are still in the CPU's cache.
+    let mut buf = vec![0u8; 256 << 10];
     let mut off = 0u64;
     while off < len {
         let n = buf.len().min((len - off) as usize);
@@ -755,7 +756,9 @@ fn hash_prefix(file: &File, len: u64, h: Option<&TaskHandle>) -> AgentResult<Sha
             if h.is_cancelled() {
                 return Err(AgentError::Cancelled);
             }
-            h.progress(off, len);
+            if off.is_multiple_of(4 << 20) || off == len {
+                h.progress(off, len);
+            }
         }
     }
     Ok(hasher)

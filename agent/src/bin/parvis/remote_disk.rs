@@ -426,7 +426,9 @@ async fn hash_file(path: &Path, size: u64, quiet: bool) -> Result<Option<String>
     let work = tokio::task::spawn_blocking(move || -> Result<Option<String>> {
         let f = std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
         let mut h = Sha256::new();
-        let mut buf = vec![0u8; 4 << 20];
+        // Small reads: each is hashed while it is still in the CPU's cache (1.0-1.26 GB/s
+        // with 4 MiB reads, 1.29-1.32 GB/s with 256 KiB ones, from the page cache).
+        let mut buf = vec![0u8; 256 << 10];
         let mut off = 0u64;
         while off < size {
             if s.load(Ordering::Relaxed) {
@@ -457,7 +459,6 @@ fn mtime_ns(m: &std::fs::Metadata) -> i128 {
     i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
 }
 
-#[allow(clippy::too_many_arguments)]
 /// `parvis disk upload`'s options.
 struct UploadOptions {
     name: Option<String>,
