@@ -26,12 +26,24 @@ pub struct UploadRun {
     pub cpu_client: f64,
 }
 
+/// `parvis disk upload FILE`, as a user runs it: the CLI's checksum pass over the file,
+/// the stream, and the agent's verification.
+#[derive(Debug, Clone)]
+pub struct CliRun {
+    pub secs: f64,
+    /// CPU seconds of the CLI and of the agent.
+    pub cpu_cli: f64,
+    pub cpu_agent: f64,
+}
+
 /// Measured figures.
 #[derive(Debug)]
 pub struct UploadResult {
     pub bytes: u64,
     /// Each upload, to a fresh agent.
     pub runs: Vec<UploadRun>,
+    /// The same file through the CLI, to a fresh agent.
+    pub cli: CliRun,
     pub cp_secs: f64,
     /// `dd bs=4M oflag=direct conv=fsync` of the same file.
     pub dd_secs: f64,
@@ -96,6 +108,7 @@ pub fn run(dir: &Path, gib: u64, runs: usize) -> Result<UploadResult> {
         out.push(upload_once(&rt, dir, data.clone(), &sha)?);
     }
     drop(data);
+    let cli = cli_once(dir, &file, size)?;
     let copy = dir.join("copy.raw");
     let cp_secs = timed_shell(&format!(
         "cp '{}' '{}' && sync",
@@ -113,6 +126,7 @@ pub fn run(dir: &Path, gib: u64, runs: usize) -> Result<UploadResult> {
     Ok(UploadResult {
         bytes: size,
         runs: out,
+        cli,
         cp_secs,
         dd_secs,
         load_before,
@@ -189,6 +203,62 @@ fn upload_once(
     })
 }
 
+/// `parvis disk upload FILE --json` to a fresh agent in `dir`; checks that the new disk is
+/// `size` bytes.
+fn cli_once(dir: &Path, file: &Path, size: u64) -> Result<CliRun> {
+    use rustix::process::{Pid, WaitId, WaitIdOptions, waitid};
+    let art = crate::build::artifacts()?;
+    let state = dir.join("agent-state");
+    let (mut agent, target) =
+        crate::agent_proc::spawn_agent(&state, &["--worker", "/bin/false"], None)?;
+    let agent0 = crate::fb_bench::cpu_secs(agent.id());
+    let mut cmd = Command::new(art.bin.join("parvis"));
+    cmd.args(["disk", "upload", "-q", "--json"])
+        .arg(file)
+        .env("PARVIS_ADDR", &target.addr)
+        .env("PARVIS_TOKEN", &target.token)
+        // The CLI's resume records and hosts stay in the bench's folder.
+        .env("XDG_CACHE_HOME", dir.join("cli-cache"))
+        .env("XDG_CONFIG_HOME", dir.join("cli-config"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(fp) = &target.fingerprint {
+        cmd.env("PARVIS_FINGERPRINT", fp);
+    }
+    let start = Instant::now();
+    let child = cmd.spawn()?;
+    // Wait for the exit without reaping, so the CLI's CPU times can still be read.
+    let waited = waitid(
+        WaitId::Pid(Pid::from_child(&child)),
+        WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
+    );
+    let secs = start.elapsed().as_secs_f64();
+    let cpu_cli = crate::fb_bench::cpu_secs(child.id());
+    let cpu_agent = crate::fb_bench::cpu_secs(agent.id()) - agent0;
+    let out = child.wait_with_output()?;
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let _ = std::fs::remove_dir_all(&state);
+    waited?;
+    if !out.status.success() {
+        bail!(
+            "parvis disk upload failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let disk: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    if disk["virtual_size"] != size {
+        bail!("parvis disk upload made an unexpected disk: {disk}");
+    }
+    Ok(CliRun {
+        secs,
+        cpu_cli,
+        cpu_agent,
+    })
+}
+
 /// Print the figures and ratios.
 pub fn print(r: &UploadResult) {
     let mb = r.bytes as f64 / 1e6;
@@ -220,6 +290,14 @@ pub fn print(r: &UploadResult) {
         "  parvis upload, streaming only (that run):        {:.2} s  {:.0} MB/s",
         m.stream_secs,
         mb / m.stream_secs
+    );
+    println!(
+        "  parvis disk upload FILE (the CLI, checksum pass included): {:.2} s  {:.0} MB/s; \
+         CPU per GB: CLI {:.2} s, agent {:.2} s",
+        r.cli.secs,
+        mb / r.cli.secs,
+        r.cli.cpu_cli / gb,
+        r.cli.cpu_agent / gb
     );
     println!(
         "  cp + sync of the same file (peer):               {:.2} s  {:.0} MB/s",
@@ -259,5 +337,9 @@ pub fn print(r: &UploadResult) {
         "  ratio upload/dd speed: {:.2}x (streaming only {:.2}x)",
         r.dd_secs / m.upload_secs,
         r.dd_secs / m.stream_secs
+    );
+    println!(
+        "  ratio CLI upload/cp speed: {:.2}x",
+        r.cp_secs / r.cli.secs
     );
 }
