@@ -28,7 +28,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tower::Service;
 
-use crate::upload_wire::{UPLOAD_DISK_PATH, encode_chunk};
+use crate::upload_wire::{UPLOAD_DISK_PATH, encode_chunk, one_message};
 use crate::v1::{UploadChunk, UploadStatus};
 
 use crate::v1::console_service_client::ConsoleServiceClient;
@@ -189,18 +189,12 @@ where
             ));
         }
     }
-    if msg.len() < 5 || msg[0] != 0 {
+    let Some(msg) = one_message(&msg) else {
         return Err(tonic::Status::internal(
             "the response is not one plain gRPC message",
         ));
-    }
-    let len = u32::from_be_bytes([msg[1], msg[2], msg[3], msg[4]]) as usize;
-    if msg.len() != 5 + len {
-        return Err(tonic::Status::internal(
-            "the response is not one gRPC message",
-        ));
-    }
-    M::decode(&msg[5..]).map_err(|e| tonic::Status::internal(format!("bad response message: {e}")))
+    };
+    M::decode(msg).map_err(|e| tonic::Status::internal(format!("bad response message: {e}")))
 }
 
 /// Adds `authorization: Bearer <token>` to every request.

@@ -334,12 +334,32 @@ pub fn encode_chunk(upload_id: &str, offset: u64, data: Bytes) -> [Bytes; 2] {
         );
         prost::encoding::encode_varint(data.len() as u64, &mut fields);
     }
-    let len = fields.len() + data.len();
     let mut out = BytesMut::with_capacity(5 + fields.len());
-    out.put_u8(0);
-    out.put_u32(u32::try_from(len).expect("an upload chunk is far smaller than 4 GiB"));
+    put_header(&mut out, fields.len() + data.len());
     out.put(fields);
     [out.freeze(), data]
+}
+
+/// A gRPC message header: not compressed, then the message's length (big-endian).
+fn put_header(out: &mut BytesMut, len: usize) {
+    out.put_u8(0);
+    out.put_u32(u32::try_from(len).expect("a gRPC message is smaller than 4 GiB"));
+}
+
+/// `msg` framed as one gRPC message (the body of a unary response).
+pub fn encode_message(msg: &impl Message) -> Bytes {
+    let len = msg.encoded_len();
+    let mut out = BytesMut::with_capacity(5 + len);
+    put_header(&mut out, len);
+    msg.encode(&mut out).expect("the buffer has room");
+    out.freeze()
+}
+
+/// The protobuf bytes of `body` if it is exactly one uncompressed gRPC message.
+pub fn one_message(body: &[u8]) -> Option<&[u8]> {
+    let (head, msg) = body.split_first_chunk::<5>()?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    (head[0] == 0 && msg.len() == len).then_some(msg)
 }
 
 #[cfg(test)]
@@ -419,6 +439,27 @@ mod tests {
                     .all(|c| c.data.is_empty() || (c.upload_id.is_empty() && c.offset == 0))
             );
         }
+    }
+
+    #[test]
+    fn unary_messages_frame_and_unframe() {
+        let msg = UploadChunk {
+            upload_id: "u".into(),
+            offset: 7,
+            data: Bytes::from_static(b"xyz"),
+        };
+        let wire = encode_message(&msg);
+        assert_eq!(wire[..], grpc_frame(&msg)[..]);
+        let body = one_message(&wire).unwrap();
+        assert_eq!(UploadChunk::decode(body).unwrap(), msg);
+        // Short, long, compressed or headerless bodies are not one message.
+        assert_eq!(one_message(&wire[..wire.len() - 1]), None);
+        assert_eq!(one_message(&[&wire[..], b"!"].concat()), None);
+        let mut compressed = wire.to_vec();
+        compressed[0] = 1;
+        assert_eq!(one_message(&compressed), None);
+        assert_eq!(one_message(&wire[..4]), None);
+        assert_eq!(one_message(&[0, 0, 0, 0, 0]), Some(&[][..]));
     }
 
     #[test]

@@ -11,10 +11,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Body as _, Frame};
 use prost::Message;
-use proto::upload_wire::{UPLOAD_DISK_PATH, UploadDecoder};
+use proto::upload_wire::{UPLOAD_DISK_PATH, UploadDecoder, encode_message};
 use proto::v1::UploadChunk;
 use proto::v1::disk_service_server::{DiskServiceServer, SERVICE_NAME};
 use tokio_stream::Stream;
@@ -133,15 +133,10 @@ impl Stream for BodyChunks {
 
 /// A successful unary gRPC response carrying `msg`.
 fn grpc_response(msg: &impl Message) -> http::Response<Body> {
-    let len = msg.encoded_len();
-    let mut buf = BytesMut::with_capacity(5 + len);
-    buf.put_u8(0);
-    buf.put_u32(u32::try_from(len).expect("a status message is small"));
-    msg.encode(&mut buf).expect("the buffer has room");
     let mut trailers = http::HeaderMap::new();
     trailers.insert(Status::GRPC_STATUS, http::HeaderValue::from_static("0"));
     let mut res = http::Response::new(Body::new(OneMessage {
-        data: Some(buf.freeze()),
+        data: Some(encode_message(msg)),
         trailers: Some(trailers),
     }));
     res.headers_mut().insert(
