@@ -801,7 +801,7 @@ impl Writer {
             mut out,
             sync_file,
             sync,
-            hasher,
+            mut hasher,
         } = self;
         let start = claim.meta.verified_offset;
         let json = claim.inner.upload_dir(&claim.meta.id).join(META);
@@ -810,9 +810,6 @@ impl Writer {
             claim.meta.id,
             out.is_direct()
         );
-        // Bytes staged (and hashed).
-        let mut off = start;
-        let mut hasher = hasher;
         let mut failure: Option<std::io::Error> = None;
         std::thread::scope(|s| {
             let syncing = std::thread::Builder::new()
@@ -830,7 +827,6 @@ impl Writer {
                         failure = Some(e);
                         break 'recv;
                     }
-                    off += b.len() as u64;
                 }
             }
             // Refuse further data at once if writing failed.
@@ -841,7 +837,8 @@ impl Writer {
                 let _ = h.join();
             }
         });
-        debug_assert!(failure.is_some() || out.offset() == off);
+        // Without a failure, every byte received is staged and hashed.
+        let off = out.offset();
         let mut durable = sync.durable.load(Ordering::SeqCst);
         if failure.is_none() && off > durable {
             let done = (|| {
