@@ -269,33 +269,27 @@ impl Decoder {
         let whole = covered >= w * h;
         let mut patches = Vec::with_capacity(if whole { 1 } else { u.tiles.len() });
         let mut px = 0;
-        // The tiles of a tile row are decoded first, then written into the screen copy a
-        // whole pixel row at a time: writing a screen-sized buffer a tile's width at a time,
-        // tile after tile, costs about twice as much.
-        for run in u.tiles.chunk_by(|a, b| a.y == b.y && a.height == b.height) {
-            for t in run {
-                proto::tiles::place(t, u.width, u.height)
-                    .map_err(|e| format!("the host sent a damaged screen update: {e}"))?;
-            }
-            if self.band.len() < run.len() {
-                self.band.resize_with(run.len(), Vec::new);
-            }
-            for (t, raw) in run.iter().zip(&mut self.band) {
-                proto::tiles::decode_into(t, raw)
-                    .map_err(|e| format!("a screen tile is damaged: {e}"))?;
-            }
+        // A tile row at a time, written into the screen copy a whole pixel row at a time.
+        let fb = &mut self.fb;
+        proto::tiles::decode_rows(&u.tiles, u.width, u.height, &mut self.band, |run, band| {
             let (ty, th) = (run[0].y as usize, run[0].height as usize);
             for row in 0..th {
-                for (t, raw) in run.iter().zip(&self.band) {
+                for (t, raw) in run.iter().zip(band) {
                     let (tx, tw) = (t.x as usize, t.width as usize);
                     let dst = (ty + row) * w + tx;
                     let src = &raw[row * tw * 4..(row + 1) * tw * 4];
-                    for (d, p) in self.fb[dst..dst + tw].iter_mut().zip(src.chunks_exact(4)) {
+                    for (d, p) in fb[dst..dst + tw].iter_mut().zip(src.chunks_exact(4)) {
                         *d = Color32::from_rgb(p[2], p[1], p[0]);
                     }
                 }
             }
-        }
+        })
+        .map_err(|e| match e {
+            proto::tiles::TileError::Outside { .. } => {
+                format!("the host sent a damaged screen update: {e}")
+            }
+            e => format!("a screen tile is damaged: {e}"),
+        })?;
         for t in &u.tiles {
             let (tx, ty, tw, th) = (
                 t.x as usize,

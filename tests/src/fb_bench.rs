@@ -312,29 +312,28 @@ impl Screen {
             self.pixels = vec![0; (u.width * u.height * 4) as usize];
         }
         let mut stamps = Vec::new();
-        for t in &u.tiles {
-            proto::tiles::place(t, self.width, self.height)?;
-        }
-        // The tiles of one tile row are decoded into reused buffers, then copied into the
-        // screen a whole pixel row at a time (as the console does): writing a screen-sized
-        // buffer 256 bytes a row, tile after tile, costs twice as much.
-        for run in u.tiles.chunk_by(|a, b| a.y == b.y && a.height == b.height) {
-            if self.band.len() < run.len() {
-                self.band.resize_with(run.len(), Vec::new);
-            }
-            for (t, px) in run.iter().zip(&mut self.band) {
-                proto::tiles::decode_into(t, px)?;
-                stamps.extend(fbstamp::find(px, t.x, t.y, t.width, t.height));
-            }
-            for y in 0..run[0].height as usize {
-                let line = (run[0].y as usize + y) * self.width as usize;
-                for (t, px) in run.iter().zip(&self.band) {
-                    let row = (t.width * 4) as usize;
-                    let dst = (line + t.x as usize) * 4;
-                    self.pixels[dst..dst + row].copy_from_slice(&px[y * row..(y + 1) * row]);
+        // As the console decodes: a tile row at a time, copied into the screen a whole
+        // pixel row at a time.
+        let (width, pixels) = (self.width as usize, &mut self.pixels);
+        proto::tiles::decode_rows(
+            &u.tiles,
+            self.width,
+            self.height,
+            &mut self.band,
+            |run, band| {
+                for (t, px) in run.iter().zip(band) {
+                    stamps.extend(fbstamp::find(px, t.x, t.y, t.width, t.height));
                 }
-            }
-        }
+                for y in 0..run[0].height as usize {
+                    let line = (run[0].y as usize + y) * width;
+                    for (t, px) in run.iter().zip(band) {
+                        let row = (t.width * 4) as usize;
+                        let dst = (line + t.x as usize) * 4;
+                        pixels[dst..dst + row].copy_from_slice(&px[y * row..(y + 1) * row]);
+                    }
+                }
+            },
+        )?;
         Ok(stamps)
     }
 }
