@@ -11,9 +11,10 @@
 //! Either way each changed tile is stored LZ4-compressed, with a 128-bit hash of its pixels
 //! (what the next capture compares with) and the capture's generation number; raw pixels
 //! are decoded from it only for subscribers that ask for raw or zstd tiles. Tiles are
-//! packed in a reused buffer, so a capture writes no screen-sized memory of its own. Each subscriber sends, when it is ready, every tile newer
-//! than what it has sent: a slow client skips intermediate states instead of queueing
-//! them, and nothing is sent while nothing changes.
+//! packed in a reused buffer, so a capture writes no screen-sized memory of its own. Each
+//! subscriber sends, when it is ready, every tile newer than what it has sent: a slow
+//! client skips intermediate states instead of queueing them, and nothing is sent while
+//! nothing changes.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
