@@ -12,6 +12,17 @@ use proto::client::Target;
 /// `state` and `args` added (the worker, …), and read its address, certificate fingerprint
 /// and token. Its stderr goes to `log` when given (and is quoted if it fails to start).
 pub fn spawn_agent(state: &Path, args: &[&str], log: Option<&Path>) -> Result<(Child, Target)> {
+    spawn_agent_on(state, args, log, true)
+}
+
+/// [`spawn_agent`], with TLS or as the agent listens on loopback by default (plaintext, for
+/// the CLI on the host itself).
+pub fn spawn_agent_on(
+    state: &Path,
+    args: &[&str],
+    log: Option<&Path>,
+    tls: bool,
+) -> Result<(Child, Target)> {
     let art = crate::build::artifacts()?;
     let stderr = match log {
         Some(p) => Stdio::from(std::fs::File::create(p).context("cannot create the agent log")?),
@@ -20,7 +31,8 @@ pub fn spawn_agent(state: &Path, args: &[&str], log: Option<&Path>) -> Result<(C
     let mut agent = Command::new(art.bin.join("parvis-agent"))
         .arg("--state-dir")
         .arg(state)
-        .args(["--listen", "127.0.0.1:0", "--tls", "--log", "warn"])
+        .args(["--listen", "127.0.0.1:0", "--log", "warn"])
+        .args(if tls { &["--tls"][..] } else { &[] })
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -1,7 +1,12 @@
-//! Disk upload throughput: a real `parvis-agent` (TLS on loopback) receiving a file
-//! through `DiskService.UploadDisk`, against two peers on the same filesystem: copying the
-//! file with `cp` + `sync` (through the page cache), and `dd` with direct writes and a final
-//! `fsync` (what the disk alone allows).
+//! Disk upload throughput: a real `parvis-agent` on loopback receiving a file through
+//! `DiskService.UploadDisk`, against two peers on the same filesystem: copying the file with
+//! `cp` + `sync` (through the page cache), and `dd` with direct writes and a final `fsync`
+//! (what the disk alone allows).
+//!
+//! Each upload is measured twice over: with TLS (what a console or CLI on another machine
+//! gets, there the agent always uses TLS) and in plaintext (how the agent listens on
+//! loopback by default, for the CLI on the host itself). The client shares this machine's
+//! cores with the agent either way.
 
 use std::path::Path;
 use std::process::Command;
@@ -36,29 +41,45 @@ pub struct CliRun {
     pub cpu_agent: f64,
 }
 
-/// Measured figures.
+/// Uploads over one kind of connection.
 #[derive(Debug)]
-pub struct UploadResult {
-    pub bytes: u64,
+pub struct Transport {
+    pub tls: bool,
     /// Each upload, to a fresh agent.
     pub runs: Vec<UploadRun>,
     /// The same file through the CLI, to a fresh agent.
     pub cli: CliRun,
-    pub cp_secs: f64,
-    /// `dd bs=4M oflag=direct conv=fsync` of the same file.
-    pub dd_secs: f64,
-    /// The 1, 5 and 15 minute load averages before the uploads and after the peers.
-    pub load_before: String,
-    pub load_after: String,
 }
 
-impl UploadResult {
+impl Transport {
     /// The run with the median time until the disk was usable.
     pub fn median(&self) -> &UploadRun {
         let mut order: Vec<&UploadRun> = self.runs.iter().collect();
         order.sort_by(|a, b| a.upload_secs.total_cmp(&b.upload_secs));
         order[order.len() / 2]
     }
+
+    fn label(&self) -> &'static str {
+        if self.tls {
+            "TLS (from another machine)"
+        } else {
+            "plaintext (the loopback default, CLI on the host)"
+        }
+    }
+}
+
+/// Measured figures.
+#[derive(Debug)]
+pub struct UploadResult {
+    pub bytes: u64,
+    /// With TLS, then in plaintext.
+    pub transports: Vec<Transport>,
+    pub cp_secs: f64,
+    /// `dd bs=4M oflag=direct conv=fsync` of the same file.
+    pub dd_secs: f64,
+    /// The 1, 5 and 15 minute load averages before the uploads and after the peers.
+    pub load_before: String,
+    pub load_after: String,
 }
 
 fn load_average() -> String {
@@ -103,12 +124,19 @@ pub fn run(dir: &Path, gib: u64, runs: usize) -> Result<UploadResult> {
         .enable_all()
         .build()?;
     let load_before = load_average();
-    let mut out = Vec::new();
-    for _ in 0..runs.max(1) {
-        out.push(upload_once(&rt, dir, data.clone(), &sha)?);
+    let mut transports = Vec::new();
+    for tls in [true, false] {
+        let mut out = Vec::new();
+        for _ in 0..runs.max(1) {
+            out.push(upload_once(&rt, dir, data.clone(), &sha, tls)?);
+        }
+        transports.push(Transport {
+            tls,
+            runs: out,
+            cli: cli_once(dir, &file, size, tls)?,
+        });
     }
     drop(data);
-    let cli = cli_once(dir, &file, size)?;
     let copy = dir.join("copy.raw");
     let cp_secs = timed_shell(&format!(
         "cp '{}' '{}' && sync",
@@ -125,8 +153,7 @@ pub fn run(dir: &Path, gib: u64, runs: usize) -> Result<UploadResult> {
     let _ = std::fs::remove_file(&file);
     Ok(UploadResult {
         bytes: size,
-        runs: out,
-        cli,
+        transports,
         cp_secs,
         dd_secs,
         load_before,
@@ -140,10 +167,11 @@ fn upload_once(
     dir: &Path,
     data: bytes::Bytes,
     sha: &str,
+    tls: bool,
 ) -> Result<UploadRun> {
     let state = dir.join("agent-state");
     let (mut agent, target) =
-        crate::agent_proc::spawn_agent(&state, &["--worker", "/bin/false"], None)?;
+        crate::agent_proc::spawn_agent_on(&state, &["--worker", "/bin/false"], None, tls)?;
     let size = data.len() as u64;
     let cpu0 = [agent.id(), std::process::id()].map(crate::fb_bench::cpu_secs);
     let timed = rt.block_on(async {
@@ -205,12 +233,12 @@ fn upload_once(
 
 /// `parvis disk upload FILE --json` to a fresh agent in `dir`; checks that the new disk is
 /// `size` bytes.
-fn cli_once(dir: &Path, file: &Path, size: u64) -> Result<CliRun> {
+fn cli_once(dir: &Path, file: &Path, size: u64, tls: bool) -> Result<CliRun> {
     use rustix::process::{Pid, WaitId, WaitIdOptions, waitid};
     let art = crate::build::artifacts()?;
     let state = dir.join("agent-state");
     let (mut agent, target) =
-        crate::agent_proc::spawn_agent(&state, &["--worker", "/bin/false"], None)?;
+        crate::agent_proc::spawn_agent_on(&state, &["--worker", "/bin/false"], None, tls)?;
     let agent0 = crate::fb_bench::cpu_secs(agent.id());
     let mut cmd = Command::new(art.bin.join("parvis"));
     cmd.args(["disk", "upload", "-q", "--json"])
@@ -263,83 +291,76 @@ fn cli_once(dir: &Path, file: &Path, size: u64) -> Result<CliRun> {
 pub fn print(r: &UploadResult) {
     let mb = r.bytes as f64 / 1e6;
     let gb = r.bytes as f64 / 1e9;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "upload ({} MiB raw image, TLS on loopback, 1 MiB chunks, {} runs, each to a fresh agent)",
+        "upload ({} MiB raw image, loopback, 1 MiB chunks, {} runs per transport, each to a \
+         fresh agent; client and agent share {cores} cores)",
         r.bytes >> 20,
-        r.runs.len()
+        r.transports.first().map_or(0, |t| t.runs.len())
     );
-    for (i, u) in r.runs.iter().enumerate() {
+    for t in &r.transports {
+        println!("  {}:", t.label());
+        for (i, u) in t.runs.iter().enumerate() {
+            println!(
+                "    run {}: until the disk is usable {:.2} s {:.0} MB/s, streaming only {:.0} \
+                 MB/s; CPU per GB: agent {:.2} s, client {:.2} s",
+                i + 1,
+                u.upload_secs,
+                mb / u.upload_secs,
+                mb / u.stream_secs,
+                u.cpu_agent / gb,
+                u.cpu_client / gb
+            );
+        }
+        let m = t.median();
         println!(
-            "  run {}: until the disk is usable {:.2} s {:.0} MB/s, streaming only {:.0} MB/s; \
-             CPU per GB: agent {:.2} s, client {:.2} s",
-            i + 1,
-            u.upload_secs,
-            mb / u.upload_secs,
-            mb / u.stream_secs,
-            u.cpu_agent / gb,
-            u.cpu_client / gb
+            "    parvis upload, until the disk is usable (median): {:.2} s  {:.0} MB/s \
+             (streaming only {:.0} MB/s)",
+            m.upload_secs,
+            mb / m.upload_secs,
+            mb / m.stream_secs
+        );
+        // The agent runs several threads (TLS and decoding on the runtime, O_DIRECT writes
+        // on its I/O thread), so the bound is the whole CPU budget of the machine over the
+        // CPU both sides spend per GB.
+        println!(
+            "    CPU per GB (that run): agent {:.2} s, client {:.2} s (so {cores} cores doing \
+             nothing else would allow {:.0} MB/s)",
+            m.cpu_agent / gb,
+            m.cpu_client / gb,
+            1e3 * cores as f64 / ((m.cpu_agent + m.cpu_client) / gb)
+        );
+        println!(
+            "    parvis disk upload FILE (the CLI, its checksum included): {:.2} s  {:.0} MB/s; \
+             CPU per GB: CLI {:.2} s, agent {:.2} s",
+            t.cli.secs,
+            mb / t.cli.secs,
+            t.cli.cpu_cli / gb,
+            t.cli.cpu_agent / gb
+        );
+        println!(
+            "    target: >= 800 MB/s until the disk is usable (median): {}",
+            ok(mb / m.upload_secs >= 800.0)
+        );
+        println!(
+            "    ratio upload/cp speed: {:.2}x, upload/dd: {:.2}x, CLI/cp: {:.2}x",
+            r.cp_secs / m.upload_secs,
+            r.dd_secs / m.upload_secs,
+            r.cp_secs / t.cli.secs
         );
     }
-    let m = r.median();
     println!(
-        "  parvis upload, until the disk is usable (median): {:.2} s  {:.0} MB/s",
-        m.upload_secs,
-        mb / m.upload_secs
-    );
-    println!(
-        "  parvis upload, streaming only (that run):        {:.2} s  {:.0} MB/s",
-        m.stream_secs,
-        mb / m.stream_secs
-    );
-    println!(
-        "  parvis disk upload FILE (the CLI, checksum pass included): {:.2} s  {:.0} MB/s; \
-         CPU per GB: CLI {:.2} s, agent {:.2} s",
-        r.cli.secs,
-        mb / r.cli.secs,
-        r.cli.cpu_cli / gb,
-        r.cli.cpu_agent / gb
-    );
-    println!(
-        "  cp + sync of the same file (peer):               {:.2} s  {:.0} MB/s",
+        "  cp + sync of the same file (peer):       {:.2} s  {:.0} MB/s",
         r.cp_secs,
         mb / r.cp_secs
     );
     println!(
-        "  dd bs=4M oflag=direct conv=fsync (peer):         {:.2} s  {:.0} MB/s",
+        "  dd bs=4M oflag=direct conv=fsync (peer): {:.2} s  {:.0} MB/s",
         r.dd_secs,
         mb / r.dd_secs
-    );
-    // The agent runs several threads (TLS and decoding on the runtime,
-    // O_DIRECT writes on its I/O thread), so the bound is the whole CPU
-    // budget of the machine over the CPU both sides spend per GB.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!(
-        "  CPU per GB (that run): agent {:.2} s, client {:.2} s (so {cores} cores doing \
-         nothing else would allow {:.0} MB/s)",
-        m.cpu_agent / gb,
-        m.cpu_client / gb,
-        1e3 * cores as f64 / ((m.cpu_agent + m.cpu_client) / gb)
-    );
-    println!(
-        "  target: >= 800 MB/s until the disk is usable (median): {}",
-        ok(mb / m.upload_secs >= 800.0)
     );
     println!(
         "  load average before the runs: {}, after: {}",
         r.load_before, r.load_after
-    );
-    println!(
-        "  ratio upload/cp speed: {:.2}x (streaming only {:.2}x)",
-        r.cp_secs / m.upload_secs,
-        r.cp_secs / m.stream_secs
-    );
-    println!(
-        "  ratio upload/dd speed: {:.2}x (streaming only {:.2}x)",
-        r.dd_secs / m.upload_secs,
-        r.dd_secs / m.stream_secs
-    );
-    println!(
-        "  ratio CLI upload/cp speed: {:.2}x",
-        r.cp_secs / r.cli.secs
     );
 }

@@ -204,8 +204,8 @@ fn args() -> Result<Args> {
                      disk: image conversion versus qemu-img convert on a G GiB half-allocated \
                      image (default 4) and an empty 100 GiB VHDX, in --disk-dir (default a \
                      temporary folder), best of N runs\n\
-                     upload: N 1 GiB uploads to parvis-agent over TLS on loopback (the median \
-                     counts) versus cp + sync and dd with direct writes\n\
+                     upload: N 1 GiB uploads to parvis-agent on loopback, with TLS and in \
+                     plaintext (the median counts) versus cp + sync and dd with direct writes\n\
                      console: the desktop console, headless: UI frame time with 50 hosts / \
                      1,000 VMs, and console fps at 1920x1080 with full-screen tile updates\n\
                      fb: the agent's framebuffer stream at 1920x1080 (full-screen changes at \
