@@ -1,8 +1,7 @@
 //! The disk library: resumable uploads, verification, conversion, resizing, deletion.
 //!
-//! These drive `DiskLibrary` directly (the gRPC handlers are thin); one ignored test sends
-//! an upload over real gRPC on loopback and prints the throughput:
-//! `cargo test --release -p agent --test disk_service -- --ignored --nocapture`.
+//! These drive `DiskLibrary` directly (the gRPC handlers are thin); uploads over real gRPC
+//! are in `cli_remote.rs` and the e2e tests, their throughput in the `bench` binary.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -331,6 +330,122 @@ async fn checksum_mismatch_fails_and_leaves_nothing() {
     let t = env.tasks.get(&s.task_id).unwrap();
     assert_eq!(t.state, TaskState::Failed as i32);
     assert!(t.error.contains("checksum mismatch"), "{}", t.error);
+}
+
+#[tokio::test]
+async fn a_checksum_declared_after_the_data_is_checked_like_one_declared_before() {
+    let mut env = Env::new();
+    let data = pattern(6 * MIB + 512, 11);
+    let s = env
+        .lib
+        .begin_upload("late.img", data.len() as u64, "")
+        .await
+        .unwrap();
+    let id = s.upload_id.clone();
+    let code = |r: Result<UploadStatus, AgentError>| Status::from(r.unwrap_err()).code();
+
+    // Too early: data is missing.
+    let e = env.lib.finish_upload(&id, &sha(&data)).await.unwrap_err();
+    let st = Status::from(e);
+    assert_eq!(st.code(), tonic::Code::FailedPrecondition);
+    assert!(st.message().contains("0 of its"), "{}", st.message());
+
+    // Half, a crash (the hash state is rebuilt from the file), the rest.
+    let _ = env
+        .lib
+        .upload_stream(stream_of(&id, 0, &data[..3 * MIB + 512], MIB, true))
+        .await;
+    env.reopen();
+    let r = env
+        .lib
+        .upload_stream(stream_of(
+            &id,
+            3 * MIB as u64 + 512,
+            &data[3 * MIB + 512..],
+            MIB,
+            false,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.verified_offset, data.len() as u64);
+    assert_eq!(r.state, UploadState::AwaitingChecksum as i32, "{r:?}");
+    // Nothing more goes in, and nothing is verified until the checksum comes, even across a
+    // restart.
+    let more = env
+        .lib
+        .upload_stream(stream_of(&id, data.len() as u64, &[1; 512], 512, false))
+        .await;
+    assert_eq!(code(more), tonic::Code::FailedPrecondition);
+    env.reopen();
+    let s = env.lib.get_upload(&id).unwrap();
+    assert_eq!(s.state, UploadState::AwaitingChecksum as i32, "{s:?}");
+    assert!(env.lib.list().is_empty());
+
+    for bad in ["", "abc", &"g".repeat(64)] {
+        match env.lib.finish_upload(&id, bad).await.unwrap_err() {
+            AgentError::InvalidArgument { field, .. } => assert_eq!(field, "sha256"),
+            e => panic!("{bad:?}: {e}"),
+        }
+    }
+    for unknown in ["0123456789abcdef0123456789abcdef", "../../etc"] {
+        let e = env
+            .lib
+            .finish_upload(unknown, &sha(&data))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AgentError::NotFound { .. }), "{e}");
+    }
+
+    let s = env
+        .lib
+        .finish_upload(&id, &sha(&data).to_uppercase())
+        .await
+        .unwrap();
+    assert!(
+        s.state == UploadState::Verifying as i32 || s.state == UploadState::Done as i32,
+        "{s:?}"
+    );
+    let done = env.wait_upload(&id).await;
+    assert_eq!(done.state, UploadState::Done as i32, "{done:?}");
+    assert_eq!(
+        std::fs::read(env.lib.path_of(&done.disk_id).unwrap()).unwrap(),
+        data
+    );
+    assert!(env.entries(&env.layout.uploads()).is_empty());
+    // Saying it again (a lost answer) is harmless; saying something else is not.
+    let again = env.lib.finish_upload(&id, &sha(&data)).await.unwrap();
+    assert_eq!(again.disk_id, done.disk_id);
+    let other = env.lib.finish_upload(&id, &sha(b"other")).await;
+    assert_eq!(code(other), tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn a_wrong_late_checksum_fails_and_a_waiting_upload_can_be_cancelled() {
+    let env = Env::new();
+    let data = pattern(2 * MIB, 12);
+    let s = env.upload_all("bad-late", &data, "").await;
+    assert_eq!(s.state, UploadState::AwaitingChecksum as i32, "{s:?}");
+    env.lib
+        .finish_upload(&s.upload_id, &sha(b"not this"))
+        .await
+        .unwrap();
+    let s = env.wait_upload(&s.upload_id).await;
+    assert_eq!(s.state, UploadState::Failed as i32);
+    assert!(s.error.contains("checksum mismatch"), "{}", s.error);
+    assert!(env.lib.list().is_empty());
+    assert!(env.entries(&env.layout.uploads()).is_empty());
+
+    let s = env.upload_all("waiting", &data, "").await;
+    assert_eq!(s.state, UploadState::AwaitingChecksum as i32, "{s:?}");
+    let c = env.lib.cancel_upload(&s.upload_id).await.unwrap();
+    assert_eq!(c.state, UploadState::Cancelled as i32);
+    assert!(env.entries(&env.layout.uploads()).is_empty());
+    let e = env.lib.finish_upload(&s.upload_id, &sha(&data)).await;
+    assert_eq!(
+        Status::from(e.unwrap_err()).code(),
+        tonic::Code::FailedPrecondition
+    );
+    assert!(env.lib.list().is_empty());
 }
 
 #[tokio::test]

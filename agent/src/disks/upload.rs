@@ -1,12 +1,13 @@
 //! Resumable uploads.
 //!
-//! `uploads/<id>/upload.json` describes an upload (name, size, SHA-256) and its
+//! `uploads/<id>/upload.json` describes an upload (name, size, SHA-256 if declared) and its
 //! `verified_offset`: the bytes of `uploads/<id>/data.partial` that are durably on disk. A
 //! stream writes at the verified offset; every [`CHECKPOINT`] bytes a separate thread makes
 //! the data durable (`fdatasync`) and only then advances and persists `verified_offset`, so
 //! after a crash it never claims more than the disk holds (bytes past it are truncated away
-//! when the library is opened). When the last byte is in, a task checks the SHA-256 and the
-//! image's structure; only then does the file move into the library.
+//! when the library is opened). When the last byte is in and the SHA-256 is known (declared
+//! up front, or by `FinishUpload` after the data), a task checks it and the image's
+//! structure; only then does the file move into the library.
 //!
 //! The data path: the gRPC handler hands each chunk (a refcounted `Bytes`, never copied) to
 //! a writer thread, which copies it into an aligned staging buffer and hashes (SHA-256) each
@@ -60,7 +61,8 @@ struct UploadMeta {
     id: String,
     name: String,
     size: u64,
-    /// Lower-case hex.
+    /// Lower-case hex; empty until declared (`FinishUpload`).
+    #[serde(default)]
     sha256: String,
     created_ms: i64,
     verified_offset: u64,
@@ -125,7 +127,8 @@ impl UploadEntry {
 }
 
 impl DiskLibrary {
-    /// Declare an upload: the image's name, exact size and SHA-256. The data follows in
+    /// Declare an upload: the image's name, exact size and SHA-256 (empty: declared by
+    /// [`DiskLibrary::finish_upload`] after the data). The data follows in
     /// [`DiskLibrary::upload_stream`]s.
     pub async fn begin_upload(
         &self,
@@ -143,10 +146,11 @@ impl DiskLibrary {
         if !size.is_multiple_of(512) {
             return Err(AgentError::invalid("size", "must be a multiple of 512"));
         }
-        let sha256 = sha256.to_ascii_lowercase();
-        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(AgentError::invalid("sha256", "must be 64 hex digits"));
-        }
+        let sha256 = if sha256.is_empty() {
+            String::new()
+        } else {
+            parse_sha256(sha256)?
+        };
         let meta = UploadMeta {
             id: new_id(),
             name: name.to_string(),
@@ -204,6 +208,60 @@ impl DiskLibrary {
         .await
     }
 
+    /// Declare the SHA-256 of an upload begun without one, once all its data is stored, and
+    /// start verifying it. Declaring the same checksum again returns the upload's state.
+    pub async fn finish_upload(&self, id: &str, sha256: &str) -> AgentResult<UploadStatus> {
+        let sha256 = parse_sha256(sha256)?;
+        let inner = self.inner.clone();
+        let id = id.to_string();
+        blocking(move || {
+            // The lock is held while upload.json is rewritten (one small file), so no stream,
+            // cancel or second FinishUpload comes in between.
+            let mut map = inner.lock_uploads();
+            let Some(e) = map.get_mut(&id).filter(|_| is_id(&id)) else {
+                return Err(AgentError::not_found("upload", &id));
+            };
+            match e.state {
+                UploadState::AwaitingChecksum => {}
+                UploadState::Receiving => {
+                    return Err(AgentError::precondition(format!(
+                        "upload '{id}' has {} of its {} bytes: send the rest before declaring \
+                         its checksum",
+                        e.meta.verified_offset, e.meta.size
+                    )));
+                }
+                UploadState::Verifying | UploadState::Done if e.meta.sha256 == sha256 => {
+                    return Ok(e.status());
+                }
+                UploadState::Verifying | UploadState::Done => {
+                    return Err(AgentError::precondition(format!(
+                        "upload '{id}' has a different SHA-256 declared already"
+                    )));
+                }
+                UploadState::Failed => {
+                    return Err(AgentError::precondition(format!(
+                        "upload '{id}' failed: {}",
+                        e.error
+                    )));
+                }
+                _ => {
+                    return Err(AgentError::precondition(format!(
+                        "upload '{id}' was cancelled"
+                    )));
+                }
+            }
+            let mut meta = e.meta.clone();
+            meta.sha256 = sha256;
+            // Persisted first: after a restart the agent verifies it without being asked.
+            store::write_json(&inner.upload_dir(&id).join(META), &meta)
+                .map_err(|err| AgentError::internal("saving an upload's checksum", err))?;
+            e.meta.sha256 = meta.sha256;
+            start_verify(&inner, e);
+            Ok(e.status())
+        })
+        .await
+    }
+
     /// An upload's state.
     pub fn get_upload(&self, id: &str) -> AgentResult<UploadStatus> {
         self.inner.with_upload(id, |e| Ok(e.status()))
@@ -215,7 +273,7 @@ impl DiskLibrary {
         let (status, remove) = self.inner.with_upload(id, |e| {
             let remove = match e.state {
                 UploadState::Cancelled => return Ok((e.status(), false)),
-                UploadState::Receiving => {
+                UploadState::Receiving | UploadState::AwaitingChecksum => {
                     e.cancel.store(true, Ordering::SeqCst);
                     // A running stream removes the data when it stops.
                     !e.streaming
@@ -454,6 +512,11 @@ impl Inner {
         self.with_upload(id, |e| {
             match e.state {
                 UploadState::Receiving => {}
+                UploadState::AwaitingChecksum => {
+                    return Err(AgentError::precondition(format!(
+                        "upload '{id}' has all its data: declare its SHA-256 (FinishUpload)"
+                    )));
+                }
                 UploadState::Verifying => {
                     return Err(AgentError::precondition(format!(
                         "upload '{id}' has all its data and is being verified"
@@ -542,7 +605,7 @@ impl Claim {
         }
         e.hasher = hasher;
         if verified == e.meta.size {
-            start_verify(&self.inner, e);
+            complete(&self.inner, e);
         }
         e.status()
     }
@@ -570,6 +633,24 @@ impl Drop for Claim {
             let _ = fs::remove_dir_all(self.inner.upload_dir(&self.meta.id));
         }
     }
+}
+
+/// All of an upload's data is stored: verify it, or wait for its checksum (the uploads lock
+/// is held).
+fn complete(inner: &Arc<Inner>, e: &mut UploadEntry) {
+    if e.meta.sha256.is_empty() {
+        e.state = UploadState::AwaitingChecksum;
+    } else {
+        start_verify(inner, e);
+    }
+}
+
+/// 64 hex digits, as lower case.
+fn parse_sha256(s: &str) -> AgentResult<String> {
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(AgentError::invalid("sha256", "must be 64 hex digits"));
+    }
+    Ok(s.to_ascii_lowercase())
 }
 
 /// Start the verification task of a complete upload (the uploads lock is held).
@@ -934,7 +1015,7 @@ pub(super) fn load(inner: &Arc<Inner>) -> anyhow::Result<()> {
                     .entry(meta.id.clone())
                     .or_insert_with(|| UploadEntry::new(meta));
                 if e.meta.verified_offset == e.meta.size {
-                    start_verify(inner, e);
+                    complete(inner, e);
                 }
             }
             Ok(None) => {
@@ -964,7 +1045,7 @@ fn load_one(dir: &Path, id: &str) -> anyhow::Result<Option<UploadMeta>> {
         || meta.size == 0
         || meta.size > MAX_DISK_SIZE
         || meta.verified_offset > meta.size
-        || meta.sha256.len() != 64
+        || !(meta.sha256.is_empty() || meta.sha256.len() == 64)
     {
         return Ok(None);
     }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use proto::v1::disk_service_server::DiskService;
 use proto::v1::{
     BeginUploadRequest, ConvertDiskRequest, CreateDiskRequest, DeleteDiskResponse, Disk, DiskRef,
-    ListDisksRequest, ListDisksResponse, ListTasksRequest, ListTasksResponse, ResizeDiskRequest,
-    Task, TaskRef, TaskState, UploadChunk, UploadRef, UploadStatus,
+    FinishUploadRequest, ListDisksRequest, ListDisksResponse, ListTasksRequest, ListTasksResponse,
+    ResizeDiskRequest, Task, TaskRef, TaskState, UploadChunk, UploadRef, UploadStatus,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -143,6 +143,19 @@ impl DiskService for DiskSvc {
         req: Request<Streaming<UploadChunk>>,
     ) -> Result<Response<UploadStatus>, Status> {
         let s = self.agent.disks.upload_stream(req.into_inner()).await?;
+        Ok(Response::new(s))
+    }
+
+    async fn finish_upload(
+        &self,
+        req: Request<FinishUploadRequest>,
+    ) -> Result<Response<UploadStatus>, Status> {
+        let r = req.into_inner();
+        let s = self
+            .agent
+            .disks
+            .finish_upload(&r.upload_id, &r.sha256)
+            .await?;
         Ok(Response::new(s))
     }
 
