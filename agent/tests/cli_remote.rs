@@ -332,6 +332,54 @@ fn uploads_resume_and_disks_convert_on_the_host() {
 }
 
 #[test]
+fn a_file_changed_under_a_resumed_upload_never_becomes_a_disk() {
+    // The CLI hashes the file as it sends it and declares the checksum after the data; on
+    // resume it hashes the part the agent has from the file as it is now. A file edited in
+    // between (its modification time put back, so the CLI resumes) must fail the check.
+    let a = Agent::start(false);
+    let img = a.dir.path().join("edited.raw");
+    let mut data: Vec<u8> = (0..3u32 << 20).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(&img, &data).unwrap();
+    let path = img.to_str().unwrap();
+    let e = fails(
+        &a.parvis(&["disk", "upload", path, "--interrupt-after", "1048576"]),
+        "interrupted upload",
+    );
+    assert!(e.contains("resume"), "{e}");
+    let stamp = a.dir.path().join("stamp");
+    std::fs::write(&stamp, b"").unwrap();
+    let o = Command::new("touch")
+        .arg("-r")
+        .arg(&img)
+        .arg(&stamp)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    data[1000] ^= 0xff;
+    std::fs::write(&img, &data).unwrap();
+    let o = Command::new("touch")
+        .arg("-r")
+        .arg(&stamp)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+
+    let o = a.parvis(&["disk", "upload", path]);
+    let e = fails(&o, "resumed upload");
+    assert!(e.contains("checksum mismatch"), "{e}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("Resuming upload"), "{err}");
+    assert_eq!(a.json(&["disk", "list", "--json"]), serde_json::json!([]));
+
+    // The failed upload is forgotten: the next run starts again and succeeds.
+    let up = a.json(&["disk", "upload", path, "--json"]);
+    assert_eq!(up["name"], "edited.raw", "{up}");
+    assert_eq!(up["virtual_size"], 3u64 << 20, "{up}");
+    assert_eq!(a.json(&["disk", "list", "--json"]), serde_json::json!([up]));
+}
+
+#[test]
 fn bad_tokens_and_missing_agents_are_one_clear_line() {
     let a = Agent::start(false);
     let o = a

@@ -4,8 +4,8 @@
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Subcommand;
@@ -13,7 +13,8 @@ use indicatif::ProgressBar;
 use proto::client::Clients;
 use proto::v1::{
     BeginUploadRequest, ConvertDiskRequest, Disk, DiskFormat, DiskRef, DiskVariant,
-    ListDisksRequest, ListTasksRequest, UploadChunk, UploadRef, UploadState, UploadStatus,
+    FinishUploadRequest, ListDisksRequest, ListTasksRequest, UploadChunk, UploadRef, UploadState,
+    UploadStatus,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -354,6 +355,9 @@ struct ResumeRecord {
     size: u64,
     /// Modification time (ns since the epoch): a changed file is not resumed.
     mtime_ns: i128,
+    /// The checksum declared when the upload began; empty when it is declared after the
+    /// data (FinishUpload), as this CLI does.
+    #[serde(default)]
     sha256: String,
     name: String,
 }
@@ -417,31 +421,84 @@ impl ResumeFile {
     }
 }
 
-/// SHA-256 of a file, with a progress bar; `None` when Ctrl-C stopped it.
-async fn hash_file(path: &Path, size: u64, quiet: bool) -> Result<Option<String>> {
-    let bar = crate::disk::progress(size, quiet, "checksum");
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut ctrl = CtrlC::claim();
-    let (p, b, s) = (path.to_path_buf(), bar.clone(), stop.clone());
-    let work = tokio::task::spawn_blocking(move || -> Result<Option<String>> {
-        let f = std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
-        let mut h = Sha256::new();
+/// SHA-256 over the first `at` bytes of the file being uploaded. The data is hashed as it
+/// is read for sending, so the file is read once; bytes sent twice (a stream resent from an
+/// earlier offset) are hashed once.
+struct FileHash {
+    h: Sha256,
+    at: u64,
+}
+
+type SharedHash = Arc<Mutex<FileHash>>;
+
+fn new_hash() -> SharedHash {
+    Arc::new(Mutex::new(FileHash {
+        h: Sha256::new(),
+        at: 0,
+    }))
+}
+
+fn lock(h: &SharedHash) -> std::sync::MutexGuard<'_, FileHash> {
+    h.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl FileHash {
+    /// Take in `buf`, the file's bytes at `off`: the part past what is hashed already.
+    fn take(&mut self, off: u64, buf: &[u8]) -> Result<()> {
+        let end = off + buf.len() as u64;
+        if off > self.at {
+            bail!(
+                "internal error: the checksum skipped bytes {}..{off}",
+                self.at
+            );
+        }
+        if end > self.at {
+            self.h.update(&buf[(self.at - off) as usize..]);
+            self.at = end;
+        }
+        Ok(())
+    }
+
+    /// Read and hash the file up to `to`, calling `progress` as it goes; false when `stop`
+    /// was set.
+    fn read_to(
+        &mut self,
+        file: &std::fs::File,
+        to: u64,
+        stop: &AtomicBool,
+        progress: impl Fn(u64),
+    ) -> Result<bool> {
         // Small reads: each is hashed while it is still in the CPU's cache (1.0-1.26 GB/s
         // with 4 MiB reads, 1.29-1.32 GB/s with 256 KiB ones, from the page cache).
         let mut buf = vec![0u8; 256 << 10];
-        let mut off = 0u64;
-        while off < size {
-            if s.load(Ordering::Relaxed) {
-                return Ok(None);
+        while self.at < to {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(false);
             }
-            let n = buf.len().min((size - off) as usize);
-            f.read_exact_at(&mut buf[..n], off)
-                .with_context(|| format!("cannot read {}", p.display()))?;
-            h.update(&buf[..n]);
-            off += n as u64;
-            b.set_position(off);
+            let off = self.at;
+            let n = buf.len().min((to - off) as usize);
+            file.read_exact_at(&mut buf[..n], off)
+                .map_err(|e| anyhow!("cannot read the file at offset {off}: {e}"))?;
+            self.take(off, &buf[..n])?;
+            progress(self.at);
         }
-        Ok(Some(hex::encode(h.finalize())))
+        Ok(true)
+    }
+}
+
+/// Hash the file up to `to` (what the agent already has of an upload resumed by a new
+/// command), with a progress bar; false when Ctrl-C stopped it.
+async fn hash_up_to(path: &Path, hash: &SharedHash, to: u64, quiet: bool) -> Result<bool> {
+    if lock(hash).at >= to {
+        return Ok(true);
+    }
+    let bar = crate::disk::progress(to, quiet, "checksum");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut ctrl = CtrlC::claim();
+    let (p, b, s, h) = (path.to_path_buf(), bar.clone(), stop.clone(), hash.clone());
+    let work = tokio::task::spawn_blocking(move || -> Result<bool> {
+        let f = std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
+        lock(&h).read_to(&f, to, &s, |at| b.set_position(at))
     });
     tokio::pin!(work);
     let r = tokio::select! {
@@ -502,6 +559,8 @@ async fn upload(c: &mut Clients, host_addr: &str, file: &Path, opts: UploadOptio
             && r.name == name
     });
     let mut status: Option<UploadStatus> = None;
+    // The checksum this upload began with, if it did (older records).
+    let mut declared = String::new();
     if let Some(r) = &earlier {
         match c
             .disk
@@ -522,7 +581,9 @@ async fn upload(c: &mut Clients, host_addr: &str, file: &Path, opts: UploadOptio
                         );
                         status = Some(s);
                     }
-                    Ok(UploadState::Verifying | UploadState::Done) => status = Some(s),
+                    Ok(
+                        UploadState::AwaitingChecksum | UploadState::Verifying | UploadState::Done,
+                    ) => status = Some(s),
                     _ => {
                         eprintln!(
                             "The earlier upload of this file {}; starting again.",
@@ -546,19 +607,20 @@ async fn upload(c: &mut Clients, host_addr: &str, file: &Path, opts: UploadOptio
         }
     }
 
+    if let (Some(r), Some(_)) = (&earlier, &status) {
+        declared = r.sha256.clone();
+    }
     let mut status = match status {
         Some(s) => s,
         None => {
-            let Some(sha256) = hash_file(&path, size, quiet).await? else {
-                eprintln!("parvis: cancelled before anything was sent");
-                return Ok(130);
-            };
+            // The checksum is declared after the data (FinishUpload): it is computed while
+            // the file is read for sending.
             let s = c
                 .disk
                 .begin_upload(BeginUploadRequest {
                     name: name.clone(),
                     size,
-                    sha256: sha256.clone(),
+                    sha256: String::new(),
                 })
                 .await
                 .rpc(&format!("starting the upload of '{name}'"))?;
@@ -568,16 +630,31 @@ async fn upload(c: &mut Clients, host_addr: &str, file: &Path, opts: UploadOptio
                 path: path.clone(),
                 size,
                 mtime_ns: mtime,
-                sha256,
+                sha256: String::new(),
                 name: name.clone(),
             });
             s
         }
     };
     let upload_id = status.upload_id.clone();
+    let interrupted = || {
+        eprintln!(
+            "parvis: upload interrupted; run the same command again to resume it (upload \
+             {upload_id})"
+        );
+        Ok(130)
+    };
+    // Over what has been read of the file, when the checksum is still to be declared.
+    let hash = declared.is_empty().then(new_hash);
 
     // Send the data, from wherever the agent has it up to.
     if status.state == UploadState::Receiving as i32 {
+        // A resumed upload: the part the agent has is hashed first.
+        if let Some(h) = &hash
+            && !hash_up_to(&path, h, status.verified_offset, quiet).await?
+        {
+            return interrupted();
+        }
         let bar = crate::disk::progress(size, quiet, "upload");
         let mut ctrl = CtrlC::claim();
         let mut failures = 0u32;
@@ -586,14 +663,16 @@ async fn upload(c: &mut Clients, host_addr: &str, file: &Path, opts: UploadOptio
             let from = status.verified_offset;
             bar.set_position(from);
             let sent = tokio::select! {
-                r = send_stream(c, &path, &upload_id, from, size, stop_after.take(), &bar) => r,
+                r = send_stream(
+                    c,
+                    &path,
+                    Stream { upload_id: &upload_id, from, size, stop_after: stop_after.take() },
+                    hash.as_ref(),
+                    &bar,
+                ) => r,
                 () = ctrl.pressed() => {
                     bar.abandon();
-                    eprintln!(
-                        "parvis: upload interrupted; run the same command again to resume it \
-                         (upload {upload_id})"
-                    );
-                    return Ok(130);
+                    return interrupted();
                 }
             };
             match sent {
@@ -636,11 +715,7 @@ async fn upload(c: &mut Clients, host_addr: &str, file: &Path, opts: UploadOptio
                         () = tokio::time::sleep(wait) => {}
                         () = ctrl.pressed() => {
                             bar.abandon();
-                            eprintln!(
-                                "parvis: upload interrupted; run the same command again to \
-                                 resume it (upload {upload_id})"
-                            );
-                            return Ok(130);
+                            return interrupted();
                         }
                     }
                     match c
@@ -681,6 +756,23 @@ async fn upload(c: &mut Clients, host_addr: &str, file: &Path, opts: UploadOptio
             }
         }
         bar.finish_and_clear();
+    }
+
+    // The checksum, if the agent waits for it.
+    if status.state == UploadState::AwaitingChecksum as i32 {
+        let h = hash.unwrap_or_else(new_hash);
+        if !hash_up_to(&path, &h, size, quiet).await? {
+            return interrupted();
+        }
+        let sha256 = hex::encode(lock(&h).h.clone().finalize());
+        status = c
+            .disk
+            .finish_upload(FinishUploadRequest {
+                upload_id: upload_id.clone(),
+                sha256,
+            })
+            .await
+            .rpc("declaring the upload's checksum")?;
     }
 
     // Verification.
@@ -763,16 +855,30 @@ enum SendError {
     File(anyhow::Error),
 }
 
-/// One UploadDisk stream of the file from `from` to the end (or `stop_after` bytes).
+/// Where one UploadDisk stream starts and ends.
+struct Stream<'a> {
+    upload_id: &'a str,
+    from: u64,
+    size: u64,
+    /// For tests: send only this many bytes.
+    stop_after: Option<u64>,
+}
+
+/// One UploadDisk stream of the file from `from` to the end (or `stop_after` bytes), each
+/// piece hashed into `hash` (when given) as it is read.
 async fn send_stream(
     c: &mut Clients,
     path: &Path,
-    upload_id: &str,
-    from: u64,
-    size: u64,
-    stop_after: Option<u64>,
+    st: Stream<'_>,
+    hash: Option<&SharedHash>,
     bar: &ProgressBar,
 ) -> Result<Sent, SendError> {
+    let Stream {
+        upload_id,
+        from,
+        size,
+        stop_after,
+    } = st;
     let (tx, rx) = tokio::sync::mpsc::channel::<UploadChunk>(4);
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open {}", path.display()))
@@ -780,13 +886,21 @@ async fn send_stream(
     let end = stop_after.map_or(size, |n| size.min(from.saturating_add(n)));
     let id = upload_id.to_string();
     let b = bar.clone();
+    let hash = hash.cloned();
     let reader = tokio::task::spawn_blocking(move || -> Result<()> {
+        if let Some(h) = &hash {
+            // Normally hashed up to here already (a retry resends bytes it has hashed).
+            lock(h).read_to(&file, from, &AtomicBool::new(false), |_| {})?;
+        }
         let mut off = from;
         while off < end {
             let n = CHUNK.min((end - off) as usize);
             let mut buf = vec![0u8; n];
             file.read_exact_at(&mut buf, off)
                 .map_err(|e| anyhow!("cannot read the file at offset {off}: {e}"))?;
+            if let Some(h) = &hash {
+                lock(h).take(off, &buf)?;
+            }
             let chunk = UploadChunk {
                 upload_id: id.clone(),
                 offset: off,
@@ -804,10 +918,12 @@ async fn send_stream(
     let res = c
         .upload_disk(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await;
+    // The call has ended, so the reader stops at its next piece; it is waited for, so that
+    // only one reader at a time hashes.
+    let read = reader.await.map_err(|e| SendError::File(e.into()))?;
     match res {
         Ok(s) => {
-            // The agent saw the stream end, so the reader is done; did it fail?
-            let read = reader.await.map_err(|e| SendError::File(e.into()))?;
+            // The agent saw the stream end; did the reader fail?
             if let Err(e) = read {
                 return Err(SendError::File(e));
             }
