@@ -855,6 +855,69 @@ enum SendError {
     File(anyhow::Error),
 }
 
+/// Reads the file in order into upload messages. Buffers come back for reuse once the
+/// transport has sent them (so they are still in the CPU's last-level cache, and nothing is
+/// zeroed or faulted in), and each is filled a quarter at a time, every quarter hashed right
+/// after it is read, while it is in the core's own cache.
+struct ChunkReader {
+    file: std::fs::File,
+    /// Chunks handed out, oldest first.
+    sent: std::collections::VecDeque<bytes::Bytes>,
+}
+
+impl ChunkReader {
+    /// Chunks in flight before a new buffer is taken rather than waited for (the channel
+    /// holds 4; the transport a few more).
+    const POOL: usize = 12;
+
+    fn new(mut file: std::fs::File, from: u64) -> Result<ChunkReader> {
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::Start(from))
+            .context("cannot seek in the file")?;
+        Ok(ChunkReader {
+            file,
+            sent: std::collections::VecDeque::new(),
+        })
+    }
+
+    /// The `n` bytes at `off` (where the previous read ended).
+    fn read(&mut self, off: u64, n: usize, hash: Option<&SharedHash>) -> Result<bytes::Bytes> {
+        use std::io::Read;
+        let mut buf = match self.sent.pop_front().map(bytes::Bytes::try_into_mut) {
+            Some(Ok(m)) if m.capacity() >= n => Vec::from(m),
+            Some(Err(busy)) if self.sent.len() + 1 < Self::POOL => {
+                self.sent.push_front(busy);
+                Vec::with_capacity(CHUNK)
+            }
+            _ => Vec::with_capacity(CHUNK),
+        };
+        buf.clear();
+        let piece = CHUNK / 4;
+        while buf.len() < n {
+            let start = buf.len();
+            let want = piece.min(n - start);
+            let got = (&self.file)
+                .take(want as u64)
+                .read_to_end(&mut buf)
+                .map_err(|e| {
+                    anyhow!("cannot read the file at offset {}: {e}", off + start as u64)
+                })?;
+            if got < want {
+                bail!(
+                    "the file ended at {} bytes while it was being uploaded",
+                    off + buf.len() as u64
+                );
+            }
+            if let Some(h) = hash {
+                lock(h).take(off + start as u64, &buf[start..])?;
+            }
+        }
+        let data = bytes::Bytes::from(buf);
+        self.sent.push_back(data.clone());
+        Ok(data)
+    }
+}
+
 /// Where one UploadDisk stream starts and ends.
 struct Stream<'a> {
     upload_id: &'a str,
@@ -892,19 +955,15 @@ async fn send_stream(
             // Normally hashed up to here already (a retry resends bytes it has hashed).
             lock(h).read_to(&file, from, &AtomicBool::new(false), |_| {})?;
         }
+        let mut chunks = ChunkReader::new(file, from)?;
         let mut off = from;
         while off < end {
             let n = CHUNK.min((end - off) as usize);
-            let mut buf = vec![0u8; n];
-            file.read_exact_at(&mut buf, off)
-                .map_err(|e| anyhow!("cannot read the file at offset {off}: {e}"))?;
-            if let Some(h) = &hash {
-                lock(h).take(off, &buf)?;
-            }
+            let data = chunks.read(off, n, hash.as_ref())?;
             let chunk = UploadChunk {
                 upload_id: id.clone(),
                 offset: off,
-                data: bytes::Bytes::from(buf),
+                data,
             };
             if tx.blocking_send(chunk).is_err() {
                 // The call ended; its result says why.
@@ -1016,5 +1075,47 @@ mod tests {
         assert!(!proto::client::upload_retryable(
             &tonic::Status::invalid_argument("size")
         ));
+    }
+
+    #[test]
+    fn resent_and_reread_bytes_are_hashed_once_and_gaps_are_errors() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, &data).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let h = new_hash();
+        // Hashed up to 700 000 from the file (a resume), then a stream from 500 000 that
+        // breaks, and its retry from 1 000 000 after the agent kept less than was sent.
+        assert!(
+            lock(&h)
+                .read_to(&file, 700_000, &AtomicBool::new(false), |_| {})
+                .unwrap()
+        );
+        let mut chunks = ChunkReader::new(file.try_clone().unwrap(), 500_000).unwrap();
+        for off in (500_000..1_600_000).step_by(CHUNK) {
+            let n = CHUNK.min(1_600_000 - off);
+            let got = chunks.read(off as u64, n, Some(&h)).unwrap();
+            assert_eq!(&got[..], &data[off..off + n]);
+        }
+        let mut chunks = ChunkReader::new(file.try_clone().unwrap(), 1_000_000).unwrap();
+        let mut off = 1_000_000;
+        while off < data.len() {
+            let n = CHUNK.min(data.len() - off);
+            chunks.read(off as u64, n, Some(&h)).unwrap();
+            off += n;
+        }
+        let g = lock(&h);
+        assert_eq!(g.at, data.len() as u64);
+        assert_eq!(g.h.clone().finalize()[..], Sha256::digest(&data)[..]);
+        drop(g);
+        // Data past what is hashed would leave a hole in the checksum.
+        let h = new_hash();
+        let e = lock(&h).take(10, &data[10..20]).unwrap_err();
+        assert!(e.to_string().contains("skipped"), "{e}");
+        // A file that shrinks under the upload is an error, not short data.
+        let mut chunks = ChunkReader::new(file, data.len() as u64 - 100).unwrap();
+        let e = chunks.read(data.len() as u64 - 100, 200, None).unwrap_err();
+        assert!(e.to_string().contains("ended"), "{e}");
     }
 }
