@@ -9,18 +9,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use proto::client::Clients;
+use proto::upload_source::{CHUNK, ChunkReader, SharedHash, SourceError, lock, shared_hash};
 use proto::v1::{
-    BeginUploadRequest, Disk, DiskRef, TaskRef, TaskState, UploadChunk, UploadRef, UploadState,
-    UploadStatus,
+    BeginUploadRequest, Disk, DiskRef, FinishUploadRequest, TaskRef, TaskState, UploadChunk,
+    UploadRef, UploadState, UploadStatus,
 };
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::backend::{CALL_TIMEOUT, Notifier, Slot, plain_status};
-
-/// Upload data goes in messages of this size.
-const CHUNK: usize = 1 << 20;
 
 /// What to upload.
 #[derive(Debug, Clone)]
@@ -364,7 +361,10 @@ pub async fn run(
             Ok(s)
                 if matches!(
                     UploadState::try_from(s.state),
-                    Ok(UploadState::Receiving | UploadState::Verifying | UploadState::Done)
+                    Ok(UploadState::Receiving
+                        | UploadState::AwaitingChecksum
+                        | UploadState::Verifying
+                        | UploadState::Done)
                 ) =>
             {
                 tracing::info!(upload = %s.upload_id, offset = s.verified_offset, "resuming an earlier upload");
@@ -376,14 +376,13 @@ pub async fn run(
     let mut status = match resumed {
         Some(s) => s,
         None => {
-            progress.set_phase(Phase::Hashing);
-            n.wake();
-            let sha = hash(&req.path, size, &progress, &ctl).await?;
+            // The checksum is computed while the file is read for sending and declared
+            // after the data (FinishUpload), so the file is read once.
             let mut c = clients(&slot, &mut ctl).await?;
             let begin = c.disk.begin_upload(BeginUploadRequest {
                 name: req.name.clone(),
                 size,
-                sha256: sha,
+                sha256: String::new(),
             });
             let s = tokio::time::timeout(CALL_TIMEOUT, begin)
                 .await
@@ -408,7 +407,8 @@ pub async fn run(
     };
     let id = status.upload_id.clone();
     *progress.upload_id.lock().unwrap_or_else(|e| e.into_inner()) = id.clone();
-    let r = send_all(&slot, &req, &progress, &mut ctl, &n, &mut status, size).await;
+    let hash = shared_hash();
+    let r = send_all(&slot, &req, &progress, &mut ctl, &n, &mut status, &hash).await;
     if let Err(UploadError::Cancelled) = r {
         forget_record(records, &id);
         let c = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -418,9 +418,23 @@ pub async fn run(
         return Err(UploadError::Cancelled);
     }
     r?;
+    let mut c = clients(&slot, &mut ctl).await?;
+    if status.state == UploadState::AwaitingChecksum as i32 {
+        // All data is there (maybe sent before a restart): the rest of the checksum.
+        hash_to(&req.path, &hash, size, &progress, &ctl, &n).await?;
+        let sha256 = lock(&hash).hex();
+        let finish = c.disk.finish_upload(FinishUploadRequest {
+            upload_id: id.clone(),
+            sha256,
+        });
+        status = tokio::time::timeout(CALL_TIMEOUT, finish)
+            .await
+            .map_err(|_| UploadError::Agent("the host did not answer in time".into()))?
+            .map_err(|s| UploadError::Agent(plain_status("the host refused the checksum", &s)))?
+            .into_inner();
+    }
     progress.set_phase(Phase::Verifying);
     n.wake();
-    let mut c = clients(&slot, &mut ctl).await?;
     if status.state == UploadState::Verifying as i32 && !status.task_id.is_empty() {
         wait_task(&mut c, &status.task_id).await?;
         status = c
@@ -455,37 +469,60 @@ pub async fn run(
     Ok(disk)
 }
 
-/// SHA-256 of the file, read in blocks off the async threads; stops on Cancel.
-async fn hash(
+/// Bring `hash` up to `to` bytes of the file (what the agent has of a resumed upload), off
+/// the async threads, showing it as its own phase; stops on Cancel.
+async fn hash_to(
     path: &Path,
-    size: u64,
+    hash: &SharedHash,
+    to: u64,
     progress: &std::sync::Arc<Progress>,
     ctl: &watch::Receiver<UploadControl>,
-) -> Result<String, UploadError> {
-    let (p, prog, ctl) = (path.to_path_buf(), progress.clone(), ctl.clone());
+    n: &Notifier,
+) -> Result<(), UploadError> {
+    if lock(hash).at() >= to {
+        return Ok(());
+    }
+    progress.set(lock(hash).at(), to);
+    progress.set_phase(Phase::Hashing);
+    n.wake();
+    let (p, prog, ctl, h) = (
+        path.to_path_buf(),
+        progress.clone(),
+        ctl.clone(),
+        hash.clone(),
+    );
+    let total = progress.get().2;
     tokio::task::spawn_blocking(move || {
-        let file_err = |source| UploadError::File {
+        let f = std::fs::File::open(&p).map_err(|source| UploadError::File {
             path: p.clone(),
             source,
-        };
-        let mut f = std::fs::File::open(&p).map_err(file_err)?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 4 << 20];
-        let mut off = 0u64;
-        while off < size {
-            if *ctl.borrow() == UploadControl::Cancel {
-                return Err(UploadError::Cancelled);
-            }
-            let n = buf.len().min((size - off) as usize);
-            f.read_exact(&mut buf[..n]).map_err(file_err)?;
-            h.update(&buf[..n]);
-            off += n as u64;
-            prog.set(off, size);
+        })?;
+        let done = lock(&h)
+            .read_to(
+                &f,
+                to,
+                &|| *ctl.borrow() == UploadControl::Cancel,
+                &mut |at| prog.set(at, total),
+            )
+            .map_err(|e| source_error(&p, e))?;
+        if done {
+            Ok(())
+        } else {
+            Err(UploadError::Cancelled)
         }
-        Ok(hex::encode(h.finalize()))
     })
     .await
     .map_err(|e| UploadError::Check(e.to_string()))?
+}
+
+fn source_error(path: &Path, e: SourceError) -> UploadError {
+    match e {
+        SourceError::Read { source, .. } => UploadError::File {
+            path: path.to_path_buf(),
+            source,
+        },
+        e => UploadError::Check(format!("{}: {e}", path.display())),
+    }
 }
 
 /// Streams from the agent's verified offset until it has every byte; pauses, resumes after
@@ -497,8 +534,10 @@ async fn send_all(
     ctl: &mut watch::Receiver<UploadControl>,
     n: &Notifier,
     status: &mut UploadStatus,
-    size: u64,
+    hash: &SharedHash,
 ) -> Result<(), UploadError> {
+    // The agent's size is the file's (it was declared from it).
+    let size = status.size;
     let mut failures = 0u32;
     let mut pause_at = req.pause_at;
     let mut paused_itself = false;
@@ -517,6 +556,8 @@ async fn send_all(
         }
         let from = status.verified_offset;
         let end = pause_at.filter(|&p| p > from && p < size).unwrap_or(size);
+        // A resumed upload: what the agent has is hashed first.
+        hash_to(&req.path, hash, from, progress, ctl, n).await?;
         progress.set(from, size);
         progress.set_phase(Phase::Sending);
         n.wake();
@@ -524,9 +565,8 @@ async fn send_all(
         let sent = send_stream(
             &mut c,
             &req.path,
-            &status.upload_id,
-            from,
-            end,
+            (&status.upload_id, from, end),
+            hash,
             progress,
             ctl.clone(),
         );
@@ -593,7 +633,7 @@ async fn send_all(
         }
     }
     match UploadState::try_from(status.state) {
-        Ok(UploadState::Verifying | UploadState::Done) => Ok(()),
+        Ok(UploadState::AwaitingChecksum | UploadState::Verifying | UploadState::Done) => Ok(()),
         Ok(UploadState::Cancelled) => Err(UploadError::Cancelled),
         _ => Err(UploadError::Agent(format!(
             "the host stopped the upload{}",
@@ -623,13 +663,13 @@ enum Stop {
     File(UploadError),
 }
 
-/// One UploadDisk stream of the file's bytes `from..end`.
+/// One UploadDisk stream of the file's bytes `from..end` of upload `id`, each piece
+/// hashed into `hash` as it is read.
 async fn send_stream(
     c: &mut Clients,
     path: &Path,
-    upload_id: &str,
-    from: u64,
-    end: u64,
+    (upload_id, from, end): (&str, u64, u64),
+    hash: &SharedHash,
     progress: &std::sync::Arc<Progress>,
     ctl: watch::Receiver<UploadControl>,
 ) -> Result<UploadStatus, Stop> {
@@ -637,13 +677,13 @@ async fn send_stream(
     let p = path.to_path_buf();
     let id = upload_id.to_string();
     let prog = progress.clone();
+    let hash = hash.clone();
     let reader = tokio::task::spawn_blocking(move || -> Result<(), UploadError> {
-        let file_err = |source| UploadError::File {
+        let f = std::fs::File::open(&p).map_err(|source| UploadError::File {
             path: p.clone(),
             source,
-        };
-        let mut f = std::fs::File::open(&p).map_err(file_err)?;
-        f.seek(SeekFrom::Start(from)).map_err(file_err)?;
+        })?;
+        let mut chunks = ChunkReader::new(f, from, Some(hash)).map_err(|e| source_error(&p, e))?;
         let mut off = from;
         let total = prog.get().2;
         while off < end {
@@ -651,12 +691,11 @@ async fn send_stream(
                 return Ok(());
             }
             let n = CHUNK.min((end - off) as usize);
-            let mut buf = vec![0u8; n];
-            f.read_exact(&mut buf).map_err(file_err)?;
+            let data = chunks.next(n).map_err(|e| source_error(&p, e))?;
             let chunk = UploadChunk {
                 upload_id: id.clone(),
                 offset: off,
-                data: bytes::Bytes::from(buf),
+                data,
             };
             if tx.blocking_send(chunk).is_err() {
                 return Ok(());

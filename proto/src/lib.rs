@@ -11,6 +11,7 @@
 pub mod client;
 pub mod framing;
 pub mod tiles;
+pub mod upload_source;
 pub mod upload_wire;
 
 /// Version of the `parvis.v1` API family, reported by the agent and the worker.

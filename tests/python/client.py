@@ -71,6 +71,25 @@ def main():
     disk = disks.GetDisk(disk_pb2.DiskRef(disk_id=st.disk_id), metadata=auth, timeout=30)
     assert disk.virtual_size == len(data), disk
     disks.DeleteDisk(disk_pb2.DiskRef(disk_id=st.disk_id), metadata=auth, timeout=30)
+
+    # The checksum declared after the data, as a client hashing while it sends does.
+    late = disks.BeginUpload(disk_pb2.BeginUploadRequest(name="py-late.img", size=len(data)), metadata=auth, timeout=30)
+    chunks = (disk_pb2.UploadChunk(upload_id=late.upload_id if a == 0 else "", data=data[a:b]) for a, b in pieces)
+    sent = disks.UploadDisk(chunks, metadata=auth, timeout=60)
+    assert sent.state == disk_pb2.UPLOAD_STATE_AWAITING_CHECKSUM, sent
+    try:
+        disks.FinishUpload(disk_pb2.FinishUploadRequest(upload_id=late.upload_id, sha256="00"), metadata=auth, timeout=30)
+        raise SystemExit("a malformed checksum was taken")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+    st = disks.FinishUpload(disk_pb2.FinishUploadRequest(upload_id=late.upload_id, sha256=hashlib.sha256(data).hexdigest()), metadata=auth, timeout=30)
+    for _ in range(600):
+        if st.state != disk_pb2.UPLOAD_STATE_VERIFYING:
+            break
+        time.sleep(0.05)
+        st = disks.GetUpload(disk_pb2.UploadRef(upload_id=late.upload_id), metadata=auth, timeout=30)
+    assert st.state == disk_pb2.UPLOAD_STATE_DONE, st
+    disks.DeleteDisk(disk_pb2.DiskRef(disk_id=st.disk_id), metadata=auth, timeout=30)
     print("PYTHON-CLIENT-OK")
 
 

@@ -2,15 +2,16 @@
 //! `list`, `get`, `delete`, `tasks`, `upload`, and `convert DISK --format F` (one argument:
 //! remote; two paths: local).
 
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Subcommand;
 use indicatif::ProgressBar;
 use proto::client::Clients;
+use proto::upload_source::{CHUNK, ChunkReader, SharedHash, lock, shared_hash};
 use proto::v1::{
     BeginUploadRequest, ConvertDiskRequest, Disk, DiskFormat, DiskRef, DiskVariant,
     FinishUploadRequest, ListDisksRequest, ListTasksRequest, UploadChunk, UploadRef, UploadState,
@@ -18,7 +19,6 @@ use proto::v1::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use tonic::Code;
 
 use crate::disk::{self, DiskCommand, human};
@@ -28,9 +28,6 @@ use crate::remote::{
     print_table, resolve, status_error, task_json, task_result, task_state, time_ms, upload_state,
     watch_task,
 };
-
-/// Upload data goes in messages of this size.
-const CHUNK: usize = 1 << 20;
 
 #[derive(Debug, Subcommand)]
 pub enum DiskCli {
@@ -421,75 +418,10 @@ impl ResumeFile {
     }
 }
 
-/// SHA-256 over the first `at` bytes of the file being uploaded. The data is hashed as it
-/// is read for sending, so the file is read once; bytes sent twice (a stream resent from an
-/// earlier offset) are hashed once.
-struct FileHash {
-    h: Sha256,
-    at: u64,
-}
-
-type SharedHash = Arc<Mutex<FileHash>>;
-
-fn new_hash() -> SharedHash {
-    Arc::new(Mutex::new(FileHash {
-        h: Sha256::new(),
-        at: 0,
-    }))
-}
-
-fn lock(h: &SharedHash) -> std::sync::MutexGuard<'_, FileHash> {
-    h.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl FileHash {
-    /// Take in `buf`, the file's bytes at `off`: the part past what is hashed already.
-    fn take(&mut self, off: u64, buf: &[u8]) -> Result<()> {
-        let end = off + buf.len() as u64;
-        if off > self.at {
-            bail!(
-                "internal error: the checksum skipped bytes {}..{off}",
-                self.at
-            );
-        }
-        if end > self.at {
-            self.h.update(&buf[(self.at - off) as usize..]);
-            self.at = end;
-        }
-        Ok(())
-    }
-
-    /// Read and hash the file up to `to`, calling `progress` as it goes; false when `stop`
-    /// was set.
-    fn read_to(
-        &mut self,
-        file: &std::fs::File,
-        to: u64,
-        stop: &AtomicBool,
-        progress: impl Fn(u64),
-    ) -> Result<bool> {
-        // Small reads: each is hashed while it is still in the CPU's cache (1.0-1.26 GB/s
-        // with 4 MiB reads, 1.29-1.32 GB/s with 256 KiB ones, from the page cache).
-        let mut buf = vec![0u8; 256 << 10];
-        while self.at < to {
-            if stop.load(Ordering::Relaxed) {
-                return Ok(false);
-            }
-            let off = self.at;
-            let n = buf.len().min((to - off) as usize);
-            file.read_exact_at(&mut buf[..n], off)
-                .map_err(|e| anyhow!("cannot read the file at offset {off}: {e}"))?;
-            self.take(off, &buf[..n])?;
-            progress(self.at);
-        }
-        Ok(true)
-    }
-}
-
 /// Hash the file up to `to` (what the agent already has of an upload resumed by a new
 /// command), with a progress bar; false when Ctrl-C stopped it.
 async fn hash_up_to(path: &Path, hash: &SharedHash, to: u64, quiet: bool) -> Result<bool> {
-    if lock(hash).at >= to {
+    if lock(hash).at() >= to {
         return Ok(true);
     }
     let bar = crate::disk::progress(to, quiet, "checksum");
@@ -498,7 +430,11 @@ async fn hash_up_to(path: &Path, hash: &SharedHash, to: u64, quiet: bool) -> Res
     let (p, b, s, h) = (path.to_path_buf(), bar.clone(), stop.clone(), hash.clone());
     let work = tokio::task::spawn_blocking(move || -> Result<bool> {
         let f = std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
-        lock(&h).read_to(&f, to, &s, |at| b.set_position(at))
+        Ok(
+            lock(&h).read_to(&f, to, &|| s.load(Ordering::Relaxed), &mut |at| {
+                b.set_position(at)
+            })?,
+        )
     });
     tokio::pin!(work);
     let r = tokio::select! {
@@ -645,7 +581,7 @@ async fn upload(c: &mut Clients, host_addr: &str, file: &Path, opts: UploadOptio
         Ok(130)
     };
     // Over what has been read of the file, when the checksum is still to be declared.
-    let hash = declared.is_empty().then(new_hash);
+    let hash = declared.is_empty().then(shared_hash);
 
     // Send the data, from wherever the agent has it up to.
     if status.state == UploadState::Receiving as i32 {
@@ -760,11 +696,11 @@ async fn upload(c: &mut Clients, host_addr: &str, file: &Path, opts: UploadOptio
 
     // The checksum, if the agent waits for it.
     if status.state == UploadState::AwaitingChecksum as i32 {
-        let h = hash.unwrap_or_else(new_hash);
+        let h = hash.unwrap_or_else(shared_hash);
         if !hash_up_to(&path, &h, size, quiet).await? {
             return interrupted();
         }
-        let sha256 = hex::encode(lock(&h).h.clone().finalize());
+        let sha256 = lock(&h).hex();
         status = c
             .disk
             .finish_upload(FinishUploadRequest {
@@ -855,69 +791,6 @@ enum SendError {
     File(anyhow::Error),
 }
 
-/// Reads the file in order into upload messages. Buffers come back for reuse once the
-/// transport has sent them (so they are still in the CPU's last-level cache, and nothing is
-/// zeroed or faulted in), and each is filled a quarter at a time, every quarter hashed right
-/// after it is read, while it is in the core's own cache.
-struct ChunkReader {
-    file: std::fs::File,
-    /// Chunks handed out, oldest first.
-    sent: std::collections::VecDeque<bytes::Bytes>,
-}
-
-impl ChunkReader {
-    /// Chunks in flight before a new buffer is taken rather than waited for (the channel
-    /// holds 4; the transport a few more).
-    const POOL: usize = 12;
-
-    fn new(mut file: std::fs::File, from: u64) -> Result<ChunkReader> {
-        use std::io::Seek;
-        file.seek(std::io::SeekFrom::Start(from))
-            .context("cannot seek in the file")?;
-        Ok(ChunkReader {
-            file,
-            sent: std::collections::VecDeque::new(),
-        })
-    }
-
-    /// The `n` bytes at `off` (where the previous read ended).
-    fn read(&mut self, off: u64, n: usize, hash: Option<&SharedHash>) -> Result<bytes::Bytes> {
-        use std::io::Read;
-        let mut buf = match self.sent.pop_front().map(bytes::Bytes::try_into_mut) {
-            Some(Ok(m)) if m.capacity() >= n => Vec::from(m),
-            Some(Err(busy)) if self.sent.len() + 1 < Self::POOL => {
-                self.sent.push_front(busy);
-                Vec::with_capacity(CHUNK)
-            }
-            _ => Vec::with_capacity(CHUNK),
-        };
-        buf.clear();
-        let piece = CHUNK / 4;
-        while buf.len() < n {
-            let start = buf.len();
-            let want = piece.min(n - start);
-            let got = (&self.file)
-                .take(want as u64)
-                .read_to_end(&mut buf)
-                .map_err(|e| {
-                    anyhow!("cannot read the file at offset {}: {e}", off + start as u64)
-                })?;
-            if got < want {
-                bail!(
-                    "the file ended at {} bytes while it was being uploaded",
-                    off + buf.len() as u64
-                );
-            }
-            if let Some(h) = hash {
-                lock(h).take(off + start as u64, &buf[start..])?;
-            }
-        }
-        let data = bytes::Bytes::from(buf);
-        self.sent.push_back(data.clone());
-        Ok(data)
-    }
-}
-
 /// Where one UploadDisk stream starts and ends.
 struct Stream<'a> {
     upload_id: &'a str,
@@ -951,15 +824,11 @@ async fn send_stream(
     let b = bar.clone();
     let hash = hash.cloned();
     let reader = tokio::task::spawn_blocking(move || -> Result<()> {
-        if let Some(h) = &hash {
-            // Normally hashed up to here already (a retry resends bytes it has hashed).
-            lock(h).read_to(&file, from, &AtomicBool::new(false), |_| {})?;
-        }
-        let mut chunks = ChunkReader::new(file, from)?;
+        let mut chunks = ChunkReader::new(file, from, hash)?;
         let mut off = from;
         while off < end {
             let n = CHUNK.min((end - off) as usize);
-            let data = chunks.read(off, n, hash.as_ref())?;
+            let data = chunks.next(n)?;
             let chunk = UploadChunk {
                 upload_id: id.clone(),
                 offset: off,
@@ -1075,47 +944,5 @@ mod tests {
         assert!(!proto::client::upload_retryable(
             &tonic::Status::invalid_argument("size")
         ));
-    }
-
-    #[test]
-    fn resent_and_reread_bytes_are_hashed_once_and_gaps_are_errors() {
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        std::fs::write(&path, &data).unwrap();
-        let file = std::fs::File::open(&path).unwrap();
-        let h = new_hash();
-        // Hashed up to 700 000 from the file (a resume), then a stream from 500 000 that
-        // breaks, and its retry from 1 000 000 after the agent kept less than was sent.
-        assert!(
-            lock(&h)
-                .read_to(&file, 700_000, &AtomicBool::new(false), |_| {})
-                .unwrap()
-        );
-        let mut chunks = ChunkReader::new(file.try_clone().unwrap(), 500_000).unwrap();
-        for off in (500_000..1_600_000).step_by(CHUNK) {
-            let n = CHUNK.min(1_600_000 - off);
-            let got = chunks.read(off as u64, n, Some(&h)).unwrap();
-            assert_eq!(&got[..], &data[off..off + n]);
-        }
-        let mut chunks = ChunkReader::new(file.try_clone().unwrap(), 1_000_000).unwrap();
-        let mut off = 1_000_000;
-        while off < data.len() {
-            let n = CHUNK.min(data.len() - off);
-            chunks.read(off as u64, n, Some(&h)).unwrap();
-            off += n;
-        }
-        let g = lock(&h);
-        assert_eq!(g.at, data.len() as u64);
-        assert_eq!(g.h.clone().finalize()[..], Sha256::digest(&data)[..]);
-        drop(g);
-        // Data past what is hashed would leave a hole in the checksum.
-        let h = new_hash();
-        let e = lock(&h).take(10, &data[10..20]).unwrap_err();
-        assert!(e.to_string().contains("skipped"), "{e}");
-        // A file that shrinks under the upload is an error, not short data.
-        let mut chunks = ChunkReader::new(file, data.len() as u64 - 100).unwrap();
-        let e = chunks.read(data.len() as u64 - 100, 200, None).unwrap_err();
-        assert!(e.to_string().contains("ended"), "{e}");
     }
 }
