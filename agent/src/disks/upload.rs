@@ -116,6 +116,16 @@ impl UploadEntry {
         }
     }
 
+    /// Why an upload that failed or was cancelled takes nothing more.
+    fn ended_error(&self) -> AgentError {
+        let id = &self.meta.id;
+        AgentError::precondition(if self.state == UploadState::Failed {
+            format!("upload '{id}' failed: {}", self.error)
+        } else {
+            format!("upload '{id}' was cancelled")
+        })
+    }
+
     fn end(&mut self, state: UploadState, error: String) {
         self.state = state;
         self.error = error;
@@ -238,17 +248,7 @@ impl DiskLibrary {
                         "upload '{id}' has a different SHA-256 declared already"
                     )));
                 }
-                UploadState::Failed => {
-                    return Err(AgentError::precondition(format!(
-                        "upload '{id}' failed: {}",
-                        e.error
-                    )));
-                }
-                _ => {
-                    return Err(AgentError::precondition(format!(
-                        "upload '{id}' was cancelled"
-                    )));
-                }
+                _ => return Err(e.ended_error()),
             }
             let mut meta = e.meta.clone();
             meta.sha256 = sha256;
@@ -528,17 +528,7 @@ impl Inner {
                         e.disk_id
                     )));
                 }
-                UploadState::Failed => {
-                    return Err(AgentError::precondition(format!(
-                        "upload '{id}' failed: {}",
-                        e.error
-                    )));
-                }
-                _ => {
-                    return Err(AgentError::precondition(format!(
-                        "upload '{id}' was cancelled"
-                    )));
-                }
+                _ => return Err(e.ended_error()),
             }
             if e.streaming {
                 return Err(AgentError::precondition(format!(
