@@ -10,11 +10,11 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Result, bail};
 use proto::client;
-use proto::v1::{BeginUploadRequest, UploadChunk, UploadRef, UploadState};
+use proto::v1::{BeginUploadRequest, TaskRef, TaskState, UploadChunk, UploadRef, UploadState};
 use sha2::{Digest, Sha256};
 
 use crate::bench_support::ok;
@@ -194,28 +194,37 @@ fn upload_once(
             offset: (i * chunk) as u64,
             data: data.slice(i * chunk..((i + 1) * chunk).min(data.len())),
         });
-        c.upload_disk(tokio_stream::iter(msgs)).await?;
+        let sent = c.upload_disk(tokio_stream::iter(msgs)).await?;
         let stream_secs = start.elapsed().as_secs_f64();
-        loop {
-            let st = c
+        // Follow the verification task, as the CLI does, until it ends.
+        if sent.state == UploadState::Verifying as i32 {
+            let mut watch = c
                 .disk
                 .clone()
-                .get_upload(UploadRef {
-                    upload_id: st.upload_id.clone(),
+                .watch_task(TaskRef {
+                    task_id: sent.task_id.clone(),
                 })
                 .await?
                 .into_inner();
-            if st.state == UploadState::Done as i32 {
-                break;
+            while let Some(t) = watch.message().await? {
+                if t.state != TaskState::Running as i32 {
+                    break;
+                }
             }
-            if st.state != UploadState::Verifying as i32
-                && st.state != UploadState::Receiving as i32
-            {
-                bail!("upload ended as {st:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok::<_, anyhow::Error>((start.elapsed().as_secs_f64(), stream_secs))
+        let end = start.elapsed().as_secs_f64();
+        let st = c
+            .disk
+            .clone()
+            .get_upload(UploadRef {
+                upload_id: sent.upload_id.clone(),
+            })
+            .await?
+            .into_inner();
+        if st.state != UploadState::Done as i32 {
+            bail!("upload ended as {st:?}");
+        }
+        Ok::<_, anyhow::Error>((end, stream_secs))
     });
     let cpu1 = [agent.id(), std::process::id()].map(crate::fb_bench::cpu_secs);
     let _ = agent.kill();
