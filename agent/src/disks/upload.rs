@@ -224,40 +224,38 @@ impl DiskLibrary {
         let sha256 = parse_sha256(sha256)?;
         let inner = self.inner.clone();
         let id = id.to_string();
+        // The lock is held while upload.json is rewritten (one small file), so no stream,
+        // cancel or second FinishUpload comes in between.
         blocking(move || {
-            // The lock is held while upload.json is rewritten (one small file), so no stream,
-            // cancel or second FinishUpload comes in between.
-            let mut map = inner.lock_uploads();
-            let Some(e) = map.get_mut(&id).filter(|_| is_id(&id)) else {
-                return Err(AgentError::not_found("upload", &id));
-            };
-            match e.state {
-                UploadState::AwaitingChecksum => {}
-                UploadState::Receiving => {
-                    return Err(AgentError::precondition(format!(
-                        "upload '{id}' has {} of its {} bytes: send the rest before declaring \
-                         its checksum",
-                        e.meta.verified_offset, e.meta.size
-                    )));
+            inner.with_upload(&id, |e| {
+                match e.state {
+                    UploadState::AwaitingChecksum => {}
+                    UploadState::Receiving => {
+                        return Err(AgentError::precondition(format!(
+                            "upload '{id}' has {} of its {} bytes: send the rest before \
+                             declaring its checksum",
+                            e.meta.verified_offset, e.meta.size
+                        )));
+                    }
+                    UploadState::Verifying | UploadState::Done if e.meta.sha256 == sha256 => {
+                        return Ok(e.status());
+                    }
+                    UploadState::Verifying | UploadState::Done => {
+                        return Err(AgentError::precondition(format!(
+                            "upload '{id}' has a different SHA-256 declared already"
+                        )));
+                    }
+                    _ => return Err(e.ended_error()),
                 }
-                UploadState::Verifying | UploadState::Done if e.meta.sha256 == sha256 => {
-                    return Ok(e.status());
-                }
-                UploadState::Verifying | UploadState::Done => {
-                    return Err(AgentError::precondition(format!(
-                        "upload '{id}' has a different SHA-256 declared already"
-                    )));
-                }
-                _ => return Err(e.ended_error()),
-            }
-            let mut meta = e.meta.clone();
-            meta.sha256 = sha256;
-            // Persisted first: after a restart the agent verifies it without being asked.
-            store::write_json(&inner.upload_dir(&id).join(META), &meta)
-                .map_err(|err| AgentError::internal("saving an upload's checksum", err))?;
-            e.meta.sha256 = meta.sha256;
-            start_verify(&inner, e);
-            Ok(e.status())
+                let mut meta = e.meta.clone();
+                meta.sha256 = sha256;
+                // Persisted first: after a restart the agent verifies it without being asked.
+                store::write_json(&inner.upload_dir(&id).join(META), &meta)
+                    .map_err(|err| AgentError::internal("saving an upload's checksum", err))?;
+                e.meta.sha256 = meta.sha256;
+                start_verify(&inner, e);
+                Ok(e.status())
+            })
         })
         .await
     }
