@@ -479,10 +479,11 @@ async fn hash_to(
     ctl: &watch::Receiver<UploadControl>,
     n: &Notifier,
 ) -> Result<(), UploadError> {
-    if lock(hash).at() >= to {
+    let at = lock(hash).at();
+    if at >= to {
         return Ok(());
     }
-    progress.set(lock(hash).at(), to);
+    progress.set(at, to);
     progress.set_phase(Phase::Hashing);
     n.wake();
     let (p, prog, ctl, h) = (
@@ -491,7 +492,6 @@ async fn hash_to(
         ctl.clone(),
         hash.clone(),
     );
-    let total = progress.get().2;
     tokio::task::spawn_blocking(move || {
         let f = std::fs::File::open(&p).map_err(|source| UploadError::File {
             path: p.clone(),
@@ -502,7 +502,7 @@ async fn hash_to(
                 &f,
                 to,
                 &|| *ctl.borrow() == UploadControl::Cancel,
-                &mut |at| prog.set(at, total),
+                &mut |at| prog.set(at, to),
             )
             .map_err(|e| source_error(&p, e))?;
         if done {
@@ -684,12 +684,12 @@ async fn send_stream(
             source,
         })?;
         let mut chunks = ChunkReader::new(f, from, Some(hash)).map_err(|e| source_error(&p, e))?;
-        let mut off = from;
         let total = prog.get().2;
-        while off < end {
+        while chunks.offset() < end {
             if *ctl.borrow() != UploadControl::Run {
                 return Ok(());
             }
+            let off = chunks.offset();
             let n = CHUNK.min((end - off) as usize);
             let data = chunks.next(n).map_err(|e| source_error(&p, e))?;
             let chunk = UploadChunk {
@@ -700,8 +700,7 @@ async fn send_stream(
             if tx.blocking_send(chunk).is_err() {
                 return Ok(());
             }
-            off += n as u64;
-            prog.set(off, total);
+            prog.set(chunks.offset(), total);
         }
         Ok(())
     });

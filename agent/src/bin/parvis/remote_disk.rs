@@ -495,8 +495,6 @@ async fn upload(c: &mut Clients, host_addr: &str, file: &Path, opts: UploadOptio
             && r.name == name
     });
     let mut status: Option<UploadStatus> = None;
-    // The checksum this upload began with, if it did (older records).
-    let mut declared = String::new();
     if let Some(r) = &earlier {
         match c
             .disk
@@ -543,9 +541,10 @@ async fn upload(c: &mut Clients, host_addr: &str, file: &Path, opts: UploadOptio
         }
     }
 
-    if let (Some(r), Some(_)) = (&earlier, &status) {
-        declared = r.sha256.clone();
-    }
+    // An upload resumed from an older record may have declared its checksum when it began;
+    // otherwise it is computed over what is read of the file.
+    let declared = status.is_some() && earlier.as_ref().is_some_and(|r| !r.sha256.is_empty());
+    let hash = (!declared).then(shared_hash);
     let mut status = match status {
         Some(s) => s,
         None => {
@@ -580,8 +579,6 @@ async fn upload(c: &mut Clients, host_addr: &str, file: &Path, opts: UploadOptio
         );
         Ok(130)
     };
-    // Over what has been read of the file, when the checksum is still to be declared.
-    let hash = declared.is_empty().then(shared_hash);
 
     // Send the data, from wherever the agent has it up to.
     if status.state == UploadState::Receiving as i32 {
@@ -825,8 +822,8 @@ async fn send_stream(
     let hash = hash.cloned();
     let reader = tokio::task::spawn_blocking(move || -> Result<()> {
         let mut chunks = ChunkReader::new(file, from, hash)?;
-        let mut off = from;
-        while off < end {
+        while chunks.offset() < end {
+            let off = chunks.offset();
             let n = CHUNK.min((end - off) as usize);
             let data = chunks.next(n)?;
             let chunk = UploadChunk {
@@ -838,8 +835,7 @@ async fn send_stream(
                 // The call ended; its result says why.
                 return Ok(());
             }
-            off += n as u64;
-            b.set_position(off);
+            b.set_position(chunks.offset());
         }
         Ok(())
     });
