@@ -31,8 +31,8 @@ pub struct UploadRun {
     pub cpu_client: f64,
 }
 
-/// `parvis disk upload FILE`, as a user runs it: the CLI's checksum pass over the file,
-/// the stream, and the agent's verification.
+/// `parvis disk upload FILE`, as a user runs it: the stream (the CLI hashes the file as it
+/// reads it), the checksum declared after the data, and the agent's verification.
 #[derive(Debug, Clone)]
 pub struct CliRun {
     pub secs: f64,
