@@ -25,6 +25,7 @@ pub mod boot;
 pub mod config;
 pub mod cpu;
 pub mod devices;
+pub mod dirty;
 pub mod framebuffer;
 pub mod hv;
 pub mod layout;

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use parvis_disk::BlockDevice;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory};
@@ -29,6 +31,7 @@ use crate::devices::virtio_mmio::VirtioMmio;
 use crate::devices::{
     Bus, BusDevice, BusError, Irq, IrqLine, LevelIrq, PlatformRequest, PlatformSink,
 };
+use crate::dirty::VramDirtyLog;
 use crate::framebuffer::{FbError, FbFormat};
 use crate::hv::synic::{SintKick, Synic};
 use crate::hv::userspace::{MsiKick, UserspaceHv};
@@ -380,6 +383,8 @@ pub struct Partition {
     tx: Sender<EventMsg>,
     rx: Receiver<EventMsg>,
     machine: Option<Machine>,
+    /// KVM's log of the boot framebuffer's writes (with a framebuffer).
+    dirty: Option<VramDirtyLog>,
 }
 
 impl std::fmt::Debug for Partition {
@@ -445,6 +450,7 @@ impl Partition {
         }
         let mut config = config;
         config.memory = round_memory(config.memory);
+        let config_fb = config.framebuffer.is_some();
         let ram = GuestRam::new(MemoryLayout::new(config.memory))?;
         let acpi = AcpiTables::build(&AcpiConfig {
             cpus: config.cpus,
@@ -480,6 +486,7 @@ impl Partition {
             tx,
             rx,
             machine: None,
+            dirty: config_fb.then(VramDirtyLog::default),
         };
         p.machine = Some(p.build_machine(false)?);
         Ok(p)
@@ -555,6 +562,10 @@ impl Partition {
                 }),
             },
         )?;
+        // The host is done writing this boot's memory: the log starts here.
+        if let Some(d) = &self.dirty {
+            d.attach(&vm, self.vram_slot(), self.ram.vram().size() as u64);
+        }
 
         // Devices.
         let sink = self.platform_sink();
@@ -753,21 +764,45 @@ impl Partition {
             .collect();
         let vram = self.ram.vram();
         regions.push((layout::VRAM_ADDR, vram.size() as u64, vram.as_ptr() as u64));
+        let vram_slot = self.vram_slot();
+        debug_assert_eq!(vram_slot as usize, regions.len() - 1);
         for (slot, (gpa, size, host)) in (0u32..).zip(regions) {
-            let region = kvm_bindings::kvm_userspace_memory_region {
+            // The boot framebuffer's writes are logged, so its changes need no searching
+            // (see dirty.rs).
+            let log = slot == vram_slot && self.dirty.is_some();
+            let region = |flags| kvm_bindings::kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags,
                 guest_phys_addr: gpa,
                 memory_size: size,
                 userspace_addr: host,
             };
+            if log {
+                // SAFETY: the same live VRAM mapping as the plain slot below; logging only
+                // makes KVM record the guest's writes.
+                match unsafe { vm.set_user_memory_region(region(KVM_MEM_LOG_DIRTY_PAGES)) } {
+                    Ok(()) => continue,
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "KVM cannot log the VRAM's dirty pages; the screen will be polled"
+                    ),
+                }
+            }
             // SAFETY: `host..host+size` is a live shared mapping owned by `self.ram`, which
             // outlives every VM built from this partition (machines are dropped before the
             // partition), and the slots do not overlap (see layout.rs).
-            unsafe { vm.set_user_memory_region(region) }
+            unsafe { vm.set_user_memory_region(region(0)) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            if log && let Some(d) = &self.dirty {
+                d.unavailable();
+            }
         }
         Ok(())
+    }
+
+    /// The slot of the VRAM (after the RAM's).
+    fn vram_slot(&self) -> u32 {
+        self.ram.memory().num_regions() as u32
     }
 
     fn machine(&mut self) -> &mut Machine {
@@ -938,6 +973,12 @@ impl Partition {
         at_exit(&self);
         tracing::info!(?exit, "partition ended");
         Ok(exit)
+    }
+
+    /// KVM's log of the boot framebuffer's writes, when there is a framebuffer and KVM keeps
+    /// the log. It follows the partition across resets.
+    pub fn vram_dirty_log(&self) -> Option<VramDirtyLog> {
+        self.dirty.clone().filter(VramDirtyLog::is_available)
     }
 
     /// The VM fd of the current boot (for diagnostics).

@@ -41,10 +41,15 @@ run nokernel --kernel "$SHARE/does-not-exist"
 run badcpus $K --cpus 0
 
 # Control socket: pause, resume, reset, stop. Sockets cannot live on the 9p share.
+# The guest first draws its pattern on the boot framebuffer, watched from before it boots:
+# the written rows can only come from KVM's dirty page log.
 CTL=$(mktemp -d)/ctl.sock
-parvis-worker $K --cpus 1 --cmdline "$C parvis.test=ticks" --control "$CTL" \
+parvis-worker $K --cpus 1 --cmdline "$C parvis.test=fb,ticks" --control "$CTL" \
     </dev/null >ctl.out 2>ctl.err &
 pid=$!
+n=0
+while [ ! -S "$CTL" ] && [ $n -lt 300 ]; do n=$((n + 1)); sleep 0.1; done
+parvis-worker ctl "$CTL" "watch-display $SHARE/bootfb 900" >bootfb.replies 2>&1 &
 if wait_for PARVIS-TICK=3 ctl.out 180; then
     parvis-worker ctl "$CTL" pause >ctl.replies
     sleep 1
@@ -55,9 +60,11 @@ if wait_for PARVIS-TICK=3 ctl.out 180; then
     echo "$a $b" >ctl.paused
     parvis-worker ctl "$CTL" resume >>ctl.replies
     wait_for "PARVIS-TICK=$((b + 2))" ctl.out 60 && echo resumed >ctl.resumed
+    date +%s >ctl.reset-at
     parvis-worker ctl "$CTL" reset >>ctl.replies
     n=0
-    while [ "$(grep -c PARVIS-L2-USERSPACE ctl.out)" -lt 2 ] && [ $n -lt 600 ]; do
+    # Until the second boot has drawn and ticks again.
+    while [ "$(grep -cE 'PARVIS-TICK=1[[:space:]]*$' ctl.out)" -lt 2 ] && [ $n -lt 600 ]; do
         n=$((n + 1)); sleep 0.2
     done
     parvis-worker ctl "$CTL" "screenshot $SHARE/ctl.png" stop >>ctl.replies
@@ -289,6 +296,50 @@ fn bad_configuration_is_one_clear_line() {
         r.err.contains("cpus: must be between 1 and 254"),
         "{}",
         r.err
+    );
+}
+
+#[test]
+fn boot_framebuffer_writes_are_reported_from_kvms_dirty_page_log() {
+    let o = outcome();
+    let out = o.file("ctl.out");
+    assert!(
+        out.contains("PARVIS-FB-DRAWN=1024x768x32"),
+        "the guest did not draw:\n{out}"
+    );
+    let reset_at: f64 = o
+        .file("ctl.reset-at")
+        .trim()
+        .parse()
+        .expect("the scenario recorded when it reset the guest");
+    // `<unix time> boot-rows Y H` lines, before the reset (which makes every row new).
+    let updates = o.file("bootfb/updates.txt");
+    let rows: Vec<(u32, u32)> = updates
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let t: f64 = w.first()?.parse().ok()?;
+            (w.get(1) == Some(&"boot-rows") && t < reset_at)
+                .then(|| Some((w.get(2)?.parse().ok()?, w.get(3)?.parse().ok()?)))?
+        })
+        .collect();
+    assert!(
+        !rows.is_empty(),
+        "no boot framebuffer rows were reported; watch-display said: {}\n{updates}",
+        o.file("bootfb.replies")
+    );
+    assert_eq!(rows[0], (0, 768), "a new subscriber first gets every row");
+    // Then the guest's writes: its pattern covers every row.
+    let mut seen = vec![false; 768];
+    for &(y, h) in &rows[1..] {
+        for r in y..(y + h).min(768) {
+            seen[r as usize] = true;
+        }
+    }
+    let missing = seen.iter().filter(|s| !**s).count();
+    assert_eq!(
+        missing, 0,
+        "{missing} rows the guest drew were never reported: {rows:?}"
     );
 }
 

@@ -9,7 +9,10 @@
 //! `idle` (nothing). `synthvid` makes it behave like a guest whose synthetic video driver
 //! (hyperv_drm) owns the screen: the scanout is announced on `subscribe_display` connections
 //! and every drawn frame is followed by a dirty rectangle, as the real worker reports the
-//! guest's DIRT messages; `bootfb` goes back to the boot framebuffer, which the agent polls.
+//! guest's DIRT messages; `bootfb` goes back to the boot framebuffer, whose written pages
+//! are reported as KVM's dirty page log would report them (the real worker's
+//! `hypervisor::dirty` fed with the pages this program writes), unless `--no-dirty-log`
+//! makes it a worker without the log, whose boot framebuffer the agent polls.
 //! Every drawn frame carries a stamp at an 8×16 cell origin: four pixels
 //! `[MAGIC, seq, t_lo, t_hi]`, where `t` is CLOCK_MONOTONIC in nanoseconds taken after the
 //! rest of the frame was written. Drawn pixels always have 0xFF in their top byte, so they
@@ -27,6 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use hypervisor::dirty::{DirtyReader, DirtyRows, PAGE, PageDirt, PageLog};
+use hypervisor::framebuffer::FbFormat;
 use parvis_tests::fbstamp::{MAGIC, monotonic_ns};
 use proto::framing::{self, Decoder};
 use proto::worker::{
@@ -43,17 +48,20 @@ struct Args {
     status: Option<PathBuf>,
     width: u32,
     height: u32,
+    dirty_log: bool,
 }
 
 fn parse_args() -> Result<Args> {
     let mut control = None;
     let mut status = None;
     let (mut width, mut height) = (1024, 768);
+    let mut dirty_log = true;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--control" => control = it.next().map(PathBuf::from),
             "--status-file" => status = it.next().map(PathBuf::from),
+            "--no-dirty-log" => dirty_log = false,
             "--framebuffer" => {
                 let v = it.next().context("--framebuffer needs WxH")?;
                 let (w, h) = v.split_once('x').context("--framebuffer needs WxH")?;
@@ -68,6 +76,7 @@ fn parse_args() -> Result<Args> {
         status,
         width,
         height,
+        dirty_log,
     })
 }
 
@@ -81,9 +90,51 @@ struct Shared {
     synthvid: AtomicBool,
     /// Connections that asked for display updates.
     display: Mutex<Vec<UnixStream>>,
+    /// The boot framebuffer's written pages, as KVM would log them (not while the
+    /// "synthetic video driver" draws: its mapping of the VRAM is not logged).
+    written: Arc<WrittenPages>,
+    boot_rows: Option<DirtyRows>,
+}
+
+/// Pages written since the last look, one bit each.
+struct WrittenPages(Mutex<Vec<u64>>);
+
+impl PageLog for WrittenPages {
+    fn take(&self) -> PageDirt {
+        let mut bits = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let out = bits.clone();
+        bits.iter_mut().for_each(|w| *w = 0);
+        PageDirt::Pages(out)
+    }
 }
 
 impl Shared {
+    /// Write guest pixels at `offset`, logging the pages like KVM.
+    fn write(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.fb.write_all_at(data, offset)?;
+        if !data.is_empty() && !self.synthvid.load(Ordering::Relaxed) {
+            let mut bits = self.written.0.lock().unwrap_or_else(|e| e.into_inner());
+            let (first, last) = (offset / PAGE, (offset + data.len() as u64 - 1) / PAGE);
+            for p in first..=last {
+                if let Some(w) = bits.get_mut((p / 64) as usize) {
+                    *w |= 1 << (p % 64);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> Status {
+        Status {
+            paused: false,
+            pid: std::process::id(),
+            version: "fake-worker".into(),
+            synthetic_video: true,
+            boot_dirty_log: self.boot_rows.is_some(),
+            ..Default::default()
+        }
+    }
+
     fn geometry(&self) -> Framebuffer {
         Framebuffer {
             offset: 0,
@@ -115,6 +166,7 @@ impl Shared {
                     width,
                     height,
                 }],
+                ..Default::default()
             });
         }
     }
@@ -131,6 +183,11 @@ fn main() -> Result<()> {
     fb.set_len(len)?;
     let _ = std::fs::remove_file(&args.control);
     let listener = UnixListener::bind(&args.control).context("binding the control socket")?;
+    let written = Arc::new(WrittenPages(Mutex::new(vec![
+        0;
+        len.div_ceil(PAGE * 64)
+            as usize
+    ])));
     let shared = Arc::new(Shared {
         fb,
         width: args.width,
@@ -139,6 +196,10 @@ fn main() -> Result<()> {
         status: args.status,
         synthvid: AtomicBool::new(false),
         display: Mutex::new(Vec::new()),
+        written: written.clone(),
+        boot_rows: args
+            .dirty_log
+            .then(|| DirtyRows::new(written, FbFormat::xrgb(args.width, args.height))),
     });
     {
         let s = shared.clone();
@@ -192,11 +253,11 @@ fn draw_loop(s: &Shared) {
                     px.copy_from_slice(&v.to_le_bytes());
                 }
             }
-            if s.fb.write_all_at(&frame[16..], 16).is_err() {
+            if s.write(&frame[16..], 16).is_err() {
                 return;
             }
             let stamp = stamp(seq);
-            if s.fb.write_all_at(&stamp, 0).is_err() {
+            if s.write(&stamp, 0).is_err() {
                 return;
             }
             s.dirty(0, 0, s.width, s.height);
@@ -218,18 +279,44 @@ fn draw_loop(s: &Shared) {
                 }
                 let off = ((cy + gy) * w + cx) * 4;
                 let from = if gy == 0 { 16 } else { 0 };
-                if s.fb
-                    .write_all_at(&line[from..], (off + from) as u64)
-                    .is_err()
-                {
+                if s.write(&line[from..], (off + from) as u64).is_err() {
                     return;
                 }
             }
             let off = (cy * w + cx) * 4;
-            if s.fb.write_all_at(&stamp(seq), off as u64).is_err() {
+            if s.write(&stamp(seq), off as u64).is_err() {
                 return;
             }
             s.dirty(cx as u32, cy as u32, 8, 16);
+        }
+    }
+}
+
+/// Send one display subscriber the boot framebuffer's written rows, like the real worker.
+fn boot_dirty_sender(s: &Shared, reader: &DirtyReader, mut conn: UnixStream) {
+    loop {
+        let rows = reader.wait(Duration::from_millis(500));
+        if rows.is_empty() {
+            continue;
+        }
+        let bytes = framing::encode(&Event {
+            kind: Some(event::Kind::Display(DisplayUpdate {
+                boot_dirty: rows
+                    .iter()
+                    .map(|r| Rect {
+                        x: 0,
+                        y: r.y,
+                        width: s.width,
+                        height: r.height,
+                    })
+                    .collect(),
+                ..Default::default()
+            })),
+        });
+        // Under the subscribers' lock: one writer per connection at a time.
+        let _subs = s.display.lock().unwrap_or_else(|e| e.into_inner());
+        if conn.write_all(&bytes).is_err() {
+            return;
         }
     }
 }
@@ -264,7 +351,7 @@ fn send(conn: &UnixStream, ev: &Event, fd: Option<&OwnedFd>) -> std::io::Result<
     w.write_all(&bytes[sent..])
 }
 
-fn session(conn: UnixStream, s: &Shared) {
+fn session(conn: UnixStream, s: &Arc<Shared>) {
     let mut decoder = Decoder::default();
     let mut buf = vec![0u8; 16 << 10];
     let mut line = Vec::new();
@@ -283,14 +370,7 @@ fn session(conn: UnixStream, s: &Shared) {
             let mut exit = false;
             let mut subscribe = false;
             match req.kind {
-                Some(request::Kind::Query(_)) => {
-                    reply.status = Some(Status {
-                        paused: false,
-                        pid: std::process::id(),
-                        version: "fake-worker".into(),
-                        ..Default::default()
-                    });
-                }
+                Some(request::Kind::Query(_)) => reply.status = Some(s.status()),
                 Some(request::Kind::Framebuffer(_)) => {
                     // The agent gets a read-only file, like from the real worker.
                     let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&s.fb));
@@ -316,7 +396,7 @@ fn session(conn: UnixStream, s: &Shared) {
                                     s.display(DisplayUpdate {
                                         active: true,
                                         framebuffer: Some(s.geometry()),
-                                        dirty: Vec::new(),
+                                        ..Default::default()
                                     });
                                     continue;
                                 }
@@ -336,7 +416,10 @@ fn session(conn: UnixStream, s: &Shared) {
                         }
                     }
                 }
-                Some(request::Kind::SubscribeDisplay(_)) => subscribe = true,
+                Some(request::Kind::SubscribeDisplay(_)) => {
+                    subscribe = true;
+                    reply.status = Some(s.status());
+                }
                 Some(request::Kind::Stop(_)) | Some(request::Kind::PowerButton(_)) => exit = true,
                 Some(request::Kind::Input(_)) => {
                     reply.error = "this VM has no input device yet".into();
@@ -354,6 +437,15 @@ fn session(conn: UnixStream, s: &Shared) {
                 // This connection now carries display updates only.
                 if let Ok(c) = conn.try_clone() {
                     s.display.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+                }
+                if let (Some(rows), Ok(c)) = (&s.boot_rows, conn.try_clone()) {
+                    match rows.subscribe() {
+                        Ok(reader) => {
+                            let s = s.clone();
+                            std::thread::spawn(move || boot_dirty_sender(&s, &reader, c));
+                        }
+                        Err(e) => eprintln!("fake-worker: no dirty log reader: {e}"),
+                    }
                 }
             }
             if exit {

@@ -30,6 +30,7 @@ use hypervisor::devices::synth::SynthDevices;
 use hypervisor::devices::synth::keyboard::KeyEvent;
 use hypervisor::devices::synth::mouse::PointerEvent;
 use hypervisor::devices::synth::video::{DisplayCursor, VideoShared};
+use hypervisor::dirty::{DirtyReader, DirtyRows};
 use hypervisor::framebuffer::FbFormat;
 use hypervisor::partition::{Command, Gone, PartitionHandle, PartitionState};
 use proto::framing::{self, Decoder};
@@ -78,6 +79,8 @@ pub struct Vm {
     hub: SerialHub,
     framebuffer: Option<SharedFramebuffer>,
     synth: SynthDevices,
+    /// The boot framebuffer's written rows, when KVM logs them.
+    boot_dirty: Option<DirtyRows>,
     /// Requests being handled (from decoding to the reply being written).
     busy: AtomicUsize,
 }
@@ -97,6 +100,7 @@ impl Vm {
             hub,
             framebuffer,
             synth: SynthDevices::default(),
+            boot_dirty: None,
             busy: AtomicUsize::new(0),
         }
     }
@@ -104,6 +108,12 @@ impl Vm {
     /// Route input to these synthetic devices and serve their display updates.
     pub fn with_synth(mut self, synth: SynthDevices) -> Self {
         self.synth = synth;
+        self
+    }
+
+    /// Tell display subscribers which rows of the boot framebuffer the guest wrote.
+    pub fn with_boot_dirty(mut self, rows: DirtyRows) -> Self {
+        self.boot_dirty = Some(rows);
         self
     }
 
@@ -272,7 +282,9 @@ impl Session {
                 fd = Some(file);
             }),
             Some(Kind::Input(i)) => self.input(i),
-            Some(Kind::SubscribeDisplay(_)) => self.subscribe_display(),
+            Some(Kind::SubscribeDisplay(_)) => {
+                self.subscribe_display().map(|s| reply.status = Some(s))
+            }
         };
         if let Err(e) = result {
             reply.error = e;
@@ -297,6 +309,7 @@ impl Session {
             version: env!("CARGO_PKG_VERSION").to_string(),
             input_ready: self.vm.synth.keyboard.is_some(),
             synthetic_video: self.vm.synth.video.is_some(),
+            boot_dirty_log: self.vm.boot_dirty.is_some(),
         })
     }
 
@@ -332,22 +345,40 @@ impl Session {
         }
     }
 
-    fn subscribe_display(&mut self) -> Result<(), String> {
-        let Some(video) = self.vm.synth.video.clone() else {
-            return Err("this VM has no synthetic video device".into());
-        };
-        if self.display.is_some() {
-            return Ok(());
+    /// Start sending this session display updates; the status says which kinds.
+    fn subscribe_display(&mut self) -> Result<Status, String> {
+        let video = self.vm.synth.video.clone();
+        if video.is_none() && self.vm.boot_dirty.is_none() {
+            return Err(
+                "this VM has no synthetic video device and no logged boot framebuffer".into(),
+            );
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let (conn, flag) = (self.conn.clone(), stop.clone());
-        let offset = self.vm.framebuffer.as_ref().map_or(0, |f| f.offset);
-        std::thread::Builder::new()
-            .name("display-out".into())
-            .spawn(move || display_sender(&video, &conn, &flag, offset))
-            .map_err(|e| format!("cannot start the display sender: {e}"))?;
-        self.display = Some(stop);
-        Ok(())
+        if self.display.is_none() {
+            let stop = Arc::new(AtomicBool::new(false));
+            // Set first: a thread that fails to start below must not leave the other one
+            // running unstoppably.
+            self.display = Some(stop.clone());
+            if let Some(video) = video {
+                let (conn, flag) = (self.conn.clone(), stop.clone());
+                let offset = self.vm.framebuffer.as_ref().map_or(0, |f| f.offset);
+                std::thread::Builder::new()
+                    .name("display-out".into())
+                    .spawn(move || display_sender(&video, &conn, &flag, offset))
+                    .map_err(|e| format!("cannot start the display sender: {e}"))?;
+            }
+            if let Some(rows) = &self.vm.boot_dirty {
+                let reader = rows
+                    .subscribe()
+                    .map_err(|e| format!("cannot start the dirty page log reader: {e}"))?;
+                let width = rows.format().width;
+                let (conn, flag) = (self.conn.clone(), stop);
+                std::thread::Builder::new()
+                    .name("boot-dirty-out".into())
+                    .spawn(move || boot_dirty_sender(&reader, width, &conn, &flag))
+                    .map_err(|e| format!("cannot start the boot framebuffer sender: {e}"))?;
+            }
+        }
+        self.query()
     }
 
     fn screenshot(&self, path: String) -> Result<(), String> {
@@ -473,6 +504,35 @@ fn display_sender(video: &VideoShared, conn: &Conn, stop: &AtomicBool, vram_offs
                         height: r.height,
                     })
                     .collect(),
+                boot_dirty: Vec::new(),
+            })),
+        };
+        if conn.send(&ev, None).is_err() {
+            return;
+        }
+    }
+}
+
+/// Send one session the boot framebuffer's written rows until it closes. Rows written while
+/// a send is blocked are merged into the next update.
+fn boot_dirty_sender(reader: &DirtyReader, width: u32, conn: &Conn, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        let rows = reader.wait(Duration::from_millis(500));
+        if rows.is_empty() {
+            continue;
+        }
+        let ev = Event {
+            kind: Some(event::Kind::Display(proto::worker::DisplayUpdate {
+                boot_dirty: rows
+                    .iter()
+                    .map(|r| proto::worker::Rect {
+                        x: 0,
+                        y: r.y,
+                        width,
+                        height: r.height,
+                    })
+                    .collect(),
+                ..Default::default()
             })),
         };
         if conn.send(&ev, None).is_err() {
@@ -1036,5 +1096,93 @@ mod tests {
         let mut c = r.connect();
         let (reply, _) = c.call(request::Kind::Query(Empty {}));
         assert_eq!(reply.error, "");
+    }
+
+    /// A dirty page log that reports the pages a test marks.
+    #[derive(Default)]
+    struct MarkedPages(Mutex<Vec<u64>>);
+
+    impl hypervisor::dirty::PageLog for MarkedPages {
+        fn take(&self) -> hypervisor::dirty::PageDirt {
+            let mut bits = vec![0u64; 64];
+            for p in std::mem::take(&mut *lock(&self.0)) {
+                bits[(p / 64) as usize] |= 1 << (p % 64);
+            }
+            hypervisor::dirty::PageDirt::Pages(bits)
+        }
+    }
+
+    #[test]
+    fn display_subscribers_get_the_boot_framebuffer_rows_the_log_reports() {
+        // Neither synthetic video nor a logged framebuffer: nothing to subscribe to.
+        let r = rig(true);
+        let (reply, _) = r.connect().call(request::Kind::SubscribeDisplay(Empty {}));
+        assert!(
+            reply.error.contains("no synthetic video device"),
+            "{reply:?}"
+        );
+
+        let log = Arc::new(MarkedPages::default());
+        let fb = r.memory.clone().map(|file| SharedFramebuffer {
+            file,
+            offset: 2 << 20,
+            format: FbFormat::xrgb(640, 480),
+        });
+        let vm = Arc::new(
+            Vm::new(
+                Box::new(r.host.clone()),
+                r.serial.clone(),
+                r.hub.clone(),
+                fb,
+            )
+            .with_boot_dirty(DirtyRows::new(log.clone(), FbFormat::xrgb(640, 480))),
+        );
+        let (client, server) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || session(server, vm));
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut c = Client {
+            stream: client,
+            decoder: Decoder::default(),
+            next_id: 1,
+        };
+        let (reply, _) = c.call(request::Kind::Query(Empty {}));
+        let status = reply.status.unwrap();
+        assert!(status.boot_dirty_log && !status.synthetic_video);
+        // The reply says what follows; display events may come before or after it.
+        let id = c.send(request::Kind::SubscribeDisplay(Empty {}));
+        let mut updates = Vec::new();
+        let mut replied = false;
+        while !replied || updates.is_empty() {
+            match c.event().expect("connection closed").0.kind {
+                Some(event::Kind::Reply(reply)) => {
+                    assert_eq!((reply.id, reply.error.as_str()), (id, ""));
+                    let status = reply.status.unwrap();
+                    assert!(status.boot_dirty_log && !status.synthetic_video);
+                    replied = true;
+                }
+                Some(event::Kind::Display(u)) => updates.push(u),
+                other => panic!("{other:?}"),
+            }
+        }
+        let rect = |y, height| proto::worker::Rect {
+            x: 0,
+            y,
+            width: 640,
+            height,
+        };
+        // First everything, then exactly the rows under the written pages. A row is 2560
+        // bytes: page 3 (12288..16384) is rows 4, 5 and 6.
+        assert_eq!(updates[0].boot_dirty, vec![rect(0, 480)]);
+        assert!(!updates[0].active && updates[0].framebuffer.is_none());
+        assert!(updates[0].dirty.is_empty());
+        lock(&log.0).extend([3, 100]);
+        let next = loop {
+            if let Some(event::Kind::Display(u)) = c.event().expect("connection closed").0.kind {
+                break u;
+            }
+        };
+        assert_eq!(next.boot_dirty, vec![rect(4, 3), rect(160, 2)]);
     }
 }

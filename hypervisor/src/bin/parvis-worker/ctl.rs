@@ -88,9 +88,10 @@ pub fn format_reply(kind: &request::Kind, reply: &Reply) -> String {
     }
 }
 
-/// `watch-display DIR SECONDS`: subscribe to the synthetic video device's updates for
-/// SECONDS and record them in DIR: `updates.txt` gets one line per event
-/// (`<unix time> mode W H STRIDE` or `<unix time> rect X Y W H`, or `inactive`), and
+/// `watch-display DIR SECONDS`: subscribe to the display updates for SECONDS and record
+/// them in DIR: `updates.txt` gets one line per event (`<unix time> mode W H STRIDE` or
+/// `<unix time> rect X Y W H`, or `inactive`; and `<unix time> boot-rows Y H` for rows of
+/// the boot framebuffer that KVM's dirty page log reported written), and
 /// `rects.bin` the pixels of every dirty rectangle as read from the guest memory file right
 /// after the notification (rows of W*4 bytes, in the order of the `rect` lines). Ends early,
 /// successfully, when the worker exits.
@@ -129,6 +130,13 @@ pub fn watch_display(socket: &Path, dir: &Path, seconds: u64) -> Result<()> {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs_f64();
+        if !u.boot_dirty.is_empty() {
+            // The boot framebuffer's written rows; such an update carries nothing else.
+            for r in &u.boot_dirty {
+                writeln!(lines, "{now:.6} boot-rows {} {}", r.y, r.height)?;
+            }
+            continue;
+        }
         if !u.active {
             writeln!(lines, "{now:.6} inactive")?;
         }

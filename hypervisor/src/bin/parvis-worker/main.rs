@@ -329,15 +329,19 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
                 offset: partition.ram().layout().vram_file_offset,
                 format,
             });
-        let v = Arc::new(
-            control::Vm::new(
-                Box::new(handle.clone()),
-                partition.serial(),
-                hub,
-                framebuffer,
-            )
-            .with_synth(synth.clone()),
-        );
+        let mut v = control::Vm::new(
+            Box::new(handle.clone()),
+            partition.serial(),
+            hub,
+            framebuffer,
+        )
+        .with_synth(synth.clone());
+        if let (Some(log), Some(format)) =
+            (partition.vram_dirty_log(), partition.config().framebuffer)
+        {
+            v = v.with_boot_dirty(hypervisor::dirty::DirtyRows::new(Arc::new(log), format));
+        }
+        let v = Arc::new(v);
         vm = Some(v.clone());
         spawn("control", move || control::serve(listener, v))?;
     }
