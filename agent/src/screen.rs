@@ -179,7 +179,23 @@ pub enum DisplayEvent {
     Dirty(Vec<Rect>),
     /// The driver let go: back to the boot framebuffer.
     Inactive,
+    /// Rows of the boot framebuffer the guest wrote (KVM's dirty page log), whichever
+    /// device owns the screen.
+    BootDirty(Vec<Rect>),
 }
+
+/// What a worker reports about the screen.
+#[derive(Debug)]
+pub struct DisplaySource {
+    pub events: std::sync::mpsc::Receiver<DisplayEvent>,
+    /// Whether [`DisplayEvent::BootDirty`] events come, so that the boot framebuffer is
+    /// never searched for changes.
+    pub boot_dirty_log: bool,
+}
+
+/// Written boot framebuffer rectangles kept while nobody watches are merged into one
+/// beyond this many.
+const MAX_PENDING: usize = 256;
 
 /// A running VM's screen.
 #[derive(Debug)]
@@ -200,11 +216,12 @@ impl Screen {
     }
 
     /// Like [`Screen::start`], switching to `display`'s geometry and dirty rectangles
-    /// whenever the synthetic video device owns the screen.
+    /// whenever the synthetic video device owns the screen, and reading only the written
+    /// rows of the boot framebuffer when the worker reports them.
     pub fn start_with_display(
         file: OwnedFd,
         geometry: Geometry,
-        display: Option<std::sync::mpsc::Receiver<DisplayEvent>>,
+        display: Option<DisplaySource>,
     ) -> std::io::Result<Arc<Screen>> {
         let mut first = vec![0u8; geometry.len()];
         read_exact_at(&file, &mut first, geometry.offset)?;
@@ -247,21 +264,29 @@ impl Screen {
         self.frame.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn capture_loop(
-        &self,
-        file: OwnedFd,
-        mut prev: Vec<u8>,
-        mut display: Option<std::sync::mpsc::Receiver<DisplayEvent>>,
-    ) {
+    fn capture_loop(&self, file: OwnedFd, mut prev: Vec<u8>, display: Option<DisplaySource>) {
         let file_len = rustix::fs::fstat(&file).map_or(0, |s| s.st_size as u64);
+        let (mut display, mut boot_log) = match display {
+            Some(d) => (Some(d.events), d.boot_dirty_log),
+            None => (None, false),
+        };
+        if boot_log {
+            tracing::debug!("the boot framebuffer's writes are logged: no polling");
+        }
         // Some(geometry) while the synthetic video device owns the screen.
         let mut synthetic: Option<Geometry> = None;
+        // Written boot framebuffer rectangles not captured yet (nobody watched, or another
+        // device owned the screen).
+        let mut pending: Vec<Rect> = Vec::new();
         let mut cur = vec![0u8; self.boot.len()];
         let mut last_change = Instant::now();
         let mut next = Instant::now();
         while !self.stopped.load(Ordering::SeqCst) {
             // Display events first: they say which mode we are in.
-            let wait = if synthetic.is_some() {
+            let wait = if synthetic.is_none() && boot_log && !pending.is_empty() {
+                // Rows wait for a subscriber: look for one soon.
+                Duration::from_millis(20)
+            } else if synthetic.is_some() || boot_log {
                 Duration::from_millis(100)
             } else {
                 Duration::ZERO
@@ -276,6 +301,9 @@ impl Screen {
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                         display = None;
+                        // Nothing reports writes any more: poll.
+                        boot_log = false;
+                        pending.clear();
                         if synthetic.take().is_some() {
                             self.switch(&file, self.boot, &mut prev);
                         }
@@ -296,10 +324,18 @@ impl Screen {
                     DisplayEvent::Inactive => {
                         if synthetic.take().is_some() {
                             dirty.clear();
+                            // The switch reads all of it.
+                            pending.clear();
                             self.switch(&file, self.boot, &mut prev);
                         }
                     }
                     DisplayEvent::Dirty(r) => dirty.extend(r),
+                    DisplayEvent::BootDirty(r) => {
+                        pending.extend(r);
+                        if pending.len() > MAX_PENDING {
+                            pending = vec![bounding(&pending)];
+                        }
+                    }
                 }
             }
             if let Some(g) = synthetic {
@@ -309,6 +345,14 @@ impl Screen {
                 if display.is_some() {
                     continue;
                 }
+            }
+            if boot_log {
+                // The boot framebuffer's written rows, once somebody watches.
+                if !pending.is_empty() && self.subscribers.load(Ordering::SeqCst) > 0 {
+                    let rects = std::mem::take(&mut pending);
+                    self.capture_rects(&file, self.boot, &rects);
+                }
+                continue;
             }
             if self.subscribers.load(Ordering::SeqCst) == 0 {
                 let guard = self.wake.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -606,6 +650,28 @@ impl Screen {
             now_epoch,
             more,
         )
+    }
+}
+
+/// The smallest rectangle holding all of `rects` (not empty).
+fn bounding(rects: &[Rect]) -> Rect {
+    let x0 = rects.iter().map(|r| r.x).min().unwrap_or(0);
+    let y0 = rects.iter().map(|r| r.y).min().unwrap_or(0);
+    let x1 = rects
+        .iter()
+        .map(|r| r.x.saturating_add(r.width))
+        .max()
+        .unwrap_or(0);
+    let y1 = rects
+        .iter()
+        .map(|r| r.y.saturating_add(r.height))
+        .max()
+        .unwrap_or(0);
+    Rect {
+        x: x0,
+        y: y0,
+        width: x1 - x0,
+        height: y1 - y0,
     }
 }
 
@@ -1064,7 +1130,7 @@ mod tests {
         });
         let (tx, rx) = std::sync::mpsc::channel();
         let screen =
-            Screen::start_with_display(f.try_clone().unwrap().into(), boot, Some(rx)).unwrap();
+            Screen::start_with_display(f.try_clone().unwrap().into(), boot, polled(rx)).unwrap();
         let mut sub = screen.subscribe(TileEncoding::Raw);
         let first = sub.recv().await.unwrap().unwrap();
         assert!(first.full && (first.width, first.height) == (200, 100));
@@ -1130,6 +1196,104 @@ mod tests {
         screen.stop();
     }
 
+    /// Display events from a worker that does not log the boot framebuffer's writes.
+    fn polled(events: std::sync::mpsc::Receiver<DisplayEvent>) -> Option<DisplaySource> {
+        Some(DisplaySource {
+            events,
+            boot_dirty_log: false,
+        })
+    }
+
+    /// With KVM's dirty page log: the boot framebuffer is never searched; exactly the
+    /// tiles under the written rows are read, and rows written while nobody watched are
+    /// read when somebody does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn logged_boot_framebuffer_rows_are_read_and_nothing_else() {
+        let g = geometry();
+        let mut f = memfile(&g);
+        paint(&mut f, &g, 0, 0, 200, 100, 0x11);
+        let (tx, events) = std::sync::mpsc::channel();
+        let screen = Screen::start_with_display(
+            f.try_clone().unwrap().into(),
+            g,
+            Some(DisplaySource {
+                events,
+                boot_dirty_log: true,
+            }),
+        )
+        .unwrap();
+        // Written before anybody watches: kept for later.
+        paint(&mut f, &g, 10, 70, 5, 5, 0x22);
+        tx.send(DisplayEvent::BootDirty(vec![Rect {
+            x: 0,
+            y: 70,
+            width: 200,
+            height: 5,
+        }]))
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut sub = screen.subscribe(TileEncoding::Raw);
+        let mut fb = vec![0u8; (g.width * g.height * 4) as usize];
+        let first = next(&mut sub).await;
+        assert!(first.full);
+        apply(&mut fb, &g, &first);
+        if fb[((72 * 200 + 12) * 4) as usize] != 0x22 {
+            let u = next(&mut sub).await;
+            assert!(!u.full);
+            assert_eq!(u.tiles.len(), 1, "only the tile at (0,64) changed: {u:?}");
+            apply(&mut fb, &g, &u);
+        }
+        assert_eq!(fb[((72 * 200 + 12) * 4) as usize], 0x22);
+
+        // A write the log did not report is not looked for.
+        paint(&mut f, &g, 150, 10, 10, 10, 0x33);
+        let idle = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await;
+        assert!(
+            idle.is_err(),
+            "the boot framebuffer was searched for changes"
+        );
+
+        // Reported rows: the changed tiles under them, and only those.
+        tx.send(DisplayEvent::BootDirty(vec![Rect {
+            x: 0,
+            y: 10,
+            width: 200,
+            height: 10,
+        }]))
+        .unwrap();
+        let u = next(&mut sub).await;
+        assert!(!u.full);
+        assert_eq!(u.tiles.len(), 1, "{u:?}");
+        assert_eq!((u.tiles[0].x, u.tiles[0].y), (128, 0));
+        apply(&mut fb, &g, &u);
+        assert_eq!(fb[((15 * 200 + 155) * 4) as usize], 0x33);
+
+        // The worker goes away: nothing reports writes any more, so the screen is polled.
+        drop(tx);
+        std::thread::sleep(Duration::from_millis(150));
+        paint(&mut f, &g, 20, 20, 4, 4, 0x44);
+        // (The first scan may also resend tiles the log already delivered.)
+        while fb[((21 * 200 + 21) * 4) as usize] != 0x44 {
+            let u = next(&mut sub).await;
+            apply(&mut fb, &g, &u);
+        }
+        screen.stop();
+    }
+
+    #[test]
+    fn bounding_holds_every_rectangle() {
+        let r = |x, y, width, height| Rect {
+            x,
+            y,
+            width,
+            height,
+        };
+        assert_eq!(
+            bounding(&[r(0, 70, 200, 5), r(10, 3, 4, 4), r(50, 90, 10, 10)]),
+            r(0, 3, 200, 97)
+        );
+    }
+
     /// Updates until one says the capture is complete (`more` false).
     async fn until_complete(
         sub: &mut mpsc::Receiver<Result<FrameUpdate, tonic::Status>>,
@@ -1162,7 +1326,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         // Booted at a smaller size, so the mode change's full update is told apart.
         let screen =
-            Screen::start_with_display(f.try_clone().unwrap().into(), geometry(), Some(rx))
+            Screen::start_with_display(f.try_clone().unwrap().into(), geometry(), polled(rx))
                 .unwrap();
         tx.send(DisplayEvent::Mode(proto::worker::Framebuffer {
             offset: g.offset,

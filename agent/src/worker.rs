@@ -142,12 +142,11 @@ impl WorkerConn {
     }
 }
 
-/// Subscribe to the worker's synthetic video updates on a connection of its own. Events
-/// arrive on the returned channel until the worker goes away (the channel then closes).
-/// Errors when the VM has no synthetic video device.
-pub fn display_blocking(
-    socket: &Path,
-) -> AgentResult<std::sync::mpsc::Receiver<crate::screen::DisplayEvent>> {
+/// Subscribe to the worker's display updates (the synthetic video device's, and the boot
+/// framebuffer's written rows) on a connection of its own. Events arrive on the returned
+/// channel until the worker goes away (the channel then closes). Errors when the VM has
+/// neither kind.
+pub fn display_blocking(socket: &Path) -> AgentResult<crate::screen::DisplaySource> {
     use crate::screen::{DisplayEvent, Rect};
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream as StdUnix;
@@ -161,8 +160,9 @@ pub fn display_blocking(
     .map_err(|_| gone())?;
     let mut dec = Decoder::default();
     let mut buf = vec![0u8; 64 << 10];
-    // The reply first (display events may follow it in the same read).
-    loop {
+    // The reply first; display updates that come before it are kept.
+    let mut early = Vec::new();
+    let boot_dirty_log = loop {
         match dec.next_message::<Event>() {
             Ok(Some(Event {
                 kind: Some(event::Kind::Reply(r)),
@@ -170,8 +170,11 @@ pub fn display_blocking(
                 if !r.error.is_empty() {
                     return Err(AgentError::precondition(r.error));
                 }
-                break;
+                break r.status.is_some_and(|s| s.boot_dirty_log);
             }
+            Ok(Some(Event {
+                kind: Some(event::Kind::Display(u)),
+            })) => early.push(u),
             Ok(Some(_)) => continue,
             Ok(None) => {}
             Err(e) => return Err(AgentError::internal("display reply", e)),
@@ -181,9 +184,42 @@ pub fn display_blocking(
             return Err(gone());
         }
         dec.push(&buf[..n]);
-    }
+    };
     s.set_read_timeout(None).ok();
     let (tx, rx) = std::sync::mpsc::channel();
+    let rects = |rs: &[proto::worker::Rect]| -> Vec<Rect> {
+        rs.iter()
+            .map(|r| Rect {
+                x: r.x,
+                y: r.y,
+                width: r.width,
+                height: r.height,
+            })
+            .collect()
+    };
+    let forward = move |u: proto::worker::DisplayUpdate,
+                        tx: &std::sync::mpsc::Sender<DisplayEvent>|
+          -> bool {
+        let mut out = Vec::new();
+        if !u.boot_dirty.is_empty() {
+            // Such an update carries nothing else (see worker.proto).
+            out.push(DisplayEvent::BootDirty(rects(&u.boot_dirty)));
+        } else {
+            if !u.active {
+                out.push(DisplayEvent::Inactive);
+            }
+            if let Some(fb) = u.framebuffer {
+                out.push(DisplayEvent::Mode(fb));
+            }
+            if !u.dirty.is_empty() {
+                out.push(DisplayEvent::Dirty(rects(&u.dirty)));
+            }
+        }
+        out.into_iter().all(|e| tx.send(e).is_ok())
+    };
+    for u in early {
+        forward(u, &tx);
+    }
     std::thread::Builder::new()
         .name("worker-display".into())
         .spawn(move || {
@@ -193,30 +229,8 @@ pub fn display_blocking(
                         Ok(Some(Event {
                             kind: Some(event::Kind::Display(u)),
                         })) => {
-                            let mut out = Vec::new();
-                            if !u.active {
-                                out.push(DisplayEvent::Inactive);
-                            }
-                            if let Some(fb) = u.framebuffer {
-                                out.push(DisplayEvent::Mode(fb));
-                            }
-                            if !u.dirty.is_empty() {
-                                out.push(DisplayEvent::Dirty(
-                                    u.dirty
-                                        .iter()
-                                        .map(|r| Rect {
-                                            x: r.x,
-                                            y: r.y,
-                                            width: r.width,
-                                            height: r.height,
-                                        })
-                                        .collect(),
-                                ));
-                            }
-                            for e in out {
-                                if tx.send(e).is_err() {
-                                    return;
-                                }
+                            if !forward(u, &tx) {
+                                return;
                             }
                         }
                         Ok(Some(_)) => {}
@@ -234,7 +248,10 @@ pub fn display_blocking(
             }
         })
         .map_err(|e| AgentError::internal("display thread", e))?;
-    Ok(rx)
+    Ok(crate::screen::DisplaySource {
+        events: rx,
+        boot_dirty_log,
+    })
 }
 
 fn gone() -> AgentError {

@@ -107,8 +107,10 @@ pub struct FbResult {
     pub width: u32,
     pub height: u32,
     pub encoding: &'static str,
-    /// The synthetic video device's dirty rectangles (a running guest with hyperv_drm),
-    /// then polling the boot framebuffer (firmware, early boot, guests without the driver).
+    /// The synthetic video device's dirty rectangles (a running guest with hyperv_drm), the
+    /// boot framebuffer's written rows from KVM's dirty page log (firmware, early boot,
+    /// guests without the driver), then polling the boot framebuffer (a worker without the
+    /// log).
     pub captures: Vec<Capture>,
 }
 
@@ -163,9 +165,53 @@ fn writer_pid(agent: u32) -> Option<u32> {
     })
 }
 
-/// Run the three workloads, `secs` seconds each, at `width`×`height`.
+/// Run the three workloads, `secs` seconds each, at `width`×`height`, for each way the
+/// agent learns of changes.
 pub fn run(dir: &Path, width: u32, height: u32, secs: f64) -> Result<FbResult> {
     let worker = fake_worker()?;
+    let mut r = run_agent(
+        &dir.join("logged"),
+        &worker,
+        width,
+        height,
+        secs,
+        &[
+            ("synthetic video (dirty rectangles)", "synthvid"),
+            ("boot framebuffer (KVM dirty page log)", "bootfb"),
+        ],
+    )?;
+    // A worker without the log, through a wrapper: the agent passes a worker its own
+    // arguments only.
+    let polled = dir.join("fake-worker-polled");
+    std::fs::write(
+        &polled,
+        format!(
+            "#!/bin/sh\nexec '{}' --no-dirty-log \"$@\"\n",
+            worker.display()
+        ),
+    )?;
+    std::fs::set_permissions(&polled, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let p = run_agent(
+        &dir.join("polled"),
+        &polled,
+        width,
+        height,
+        secs,
+        &[("boot framebuffer (polled, no log)", "bootfb")],
+    )?;
+    r.captures.extend(p.captures);
+    Ok(r)
+}
+
+/// One agent and VM, measuring `captures` (name, the word that selects it).
+fn run_agent(
+    dir: &Path,
+    worker: &Path,
+    width: u32,
+    height: u32,
+    secs: f64,
+    which: &[(&'static str, &'static str)],
+) -> Result<FbResult> {
     let state = dir.join("agent-state");
     std::fs::create_dir_all(state.join("boot/default"))?;
     std::fs::write(state.join("boot/default/kernel"), b"not booted")?;
@@ -251,10 +297,7 @@ pub fn run(dir: &Path, width: u32, height: u32, secs: f64) -> Result<FbResult> {
         }
 
         let mut captures = Vec::new();
-        for (name, word) in [
-            ("synthetic video (dirty rectangles)", "synthvid"),
-            ("boot framebuffer (polled)", "bootfb"),
-        ] {
+        for &(name, word) in which {
             // The switch sends a full update at the same geometry.
             say(word).await?;
             let _ = measure(&mut stream, &mut screen, &pids, "settle", 1.0, false).await?;

@@ -372,15 +372,25 @@ fn decode(t: &proto::v1::Tile) -> Result<Vec<u8>> {
     Ok(px)
 }
 
-async fn screen_shows_pattern(c: &mut Clients, id: &str) -> Result<()> {
-    let mut stream = c
-        .console
+async fn open_screen(
+    c: &mut Clients,
+    id: &str,
+) -> Result<tonic::Streaming<proto::v1::FrameUpdate>> {
+    Ok(c.console
         .stream_framebuffer(FramebufferRequest {
             vm_id: id.into(),
             encoding: TileEncoding::Lz4 as i32,
         })
         .await?
-        .into_inner();
+        .into_inner())
+}
+
+/// Read `stream` until the screen shows the guest's pattern. With `as_changes`, the first
+/// (full) frame must not show it yet: the pattern has to arrive as changes.
+async fn screen_shows_pattern(
+    mut stream: tonic::Streaming<proto::v1::FrameUpdate>,
+    as_changes: bool,
+) -> Result<()> {
     let mut fb: Vec<u8> = Vec::new();
     let (mut w, mut h) = (0u32, 0u32);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -415,6 +425,10 @@ async fn screen_shows_pattern(c: &mut Clients, id: &str) -> Result<()> {
             })
         });
         if matches {
+            ensure!(
+                !(as_changes && updates == 1),
+                "the pattern was on the screen before the stream began"
+            );
             return Ok(());
         }
     }
@@ -472,10 +486,13 @@ async fn vm_lifecycle(c: &mut Clients) -> Result<()> {
         e.code() == Code::FailedPrecondition,
         "delete while running: {e:?}"
     );
+    // Watching from before the guest draws: the pattern can only arrive as the boot
+    // framebuffer's written rows (KVM's dirty page log; the agent does not search).
+    let screen = open_screen(c, &vm.id).await?;
     serial_until(c, &vm.id, "PARVIS-FB-DRAWN=1024x768x32", 240)
         .await
         .context("serial shows the guest booting and drawing")?;
-    screen_shows_pattern(c, &vm.id)
+    screen_shows_pattern(screen, true)
         .await
         .context("the framebuffer stream shows the guest's pattern")?;
     c.vm.shutdown_vm(VmRef {

@@ -676,7 +676,9 @@ impl Vms {
             )
         })?;
         // With a synthetic video device, its geometry and dirty rectangles drive the capture
-        // once the guest driver takes over from the boot framebuffer.
+        // once the guest driver takes over from the boot framebuffer; with KVM's dirty page
+        // log, the boot framebuffer's written rows do before that. Without either, the boot
+        // framebuffer is polled.
         let socket = running.conn.socket().to_owned();
         let display = tokio::task::spawn_blocking(move || crate::worker::display_blocking(&socket))
             .await
