@@ -204,6 +204,7 @@ pub fn session(conn: UnixStream, vm: Arc<Vm>) {
         subscriber: None,
         input: None,
         display: None,
+        display_gate: None,
     };
     let mut decoder = Decoder::default();
     let mut buf = vec![0u8; 16 << 10];
@@ -241,6 +242,29 @@ struct Session {
     input: Option<InputFeeder>,
     /// Stop flag of this session's display sender.
     display: Option<Arc<AtomicBool>>,
+    /// Opened once the reply to `subscribe_display` is out: display updates follow it.
+    display_gate: Option<Arc<Gate>>,
+}
+
+/// Holds threads back until opened.
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn open(&self) {
+        *lock(&self.open) = true;
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut open = lock(&self.open);
+        while !*open {
+            open = self.opened.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 impl Session {
@@ -252,6 +276,9 @@ impl Session {
             kind: Some(event::Kind::Reply(reply)),
         };
         let ok = self.conn.send(&ev, fd.as_ref().map(|f| f.as_fd())).is_ok();
+        if let Some(gate) = self.display_gate.take() {
+            gate.open();
+        }
         self.vm.busy.fetch_sub(1, Ordering::SeqCst);
         ok
     }
@@ -356,14 +383,19 @@ impl Session {
         if self.display.is_none() {
             let stop = Arc::new(AtomicBool::new(false));
             // Set first: a thread that fails to start below must not leave the other one
-            // running unstoppably.
+            // running unstoppably (the gate opens after any reply).
             self.display = Some(stop.clone());
+            let gate = Arc::new(Gate::default());
+            self.display_gate = Some(gate.clone());
             if let Some(video) = video {
-                let (conn, flag) = (self.conn.clone(), stop.clone());
+                let (conn, flag, gate) = (self.conn.clone(), stop.clone(), gate.clone());
                 let offset = self.vm.framebuffer.as_ref().map_or(0, |f| f.offset);
                 std::thread::Builder::new()
                     .name("display-out".into())
-                    .spawn(move || display_sender(&video, &conn, &flag, offset))
+                    .spawn(move || {
+                        gate.wait();
+                        display_sender(&video, &conn, &flag, offset)
+                    })
                     .map_err(|e| format!("cannot start the display sender: {e}"))?;
             }
             if let Some(rows) = &self.vm.boot_dirty {
@@ -371,10 +403,13 @@ impl Session {
                     .subscribe()
                     .map_err(|e| format!("cannot start the dirty page log reader: {e}"))?;
                 let width = rows.format().width;
-                let (conn, flag) = (self.conn.clone(), stop);
+                let conn = self.conn.clone();
                 std::thread::Builder::new()
                     .name("boot-dirty-out".into())
-                    .spawn(move || boot_dirty_sender(&reader, width, &conn, &flag))
+                    .spawn(move || {
+                        gate.wait();
+                        boot_dirty_sender(&reader, width, &conn, &stop)
+                    })
                     .map_err(|e| format!("cannot start the boot framebuffer sender: {e}"))?;
             }
         }
@@ -697,6 +732,8 @@ mod tests {
         log: Mutex<Vec<String>>,
         paused: AtomicBool,
         gone: AtomicBool,
+        /// Answer queries slowly, as a busy partition thread would.
+        slow_query: AtomicBool,
     }
 
     impl Host for Arc<FakeHost> {
@@ -708,6 +745,9 @@ mod tests {
             let name = name.split('(').next().unwrap_or_default().to_string();
             match c {
                 Command::Query(tx) => {
+                    if self.slow_query.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
                     let _ = tx.send(if self.paused.load(Ordering::SeqCst) {
                         PartitionState::Paused
                     } else {
@@ -1150,18 +1190,20 @@ mod tests {
         let (reply, _) = c.call(request::Kind::Query(Empty {}));
         let status = reply.status.unwrap();
         assert!(status.boot_dirty_log && !status.synthetic_video);
-        // The reply says what follows; display events may come before or after it.
+        // The reply comes first and says what follows, however long it takes.
+        r.host.slow_query.store(true, Ordering::SeqCst);
         let id = c.send(request::Kind::SubscribeDisplay(Empty {}));
+        match c.event().expect("connection closed").0.kind {
+            Some(event::Kind::Reply(reply)) => {
+                assert_eq!((reply.id, reply.error.as_str()), (id, ""));
+                let status = reply.status.unwrap();
+                assert!(status.boot_dirty_log && !status.synthetic_video);
+            }
+            other => panic!("display updates came before the reply: {other:?}"),
+        }
         let mut updates = Vec::new();
-        let mut replied = false;
-        while !replied || updates.is_empty() {
+        while updates.is_empty() {
             match c.event().expect("connection closed").0.kind {
-                Some(event::Kind::Reply(reply)) => {
-                    assert_eq!((reply.id, reply.error.as_str()), (id, ""));
-                    let status = reply.status.unwrap();
-                    assert!(status.boot_dirty_log && !status.synthetic_video);
-                    replied = true;
-                }
                 Some(event::Kind::Display(u)) => updates.push(u),
                 other => panic!("{other:?}"),
             }
