@@ -191,7 +191,14 @@ pub struct DisplaySource {
     /// Whether [`DisplayEvent::BootDirty`] events come, so that the boot framebuffer is
     /// never searched for changes.
     pub boot_dirty_log: bool,
+    /// The display connection's writing side, to say whether the boot framebuffer's rows
+    /// are wanted (`watch_boot_framebuffer`).
+    pub control: Option<std::os::unix::net::UnixStream>,
 }
+
+/// With nobody watching for this long, the worker stops reading the boot framebuffer's
+/// dirty page log (a guest drawing unwatched then pays nothing for it).
+const UNWATCHED_GRACE: Duration = Duration::from_secs(1);
 
 /// Written boot framebuffer rectangles kept while nobody watches are merged into one
 /// beyond this many.
@@ -266,10 +273,14 @@ impl Screen {
 
     fn capture_loop(&self, file: OwnedFd, mut prev: Vec<u8>, display: Option<DisplaySource>) {
         let file_len = rustix::fs::fstat(&file).map_or(0, |s| s.st_size as u64);
-        let (mut display, mut boot_log) = match display {
-            Some(d) => (Some(d.events), d.boot_dirty_log),
-            None => (None, false),
+        let (mut display, mut boot_log, mut control) = match display {
+            Some(d) => (Some(d.events), d.boot_dirty_log, d.control),
+            None => (None, false, None),
         };
+        // Whether the worker sends the boot framebuffer's rows (it does from subscribing),
+        // and since when they have been of no use.
+        let mut rows_wanted = true;
+        let mut unwatched_since: Option<Instant> = None;
         if boot_log {
             tracing::debug!("the boot framebuffer's writes are logged: no polling");
         }
@@ -286,7 +297,10 @@ impl Screen {
             let wait = if synthetic.is_none() && boot_log && !pending.is_empty() {
                 // Rows wait for a subscriber: look for one soon.
                 Duration::from_millis(20)
-            } else if synthetic.is_some() || boot_log {
+            } else if boot_log {
+                // Also how soon a new subscriber has the rows wanted again.
+                Duration::from_millis(50)
+            } else if synthetic.is_some() {
                 Duration::from_millis(100)
             } else {
                 Duration::ZERO
@@ -336,6 +350,19 @@ impl Screen {
                             pending = vec![bounding(&pending)];
                         }
                     }
+                }
+            }
+            if boot_log {
+                let useful = synthetic.is_none() && self.subscribers.load(Ordering::SeqCst) > 0;
+                let want = if useful {
+                    unwatched_since = None;
+                    true
+                } else {
+                    unwatched_since.get_or_insert_with(Instant::now).elapsed() < UNWATCHED_GRACE
+                };
+                if want != rows_wanted {
+                    rows_wanted = want;
+                    watch_boot_framebuffer(&mut control, want);
                 }
             }
             if let Some(g) = synthetic {
@@ -566,8 +593,15 @@ impl Screen {
                         break;
                     }
                 }
-                if screen.stopped.load(Ordering::SeqCst) || gen_rx.changed().await.is_err() {
+                if screen.stopped.load(Ordering::SeqCst) {
                     break;
+                }
+                // A console that went away stops counting now, not at the next change.
+                tokio::select! {
+                    r = gen_rx.changed() => if r.is_err() {
+                        break;
+                    },
+                    _ = tx.closed() => break,
                 }
                 if screen.stopped.load(Ordering::SeqCst) {
                     break;
@@ -650,6 +684,20 @@ impl Screen {
             now_epoch,
             more,
         )
+    }
+}
+
+/// Tell the worker whether the boot framebuffer's rows are wanted. A failed write is the
+/// worker going away, which the display events' end reports.
+fn watch_boot_framebuffer(control: &mut Option<std::os::unix::net::UnixStream>, want: bool) {
+    use std::io::Write;
+    let Some(c) = control else { return };
+    let req = proto::worker::Request {
+        id: 0,
+        kind: Some(proto::worker::request::Kind::WatchBootFramebuffer(want)),
+    };
+    if c.write_all(&proto::framing::encode(&req)).is_err() {
+        *control = None;
     }
 }
 
@@ -1201,6 +1249,7 @@ mod tests {
         Some(DisplaySource {
             events,
             boot_dirty_log: false,
+            control: None,
         })
     }
 
@@ -1213,12 +1262,14 @@ mod tests {
         let mut f = memfile(&g);
         paint(&mut f, &g, 0, 0, 200, 100, 0x11);
         let (tx, events) = std::sync::mpsc::channel();
+        let (worker_side, control) = std::os::unix::net::UnixStream::pair().unwrap();
         let screen = Screen::start_with_display(
             f.try_clone().unwrap().into(),
             g,
             Some(DisplaySource {
                 events,
                 boot_dirty_log: true,
+                control: Some(control),
             }),
         )
         .unwrap();
@@ -1268,6 +1319,20 @@ mod tests {
         apply(&mut fb, &g, &u);
         assert_eq!(fb[((15 * 200 + 155) * 4) as usize], 0x33);
 
+        // Nobody watches for a while: the worker is told to stop reading the log, and to
+        // start again when somebody watches. (The grace before this test's first
+        // subscriber was too short for the first.)
+        let mut requests = WatchRequests::new(worker_side);
+        drop(sub);
+        assert!(!requests.next(), "rows still wanted with nobody watching");
+        let mut sub = screen.subscribe(TileEncoding::Raw);
+        assert!(
+            requests.next(),
+            "rows not wanted again for a new subscriber"
+        );
+        let first = next(&mut sub).await;
+        assert!(first.full);
+
         // The worker goes away: nothing reports writes any more, so the screen is polled.
         drop(tx);
         std::thread::sleep(Duration::from_millis(150));
@@ -1278,6 +1343,44 @@ mod tests {
             apply(&mut fb, &g, &u);
         }
         screen.stop();
+    }
+
+    /// `watch_boot_framebuffer` requests as the worker reads them.
+    struct WatchRequests {
+        stream: std::os::unix::net::UnixStream,
+        decoder: proto::framing::Decoder,
+    }
+
+    impl WatchRequests {
+        fn new(stream: std::os::unix::net::UnixStream) -> Self {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            WatchRequests {
+                stream,
+                decoder: proto::framing::Decoder::default(),
+            }
+        }
+
+        fn next(&mut self) -> bool {
+            use std::io::Read;
+            loop {
+                if let Some(r) = self
+                    .decoder
+                    .next_message::<proto::worker::Request>()
+                    .unwrap()
+                {
+                    match r.kind {
+                        Some(proto::worker::request::Kind::WatchBootFramebuffer(on)) => return on,
+                        other => panic!("{other:?}"),
+                    }
+                }
+                let mut buf = [0u8; 256];
+                let n = (&self.stream).read(&mut buf).expect("a request within 5 s");
+                assert!(n > 0, "the control connection closed");
+                self.decoder.push(&buf[..n]);
+            }
+        }
     }
 
     #[test]

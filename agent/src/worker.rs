@@ -186,6 +186,10 @@ pub fn display_blocking(socket: &Path) -> AgentResult<crate::screen::DisplaySour
         dec.push(&buf[..n]);
     };
     s.set_read_timeout(None).ok();
+    let control = s.try_clone().ok();
+    if let Some(c) = &control {
+        c.set_write_timeout(Some(REQUEST_TIMEOUT)).ok();
+    }
     let (tx, rx) = std::sync::mpsc::channel();
     let rects = |rs: &[proto::worker::Rect]| -> Vec<Rect> {
         rs.iter()
@@ -251,6 +255,7 @@ pub fn display_blocking(socket: &Path) -> AgentResult<crate::screen::DisplaySour
     Ok(crate::screen::DisplaySource {
         events: rx,
         boot_dirty_log,
+        control,
     })
 }
 

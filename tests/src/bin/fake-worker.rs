@@ -293,10 +293,10 @@ fn draw_loop(s: &Shared) {
 }
 
 /// Send one display subscriber the boot framebuffer's written rows, like the real worker.
-fn boot_dirty_sender(s: &Shared, reader: &DirtyReader, mut conn: UnixStream) {
-    loop {
-        let rows = reader.wait(Duration::from_millis(500));
-        if rows.is_empty() {
+fn boot_dirty_sender(s: &Shared, reader: &DirtyReader, mut conn: UnixStream, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        let rows = reader.wait(Duration::from_millis(50));
+        if rows.is_empty() || stop.load(Ordering::SeqCst) {
             continue;
         }
         let bytes = framing::encode(&Event {
@@ -354,6 +354,8 @@ fn send(conn: &UnixStream, ev: &Event, fd: Option<&OwnedFd>) -> std::io::Result<
 fn session(conn: UnixStream, s: &Arc<Shared>) {
     let mut decoder = Decoder::default();
     let mut buf = vec![0u8; 16 << 10];
+    // Stop flag of this connection's boot framebuffer row sender, while it runs.
+    let mut boot_rows: Option<Arc<AtomicBool>> = None;
     let mut line = Vec::new();
     loop {
         let n = match (&conn).read(&mut buf) {
@@ -369,6 +371,7 @@ fn session(conn: UnixStream, s: &Arc<Shared>) {
             let mut fd = None;
             let mut exit = false;
             let mut subscribe = false;
+            let mut watch = None;
             match req.kind {
                 Some(request::Kind::Query(_)) => reply.status = Some(s.status()),
                 Some(request::Kind::Framebuffer(_)) => {
@@ -424,6 +427,7 @@ fn session(conn: UnixStream, s: &Arc<Shared>) {
                 Some(request::Kind::Input(_)) => {
                     reply.error = "this VM has no input device yet".into();
                 }
+                Some(request::Kind::WatchBootFramebuffer(on)) => watch = Some(on),
                 Some(_) => {}
                 None => reply.error = "empty request".into(),
             }
@@ -438,15 +442,31 @@ fn session(conn: UnixStream, s: &Arc<Shared>) {
                 if let Ok(c) = conn.try_clone() {
                     s.display.lock().unwrap_or_else(|e| e.into_inner()).push(c);
                 }
-                if let (Some(rows), Ok(c)) = (&s.boot_rows, conn.try_clone()) {
-                    match rows.subscribe() {
-                        Ok(reader) => {
-                            let s = s.clone();
-                            std::thread::spawn(move || boot_dirty_sender(&s, &reader, c));
-                        }
-                        Err(e) => eprintln!("fake-worker: no dirty log reader: {e}"),
+                watch = Some(true);
+            }
+            match watch {
+                Some(false) => {
+                    if let Some(stop) = boot_rows.take() {
+                        stop.store(true, Ordering::SeqCst);
                     }
                 }
+                Some(true) if boot_rows.is_none() => {
+                    if let (Some(rows), Ok(c)) = (&s.boot_rows, conn.try_clone()) {
+                        match rows.subscribe() {
+                            Ok(reader) => {
+                                let s = s.clone();
+                                let stop = Arc::new(AtomicBool::new(false));
+                                let flag = stop.clone();
+                                std::thread::spawn(move || {
+                                    boot_dirty_sender(&s, &reader, c, &flag)
+                                });
+                                boot_rows = Some(stop);
+                            }
+                            Err(e) => eprintln!("fake-worker: no dirty log reader: {e}"),
+                        }
+                    }
+                }
+                _ => {}
             }
             if exit {
                 if let Some(p) = &s.status {

@@ -205,6 +205,7 @@ pub fn session(conn: UnixStream, vm: Arc<Vm>) {
         input: None,
         display: None,
         display_gate: None,
+        boot_rows: None,
     };
     let mut decoder = Decoder::default();
     let mut buf = vec![0u8; 16 << 10];
@@ -244,6 +245,8 @@ struct Session {
     display: Option<Arc<AtomicBool>>,
     /// Opened once the reply to `subscribe_display` is out: display updates follow it.
     display_gate: Option<Arc<Gate>>,
+    /// Stop flag of this session's boot framebuffer row sender, while it runs.
+    boot_rows: Option<Arc<AtomicBool>>,
 }
 
 /// Holds threads back until opened.
@@ -312,6 +315,7 @@ impl Session {
             Some(Kind::SubscribeDisplay(_)) => {
                 self.subscribe_display().map(|s| reply.status = Some(s))
             }
+            Some(Kind::WatchBootFramebuffer(on)) => self.watch_boot_framebuffer(on),
         };
         if let Err(e) = result {
             reply.error = e;
@@ -398,22 +402,46 @@ impl Session {
                     })
                     .map_err(|e| format!("cannot start the display sender: {e}"))?;
             }
-            if let Some(rows) = &self.vm.boot_dirty {
-                let reader = rows
-                    .subscribe()
-                    .map_err(|e| format!("cannot start the dirty page log reader: {e}"))?;
-                let width = rows.format().width;
-                let conn = self.conn.clone();
-                std::thread::Builder::new()
-                    .name("boot-dirty-out".into())
-                    .spawn(move || {
-                        gate.wait();
-                        boot_dirty_sender(&reader, width, &conn, &stop)
-                    })
-                    .map_err(|e| format!("cannot start the boot framebuffer sender: {e}"))?;
-            }
+            self.watch_boot_framebuffer(true)?;
         }
         self.query()
+    }
+
+    /// Start or stop sending this (display) session the boot framebuffer's written rows.
+    /// The first update follows the reply.
+    fn watch_boot_framebuffer(&mut self, on: bool) -> Result<(), String> {
+        if self.display.is_none() {
+            return Err("watch_boot_framebuffer needs subscribe_display first".into());
+        }
+        if !on {
+            if let Some(stop) = self.boot_rows.take() {
+                stop.store(true, Ordering::SeqCst);
+            }
+            return Ok(());
+        }
+        let Some(rows) = &self.vm.boot_dirty else {
+            return Ok(());
+        };
+        if self.boot_rows.is_some() {
+            return Ok(());
+        }
+        let reader = rows
+            .subscribe()
+            .map_err(|e| format!("cannot start the dirty page log reader: {e}"))?;
+        let width = rows.format().width;
+        let conn = self.conn.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let gate = self.display_gate.get_or_insert_with(Arc::default).clone();
+        std::thread::Builder::new()
+            .name("boot-dirty-out".into())
+            .spawn(move || {
+                gate.wait();
+                boot_dirty_sender(&reader, width, &conn, &flag)
+            })
+            .map_err(|e| format!("cannot start the boot framebuffer sender: {e}"))?;
+        self.boot_rows = Some(stop);
+        Ok(())
     }
 
     fn screenshot(&self, path: String) -> Result<(), String> {
@@ -498,6 +526,9 @@ impl Session {
         if let Some(d) = &self.display {
             d.store(true, Ordering::SeqCst);
         }
+        if let Some(b) = &self.boot_rows {
+            b.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -548,12 +579,13 @@ fn display_sender(video: &VideoShared, conn: &Conn, stop: &AtomicBool, vram_offs
     }
 }
 
-/// Send one session the boot framebuffer's written rows until it closes. Rows written while
-/// a send is blocked are merged into the next update.
+/// Send one session the boot framebuffer's written rows until stopped (the reader, and
+/// with the last one the log's polling, ends with it). Rows written while a send is
+/// blocked are merged into the next update.
 fn boot_dirty_sender(reader: &DirtyReader, width: u32, conn: &Conn, stop: &AtomicBool) {
     while !stop.load(Ordering::SeqCst) {
-        let rows = reader.wait(Duration::from_millis(500));
-        if rows.is_empty() {
+        let rows = reader.wait(Duration::from_millis(50));
+        if rows.is_empty() || stop.load(Ordering::SeqCst) {
             continue;
         }
         let ev = Event {
@@ -1138,12 +1170,13 @@ mod tests {
         assert_eq!(reply.error, "");
     }
 
-    /// A dirty page log that reports the pages a test marks.
+    /// A dirty page log that reports the pages a test marks, and counts its readings.
     #[derive(Default)]
-    struct MarkedPages(Mutex<Vec<u64>>);
+    struct MarkedPages(Mutex<Vec<u64>>, AtomicUsize);
 
     impl hypervisor::dirty::PageLog for MarkedPages {
         fn take(&self) -> hypervisor::dirty::PageDirt {
+            self.1.fetch_add(1, Ordering::SeqCst);
             let mut bits = vec![0u64; 64];
             for p in std::mem::take(&mut *lock(&self.0)) {
                 bits[(p / 64) as usize] |= 1 << (p % 64);
@@ -1226,5 +1259,44 @@ mod tests {
             }
         };
         assert_eq!(next.boot_dirty, vec![rect(4, 3), rect(160, 2)]);
+
+        // Nobody wants the rows: the log is no longer read, and nothing is sent.
+        let (reply, _) = c.call(request::Kind::WatchBootFramebuffer(false));
+        assert_eq!(reply.error, "");
+        std::thread::sleep(Duration::from_millis(300));
+        let reads = log.1.load(Ordering::SeqCst);
+        lock(&log.0).push(7);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(log.1.load(Ordering::SeqCst), reads, "the log is still read");
+        c.stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        assert!(
+            (&c.stream).read(&mut byte).is_err(),
+            "an update came while nobody wanted one"
+        );
+        c.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // Wanted again: every row first, then the log as before.
+        let (reply, _) = c.call(request::Kind::WatchBootFramebuffer(true));
+        assert_eq!(reply.error, "");
+        let again = loop {
+            if let Some(event::Kind::Display(u)) = c.event().expect("connection closed").0.kind {
+                break u;
+            }
+        };
+        assert_eq!(again.boot_dirty, vec![rect(0, 480)]);
+        lock(&log.0).push(100);
+        // Page 7, written while nobody read the log, is still in it (as in KVM's): it comes
+        // with page 100 or before it.
+        let mut got = Vec::new();
+        while !got.contains(&rect(160, 2)) {
+            if let Some(event::Kind::Display(u)) = c.event().expect("connection closed").0.kind {
+                got.extend(u.boot_dirty);
+            }
+        }
+        assert_eq!(got, vec![rect(11, 2), rect(160, 2)]);
     }
 }
