@@ -362,7 +362,11 @@ impl Screen {
                 };
                 if want != rows_wanted {
                     rows_wanted = want;
-                    watch_boot_framebuffer(&mut control, want);
+                    // Wanted again, every row comes: rows kept until then are not needed
+                    // (nor a loop looking for a subscriber to show them).
+                    if watch_boot_framebuffer(&mut control, want) && !want {
+                        pending.clear();
+                    }
                 }
             }
             if let Some(g) = synthetic {
@@ -687,18 +691,23 @@ impl Screen {
     }
 }
 
-/// Tell the worker whether the boot framebuffer's rows are wanted. A failed write is the
-/// worker going away, which the display events' end reports.
-fn watch_boot_framebuffer(control: &mut Option<std::os::unix::net::UnixStream>, want: bool) {
+/// Tell the worker whether the boot framebuffer's rows are wanted; whether it was told. A
+/// failed write is the worker going away, which the display events' end reports.
+fn watch_boot_framebuffer(
+    control: &mut Option<std::os::unix::net::UnixStream>,
+    want: bool,
+) -> bool {
     use std::io::Write;
-    let Some(c) = control else { return };
+    let Some(c) = control else { return false };
     let req = proto::worker::Request {
         id: 0,
         kind: Some(proto::worker::request::Kind::WatchBootFramebuffer(want)),
     };
     if c.write_all(&proto::framing::encode(&req)).is_err() {
         *control = None;
+        return false;
     }
+    true
 }
 
 /// The smallest rectangle holding all of `rects` (not empty).

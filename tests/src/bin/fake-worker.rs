@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use hypervisor::dirty::{DirtyReader, DirtyRows, PAGE, PageDirt, PageLog};
+use hypervisor::dirty::{DirtyReader, DirtyRows, PAGE, PageDirt, PageLog, rows_update};
 use hypervisor::framebuffer::FbFormat;
 use parvis_tests::fbstamp::{MAGIC, monotonic_ns};
 use proto::framing::{self, Decoder};
@@ -300,18 +300,7 @@ fn boot_dirty_sender(s: &Shared, reader: &DirtyReader, mut conn: UnixStream, sto
             continue;
         }
         let bytes = framing::encode(&Event {
-            kind: Some(event::Kind::Display(DisplayUpdate {
-                boot_dirty: rows
-                    .iter()
-                    .map(|r| Rect {
-                        x: 0,
-                        y: r.y,
-                        width: s.width,
-                        height: r.height,
-                    })
-                    .collect(),
-                ..Default::default()
-            })),
+            kind: Some(event::Kind::Display(rows_update(&rows, s.width))),
         });
         // Under the subscribers' lock: one writer per connection at a time.
         let _subs = s.display.lock().unwrap_or_else(|e| e.into_inner());

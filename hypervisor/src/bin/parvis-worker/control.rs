@@ -389,8 +389,7 @@ impl Session {
             // Set first: a thread that fails to start below must not leave the other one
             // running unstoppably (the gate opens after any reply).
             self.display = Some(stop.clone());
-            let gate = Arc::new(Gate::default());
-            self.display_gate = Some(gate.clone());
+            let gate = self.display_gate.get_or_insert_with(Arc::default).clone();
             if let Some(video) = video {
                 let (conn, flag, gate) = (self.conn.clone(), stop.clone(), gate.clone());
                 let offset = self.vm.framebuffer.as_ref().map_or(0, |f| f.offset);
@@ -589,18 +588,9 @@ fn boot_dirty_sender(reader: &DirtyReader, width: u32, conn: &Conn, stop: &Atomi
             continue;
         }
         let ev = Event {
-            kind: Some(event::Kind::Display(proto::worker::DisplayUpdate {
-                boot_dirty: rows
-                    .iter()
-                    .map(|r| proto::worker::Rect {
-                        x: 0,
-                        y: r.y,
-                        width,
-                        height: r.height,
-                    })
-                    .collect(),
-                ..Default::default()
-            })),
+            kind: Some(event::Kind::Display(hypervisor::dirty::rows_update(
+                &rows, width,
+            ))),
         };
         if conn.send(&ev, None).is_err() {
             return;
@@ -854,21 +844,25 @@ mod tests {
     impl Rig {
         /// A new control connection.
         fn connect(&self) -> Client {
-            let (client, server) = UnixStream::pair().unwrap();
-            let vm = self.vm.clone();
-            std::thread::spawn(move || session(server, vm));
-            client
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            Client {
-                stream: client,
-                decoder: Decoder::default(),
-                next_id: 1,
-            }
+            connect(self.vm.clone())
         }
 
         fn log(&self) -> Vec<String> {
             lock(&self.host.log).clone()
+        }
+    }
+
+    /// A new control connection to `vm`.
+    fn connect(vm: Arc<Vm>) -> Client {
+        let (client, server) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || session(server, vm));
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Client {
+            stream: client,
+            decoder: Decoder::default(),
+            next_id: 1,
         }
     }
 
@@ -1210,16 +1204,7 @@ mod tests {
             )
             .with_boot_dirty(DirtyRows::new(log.clone(), FbFormat::xrgb(640, 480))),
         );
-        let (client, server) = UnixStream::pair().unwrap();
-        std::thread::spawn(move || session(server, vm));
-        client
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut c = Client {
-            stream: client,
-            decoder: Decoder::default(),
-            next_id: 1,
-        };
+        let mut c = connect(vm);
         let (reply, _) = c.call(request::Kind::Query(Empty {}));
         let status = reply.status.unwrap();
         assert!(status.boot_dirty_log && !status.synthetic_video);
