@@ -73,9 +73,8 @@ pub fn new_token() -> String {
     format!("pvs_{}", hex::encode(b))
 }
 
-/// Load the stored token hash, or make a token, store its hash, and return the token so
-/// the caller can print it (the only time it is ever shown).
-pub fn load_or_create_token(layout: &Layout) -> Result<(TokenCheck, Option<String>)> {
+/// The stored token's check, if a token was made before.
+pub fn load_token(layout: &Layout) -> Result<Option<TokenCheck>> {
     let path = layout.secrets().join(TOKEN_HASH);
     match fs::read_to_string(&path) {
         Ok(text) => {
@@ -83,26 +82,69 @@ pub fn load_or_create_token(layout: &Layout) -> Result<(TokenCheck, Option<Strin
             let hash: [u8; 32] = bytes
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("the stored token hash is damaged"))?;
-            Ok((TokenCheck::from_hash(hash), None))
+            Ok(Some(TokenCheck::from_hash(hash)))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let (check, token) = reset_token(layout)?;
-            Ok((check, Some(token)))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).context("cannot read the token hash"),
     }
 }
 
-/// Replace the token: the old one stops working when the agent next starts.
-pub fn reset_token(layout: &Layout) -> Result<(TokenCheck, String)> {
-    let token = new_token();
-    let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-    write_atomic(
-        &layout.secrets().join(TOKEN_HASH),
-        format!("{}\n", hex::encode(hash)).as_bytes(),
-    )
-    .context("cannot store the token hash")?;
-    Ok((TokenCheck::from_hash(hash), token))
+/// A new token, made in memory. [`NewToken::install`] stores it and shows it, and takes it
+/// back if it cannot be shown, so a token nobody saw never becomes the agent's.
+pub struct NewToken {
+    token: String,
+    hash: [u8; 32],
+}
+
+impl NewToken {
+    pub fn new() -> Self {
+        let token = new_token();
+        let hash = Sha256::digest(token.as_bytes()).into();
+        NewToken { token, hash }
+    }
+
+    /// The token, to show.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    pub fn check(&self) -> TokenCheck {
+        TokenCheck::from_hash(self.hash)
+    }
+
+    /// Store the token's hash (from the next start it is the agent's token), then `show` the
+    /// token. If showing fails the previous hash (or none) is put back, and the error returned.
+    pub fn install(
+        &self,
+        layout: &Layout,
+        show: impl FnOnce(&str) -> Result<()>,
+    ) -> Result<TokenCheck> {
+        let path = layout.secrets().join(TOKEN_HASH);
+        let previous = match fs::read(&path) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).context("cannot read the token hash"),
+        };
+        write_atomic(&path, format!("{}\n", hex::encode(self.hash)).as_bytes())
+            .context("cannot store the token hash")?;
+        if let Err(e) = show(&self.token) {
+            let undone = match &previous {
+                Some(b) => write_atomic(&path, b),
+                None => fs::remove_file(&path),
+            };
+            if let Err(u) = undone {
+                tracing::error!("cannot take back the token that was not shown: {u}");
+            }
+            return Err(e);
+        }
+        Ok(self.check())
+    }
+}
+
+impl Default for NewToken {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The agent's certificate and key (PEM).
@@ -190,24 +232,58 @@ mod tests {
     }
 
     #[test]
-    fn the_token_is_shown_once_and_stored_hashed() {
+    fn a_token_that_cannot_be_shown_is_not_kept() {
         let (_d, l) = layout();
-        let (check, token) = load_or_create_token(&l).unwrap();
-        let token = token.expect("first start shows the token");
+        let first = NewToken::new();
+        let e = first
+            .install(&l, |_| anyhow::bail!("stdout is closed"))
+            .unwrap_err();
+        assert!(e.to_string().contains("stdout"), "{e}");
+        assert!(
+            load_token(&l).unwrap().is_none(),
+            "an unseen token was kept"
+        );
+        first.install(&l, |_| Ok(())).unwrap();
+        // A reset whose token cannot be shown leaves the old token working.
+        let second = NewToken::new();
+        assert!(second.install(&l, |_| anyhow::bail!("closed")).is_err());
+        let check = load_token(&l).unwrap().unwrap();
+        assert!(check.accepts(first.token()));
+        assert!(!check.accepts(second.token()));
+    }
+
+    #[test]
+    fn the_token_is_stored_hashed_and_shown() {
+        let (_d, l) = layout();
+        assert!(
+            load_token(&l).unwrap().is_none(),
+            "no token before the first start"
+        );
+        let new = NewToken::new();
+        let token = new.token().to_string();
+        assert!(new.check().accepts(&token));
+        let mut shown = String::new();
+        let check = new
+            .install(&l, |t| {
+                shown = t.to_string();
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(shown, token);
         assert!(check.accepts(&token));
         assert!(!check.accepts("pvs_wrong"));
         let stored = fs::read_to_string(l.secrets().join(TOKEN_HASH)).unwrap();
         assert!(!stored.contains(&token));
-        let (again, shown) = load_or_create_token(&l).unwrap();
-        assert!(shown.is_none(), "a restart never shows the token again");
+        let again = load_token(&l).unwrap().expect("stored");
         assert!(again.accepts(&token));
     }
 
     #[test]
     fn the_interceptor_rejects_missing_and_wrong_tokens() {
         let (_d, l) = layout();
-        let (mut check, token) = load_or_create_token(&l).unwrap();
-        let token = token.unwrap();
+        let new = NewToken::new();
+        let mut check = new.install(&l, |_| Ok(())).unwrap();
+        let token = new.token().to_string();
         let none = check.call(Request::new(())).unwrap_err();
         assert_eq!(none.code(), tonic::Code::Unauthenticated);
         let mut wrong = Request::new(());

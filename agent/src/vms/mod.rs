@@ -236,9 +236,8 @@ impl Vms {
 
     /// The running worker of a VM, or FailedPrecondition.
     pub fn running(&self, id: &str) -> AgentResult<Arc<Running>> {
-        self.entry(id, |e| (e.run.clone(), e.config.name.clone()))?
-            .0
-            .ok_or_else(|| AgentError::precondition(format!("VM '{id}' is not running")))
+        let (run, name) = self.entry(id, |e| (e.run.clone(), e.config.name.clone()))?;
+        run.ok_or_else(|| AgentError::precondition(format!("VM '{name}' is not running")))
     }
 
     /// VM ids whose configuration uses the disk.
@@ -724,13 +723,54 @@ fn state_word(s: VmState) -> &'static str {
     }
 }
 
-/// Replace the state directory in text for clients with a neutral word.
+/// Text from a worker made fit for clients: terminal escape sequences (a log's colours) and
+/// other control characters but newlines and tabs removed, the state directory replaced with
+/// a neutral word.
 pub fn scrub(text: &str, root: &Path) -> String {
+    let plain = strip_controls(text);
     let root = root.display().to_string();
     if root.is_empty() {
-        return text.to_string();
+        return plain;
     }
-    text.replace(&root, "<state>")
+    plain.replace(&root, "<state>")
+}
+
+/// `text` without ANSI escape sequences (CSI `ESC [ … final`, OSC `ESC ] … BEL/ST`, and
+/// two-character `ESC x`) and without control characters other than `\n` and `\t`.
+fn strip_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => match chars.next() {
+                // CSI: parameters and intermediates, then one final byte in @..=~.
+                Some('[') => {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                // OSC: up to BEL or ESC \.
+                Some(']') => {
+                    while let Some(c) = chars.next() {
+                        if c == '\u{7}' {
+                            break;
+                        }
+                        if c == '\u{1b}' {
+                            chars.next_if_eq(&'\\');
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            },
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The first disk of `config` that another VM which is not off also uses, where either of
@@ -757,6 +797,18 @@ fn disk_conflict(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn worker_text_loses_colours_and_control_characters() {
+        let root = std::path::Path::new("/var/lib/parvis");
+        let log = "\u{1b}[2m2026-12-07T18:00:00Z\u{1b}[0m \u{1b}[31mERROR\u{1b}[0m \
+                   \u{1b}]8;;http://x\u{7}link\u{1b}]8;;\u{1b}\\ cannot open \
+                   /var/lib/parvis/vms/a/disk\r\u{0}\n\tnext";
+        assert_eq!(
+            super::scrub(log, root),
+            "2026-12-07T18:00:00Z ERROR link cannot open <state>/vms/a/disk\n\tnext"
+        );
+    }
+
     use super::*;
     use config::DiskRef;
 

@@ -90,6 +90,7 @@ fn main() {
     let cli = Cli::parse();
     settle_allocator();
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&cli.log)
@@ -97,7 +98,9 @@ fn main() {
         )
         .init();
     if let Err(e) = run(cli) {
-        eprintln!("parvis-agent: error: {e:#}");
+        use std::io::Write;
+        // Not eprintln!: it panics when stderr is closed.
+        let _ = writeln!(std::io::stderr(), "parvis-agent: error: {e:#}");
         std::process::exit(1);
     }
 }
@@ -112,14 +115,14 @@ fn run(cli: Cli) -> Result<()> {
     })?;
     match cli.command {
         Some(Command::ResetToken) => {
-            let (_, token) = security::reset_token(&layout)?;
-            println!("token: {token}");
-            println!("(restart the agent for the new token to take effect)");
+            security::NewToken::new().install(&layout, |t| {
+                show_token(t, "(restart the agent for the new token to take effect)")
+            })?;
             return Ok(());
         }
         Some(Command::Fingerprint) => {
             let id = identity(&layout, &cli.listen)?;
-            println!("{}", id.fingerprint);
+            say(&id.fingerprint).context("cannot write to standard output")?;
             return Ok(());
         }
         None => {}
@@ -130,6 +133,27 @@ fn run(cli: Cli) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(agent_main(cli, layout))
+}
+
+/// Print a line on stdout. A closed stdout is an error here, never a panic (`println!`
+/// panics).
+fn say(line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()
+}
+
+/// Show a new token, the only time it is ever shown. If this fails the token is taken back
+/// ([`security::NewToken::install`]), so a token that could not be shown never becomes the
+/// agent's.
+fn show_token(token: &str, note: &str) -> Result<()> {
+    say(&format!("token: {token}"))
+        .and_then(|()| say(note))
+        .context(
+            "cannot show the new token because standard output is closed; it was not kept, \
+             so run the agent again with its output visible to get one",
+        )
 }
 
 fn identity(layout: &Layout, listen: &SocketAddr) -> Result<TlsIdentity> {
@@ -152,7 +176,13 @@ fn identity(layout: &Layout, listen: &SocketAddr) -> Result<TlsIdentity> {
 }
 
 async fn agent_main(cli: Cli, layout: Layout) -> Result<()> {
-    let (token, shown) = security::load_or_create_token(&layout)?;
+    let (token, new_token) = match security::load_token(&layout)? {
+        Some(check) => (check, None),
+        None => {
+            let new = security::NewToken::new();
+            (new.check(), Some(new))
+        }
+    };
     let tls = if cli.tls || !is_loopback(&cli.listen) {
         Some(identity(&layout, &cli.listen)?)
     } else {
@@ -188,7 +218,8 @@ async fn agent_main(cli: Cli, layout: Layout) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
     let local = listener.local_addr()?;
-    println!(
+    // A service may run with stdout closed: these lines are for whoever watches.
+    let _ = say(&format!(
         "parvis-agent {} listening on {local} ({})",
         env!("CARGO_PKG_VERSION"),
         if tls.is_some() {
@@ -196,15 +227,20 @@ async fn agent_main(cli: Cli, layout: Layout) -> Result<()> {
         } else {
             "plain HTTP/2, loopback only"
         }
-    );
+    ));
     if let Some(t) = &tls {
-        println!("TLS certificate SHA-256 fingerprint: {}", t.fingerprint);
+        let _ = say(&format!(
+            "TLS certificate SHA-256 fingerprint: {}",
+            t.fingerprint
+        ));
     }
-    if let Some(t) = &shown {
-        println!("token: {t}");
-        println!(
-            "(shown once; only its hash is stored. `parvis-agent reset-token` makes a new one)"
-        );
+    if let Some(new) = &new_token {
+        new.install(&layout, |t| {
+            show_token(
+                t,
+                "(shown once; only its hash is stored. `parvis-agent reset-token` makes a new one)",
+            )
+        })?;
     }
     // Autostart VMs (the demo VM among them) once the server is about to accept.
     for id in agent.vms.autostart_ids() {
@@ -215,8 +251,6 @@ async fn agent_main(cli: Cli, layout: Layout) -> Result<()> {
             }
         });
     }
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
     // On SIGTERM or Ctrl-C: stop accepting, let short calls finish, and leave after a few
     // seconds even if streams (consoles, event watchers) are still open. Workers keep
     // running and are adopted at the next start.

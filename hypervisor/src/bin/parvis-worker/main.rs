@@ -147,7 +147,10 @@ fn main() {
         None => {}
     }
     let cli = cli.run;
+    // Colours only for a person at a terminal: the agent keeps a worker's stderr as its log
+    // and shows its tail to clients.
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&cli.log)
