@@ -1,7 +1,15 @@
 //! The agent's errors, and the one place they become `tonic::Status`.
 //!
 //! Messages that reach clients name the API's objects (VM and disk ids, fields), never host
-//! paths or internals; those go to the agent's log.
+//! paths or internals; those go to the agent's log. Whatever a message quotes from a request
+//! goes through [`quote`], and no message is longer than [`MAX_MESSAGE`], so a client never
+//! gets a status its own library refuses (grpcio takes at most 16 KiB of metadata).
+//!
+//! Codes follow gRPC's conventions: a request that can never succeed is INVALID_ARGUMENT, an
+//! unknown object NOT_FOUND, an object in the wrong state FAILED_PRECONDITION, a limit
+//! RESOURCE_EXHAUSTED, a feature the agent lacks (compressed messages) UNIMPLEMENTED, and
+//! UNAVAILABLE only for what is worth retrying unchanged (a broken stream, a worker that is
+//! restarting).
 
 use thiserror::Error;
 use tonic::Status;
@@ -9,7 +17,7 @@ use tonic::Status;
 /// Everything an RPC can fail with.
 #[derive(Debug, Error)]
 pub enum AgentError {
-    #[error("{kind} '{id}' not found")]
+    #[error("{kind} '{}' not found", quote(id))]
     NotFound { kind: &'static str, id: String },
     #[error("{field}: {reason}")]
     InvalidArgument { field: String, reason: String },
@@ -23,6 +31,9 @@ pub enum AgentError {
     ResourceExhausted(String),
     #[error("cancelled")]
     Cancelled,
+    /// Something the agent does not do (a compressed request message).
+    #[error("{0}")]
+    Unimplemented(String),
     /// A disk image problem that is the client's (a corrupt or unsupported upload).
     #[error("disk image: {0}")]
     Image(String),
@@ -73,22 +84,82 @@ impl From<parvis_disk::DiskError> for AgentError {
     }
 }
 
-impl From<AgentError> for Status {
-    fn from(e: AgentError) -> Status {
-        match &e {
-            AgentError::NotFound { .. } => Status::not_found(e.to_string()),
-            AgentError::InvalidArgument { .. } | AgentError::Image(_) => {
-                Status::invalid_argument(e.to_string())
-            }
-            AgentError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
-            AgentError::AlreadyExists(_) => Status::already_exists(e.to_string()),
-            AgentError::Unavailable(_) => Status::unavailable(e.to_string()),
-            AgentError::ResourceExhausted(_) => Status::resource_exhausted(e.to_string()),
-            AgentError::Cancelled => Status::cancelled("cancelled"),
+/// The longest message a status carries, in bytes.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// The longest piece of a request a message quotes whole, in characters.
+const QUOTE_CHARS: usize = 64;
+
+/// `s` as an error message quotes it: whole when short; else its first characters and its
+/// length ("0123…" (10485760 bytes)). Control characters are shown escaped.
+pub fn quote(s: &str) -> String {
+    let escape = |s: &str| s.chars().flat_map(char::escape_debug).collect::<String>();
+    if s.chars().count() <= QUOTE_CHARS {
+        return escape(s);
+    }
+    let head: String = s.chars().take(QUOTE_CHARS / 2).collect();
+    format!("{}… ({} bytes)", escape(&head), s.len())
+}
+
+/// `msg` cut to [`MAX_MESSAGE`] bytes (on a character boundary), saying so.
+fn capped(msg: String) -> String {
+    if msg.len() <= MAX_MESSAGE {
+        return msg;
+    }
+    let mut end = MAX_MESSAGE - 16;
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (cut)", &msg[..end])
+}
+
+impl AgentError {
+    /// The message a client sees (what the status carries): capped, and for an internal error
+    /// only that there was one, its details going to the log here.
+    pub fn client_message(&self) -> String {
+        match self {
             AgentError::Internal(inner) => {
                 tracing::error!("internal error: {inner:#}");
-                Status::internal("internal error (details are in the agent's log)")
+                "internal error (details are in the agent's log)".into()
             }
+            e => capped(e.to_string()),
+        }
+    }
+}
+
+/// A request stream's failure as tonic reports it (a gRPC client stream that broke or could
+/// not be decoded).
+impl From<Status> for AgentError {
+    fn from(s: Status) -> Self {
+        match s.code() {
+            tonic::Code::ResourceExhausted => {
+                AgentError::ResourceExhausted(capped(s.message().into()))
+            }
+            tonic::Code::Unimplemented => AgentError::Unimplemented(capped(s.message().into())),
+            // tonic's codec reports a message it cannot decode as INTERNAL.
+            tonic::Code::Internal => AgentError::invalid("request", capped(s.message().into())),
+            _ => {
+                AgentError::Unavailable(format!("the request stream broke: {}", quote(s.message())))
+            }
+        }
+    }
+}
+
+impl From<AgentError> for Status {
+    fn from(e: AgentError) -> Status {
+        let msg = || e.client_message();
+        match &e {
+            AgentError::NotFound { .. } => Status::not_found(msg()),
+            AgentError::InvalidArgument { .. } | AgentError::Image(_) => {
+                Status::invalid_argument(msg())
+            }
+            AgentError::FailedPrecondition(_) => Status::failed_precondition(msg()),
+            AgentError::AlreadyExists(_) => Status::already_exists(msg()),
+            AgentError::Unavailable(_) => Status::unavailable(msg()),
+            AgentError::ResourceExhausted(_) => Status::resource_exhausted(msg()),
+            AgentError::Unimplemented(_) => Status::unimplemented(msg()),
+            AgentError::Cancelled => Status::cancelled(msg()),
+            AgentError::Internal(_) => Status::internal(msg()),
         }
     }
 }
@@ -122,5 +193,26 @@ mod tests {
             Status::from(AgentError::precondition("VM is off")).code(),
             tonic::Code::FailedPrecondition
         );
+    }
+
+    #[test]
+    fn quoted_request_text_is_bounded() {
+        assert_eq!(quote("abc"), "abc");
+        assert_eq!(quote("a\nb"), "a\\nb");
+        let huge = "x".repeat(10 << 20);
+        let q = quote(&huge);
+        assert!(q.len() < 80, "{q}");
+        assert!(q.ends_with("(10485760 bytes)"), "{q}");
+        let s = Status::from(AgentError::not_found("VM", huge.clone()));
+        assert_eq!(s.code(), tonic::Code::NotFound);
+        assert!(s.message().len() < 100, "{}", s.message());
+        assert!(s.message().starts_with("VM 'xxxx"), "{}", s.message());
+        // A quote cut inside a multi-byte character stays valid UTF-8.
+        let q = quote(&"é".repeat(100));
+        assert!(q.starts_with(&"é".repeat(32)), "{q}");
+        // Whatever a message says, the status carries at most MAX_MESSAGE bytes.
+        let s = Status::from(AgentError::precondition("ü".repeat(5000)));
+        assert!(s.message().len() <= MAX_MESSAGE, "{}", s.message().len());
+        assert!(s.message().ends_with("(cut)"));
     }
 }

@@ -90,7 +90,7 @@ impl HostFacts {
         let bad = || {
             AgentError::invalid(
                 "spec.boot_image",
-                format!("no boot image '{name}' on this host"),
+                format!("no boot image '{}' on this host", crate::error::quote(name)),
             )
         };
         if name.is_empty() || name.starts_with('.') || name.contains('/') {

@@ -11,11 +11,13 @@
 //! - [`vms`], [`worker`]: VM inventory, state machine and worker supervision.
 //! - [`screen`], [`serial`]: framebuffer tiles and serial console fan-out.
 //! - [`security`]: bearer tokens and the TLS certificate.
+//! - [`fault`]: named fault points that crash tests arm.
 //! - [`service`]: the thin gRPC handlers; [`error`] maps every failure to a status.
 
 pub mod disks;
 pub mod error;
 pub mod events;
+pub mod fault;
 pub mod host;
 pub mod screen;
 pub mod security;

@@ -206,23 +206,11 @@ impl TaskHandle {
                 Err(_) if cancelled => t.state = TaskState::Cancelled as i32,
                 Err(e) => {
                     t.state = TaskState::Failed as i32;
-                    t.error = tonic::Status::from(clone_err(e)).message().to_string();
+                    t.error = e.client_message();
                 }
             }
         });
         self.tasks.events.task_changed(self.task());
-    }
-}
-
-/// Status conversion consumes the error; rebuild an equivalent one for the message.
-fn clone_err(e: &AgentError) -> AgentError {
-    match e {
-        AgentError::Internal(inner) => AgentError::Internal(anyhow::anyhow!("{inner:#}")),
-        AgentError::NotFound { kind, id } => AgentError::not_found(kind, id.clone()),
-        AgentError::InvalidArgument { field, reason } => {
-            AgentError::invalid(field.clone(), reason.clone())
-        }
-        other => AgentError::FailedPrecondition(other.to_string()),
     }
 }
 

@@ -111,6 +111,24 @@ impl Env {
         self.wait_upload(&s.upload_id).await
     }
 
+    /// Uploads that left more than the record of how they ended: a directory in `uploads/`
+    /// with data in it, or whose `upload.json` does not say it ended.
+    fn uploads_left(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        for id in self.entries(&self.layout.uploads()) {
+            let dir = self.layout.uploads().join(&id);
+            let files = self.entries(&dir);
+            let ended = std::fs::read(dir.join("upload.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|m| m["ended"]["state"].is_string());
+            if files != ["upload.json"] || !ended {
+                left.push(format!("{id}: {files:?}, ended: {ended}"));
+            }
+        }
+        left
+    }
+
     fn entries(&self, dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
@@ -263,7 +281,7 @@ async fn upload_resumes_after_an_interrupted_stream() {
     assert!(disk.allocated_bytes < data.len() as u64, "{disk:?}");
     let path = env.lib.path_of(&done.disk_id).unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), data);
-    assert!(env.entries(&env.layout.uploads()).is_empty());
+    assert_eq!(env.uploads_left(), Vec::<String>::new());
     let t = env.tasks.get(&done.task_id).unwrap();
     assert_eq!(t.state, TaskState::Succeeded as i32);
     assert_eq!(t.disk_id, done.disk_id);
@@ -325,7 +343,7 @@ async fn checksum_mismatch_fails_and_leaves_nothing() {
     assert!(s.error.contains("checksum mismatch"), "{}", s.error);
     assert!(s.disk_id.is_empty());
     assert!(env.lib.list().is_empty());
-    assert!(env.entries(&env.layout.uploads()).is_empty());
+    assert_eq!(env.uploads_left(), Vec::<String>::new());
     assert!(env.entries(&env.layout.disks()).is_empty());
     let t = env.tasks.get(&s.task_id).unwrap();
     assert_eq!(t.state, TaskState::Failed as i32);
@@ -411,7 +429,7 @@ async fn a_checksum_declared_after_the_data_is_checked_like_one_declared_before(
         std::fs::read(env.lib.path_of(&done.disk_id).unwrap()).unwrap(),
         data
     );
-    assert!(env.entries(&env.layout.uploads()).is_empty());
+    assert_eq!(env.uploads_left(), Vec::<String>::new());
     // Saying it again (a lost answer) is harmless; saying something else is not.
     let again = env.lib.finish_upload(&id, &sha(&data)).await.unwrap();
     assert_eq!(again.disk_id, done.disk_id);
@@ -433,13 +451,13 @@ async fn a_wrong_late_checksum_fails_and_a_waiting_upload_can_be_cancelled() {
     assert_eq!(s.state, UploadState::Failed as i32);
     assert!(s.error.contains("checksum mismatch"), "{}", s.error);
     assert!(env.lib.list().is_empty());
-    assert!(env.entries(&env.layout.uploads()).is_empty());
+    assert_eq!(env.uploads_left(), Vec::<String>::new());
 
     let s = env.upload_all("waiting", &data, "").await;
     assert_eq!(s.state, UploadState::AwaitingChecksum as i32, "{s:?}");
     let c = env.lib.cancel_upload(&s.upload_id).await.unwrap();
     assert_eq!(c.state, UploadState::Cancelled as i32);
-    assert!(env.entries(&env.layout.uploads()).is_empty());
+    assert_eq!(env.uploads_left(), Vec::<String>::new());
     let e = env.lib.finish_upload(&s.upload_id, &sha(&data)).await;
     assert_eq!(
         Status::from(e.unwrap_err()).code(),
@@ -477,7 +495,7 @@ async fn begin_upload_checks_its_arguments() {
         .await
         .unwrap_err();
     assert_eq!(Status::from(e).code(), tonic::Code::ResourceExhausted);
-    assert!(env.entries(&env.layout.uploads()).is_empty());
+    assert_eq!(env.uploads_left(), Vec::<String>::new());
     let e = env.lib.get_upload("../../etc").unwrap_err();
     assert!(matches!(e, AgentError::NotFound { .. }));
 }
@@ -564,7 +582,7 @@ async fn data_past_the_end_and_parallel_streams_are_refused() {
     // Cancel: the data goes.
     let s = lib.lib.cancel_upload(&id).await.unwrap();
     assert_eq!(s.state, UploadState::Cancelled as i32);
-    assert!(lib.entries(&lib.layout.uploads()).is_empty());
+    assert_eq!(lib.uploads_left(), Vec::<String>::new());
     let e = lib
         .lib
         .upload_stream(stream_of(&id, s.verified_offset, &data[..512], 512, false))
@@ -643,7 +661,7 @@ async fn a_corrupt_image_with_a_valid_checksum_is_refused() {
     assert!(s.error.starts_with("disk image:"), "{}", s.error);
     assert!(env.lib.list().is_empty());
     assert!(env.entries(&env.layout.disks()).is_empty());
-    assert!(env.entries(&env.layout.uploads()).is_empty());
+    assert_eq!(env.uploads_left(), Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -782,6 +800,147 @@ async fn a_complete_upload_is_verified_again_after_a_crash() {
         std::fs::read(env.lib.path_of(&s.disk_id).unwrap()).unwrap(),
         data
     );
+}
+
+/// How far a crash let a verified upload's move into the library get, counted back from the
+/// end: the files of a finished upload are rolled back to each of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum CrashBefore {
+    /// disk.json written, the upload not yet recorded done.
+    DoneRecord,
+    /// The data moved into the disk's directory, no disk.json.
+    DiskJson,
+    /// The disk's directory made, the data still in the upload.
+    Move,
+    /// Only the intent recorded: no disk directory yet.
+    DiskDir,
+}
+
+fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, serde_json::to_vec(&v).unwrap()).unwrap();
+}
+
+#[tokio::test]
+async fn a_verified_upload_becomes_exactly_one_disk_whatever_step_a_crash_stopped() {
+    for crash in [
+        CrashBefore::DoneRecord,
+        CrashBefore::DiskJson,
+        CrashBefore::Move,
+        CrashBefore::DiskDir,
+    ] {
+        let mut env = Env::new();
+        let data = pattern(3 * MIB, 11);
+        let s = env.upload_all("commit", &data, &sha(&data)).await;
+        assert_eq!(s.state, UploadState::Done as i32, "{s:?}");
+        let (id, disk_id) = (s.upload_id.clone(), s.disk_id.clone());
+        let udir = env.layout.uploads().join(&id);
+        let ddir = env.layout.disks().join(&disk_id);
+        // The record names the disk before anything moves.
+        edit_json(&udir.join("upload.json"), |m| {
+            assert_eq!(m["disk"]["id"], disk_id.as_str());
+            assert_eq!(m["ended"]["disk_id"], disk_id.as_str());
+            m.as_object_mut().unwrap().remove("ended");
+        });
+        if crash >= CrashBefore::DiskJson {
+            std::fs::remove_file(ddir.join("disk.json")).unwrap();
+        }
+        if crash >= CrashBefore::Move {
+            std::fs::rename(ddir.join("image.raw"), udir.join("data.partial")).unwrap();
+        }
+        if crash >= CrashBefore::DiskDir {
+            std::fs::remove_dir(&ddir).unwrap();
+        }
+        for _restart in 0..2 {
+            env.reopen();
+            let disks = env.lib.list();
+            assert_eq!(disks.len(), 1, "{crash:?}: {disks:?}");
+            assert_eq!(disks[0].id, disk_id, "{crash:?}");
+            assert_eq!(
+                std::fs::read(env.lib.path_of(&disk_id).unwrap()).unwrap(),
+                data,
+                "{crash:?}"
+            );
+            let s = env.lib.get_upload(&id).unwrap();
+            assert_eq!(s.state, UploadState::Done as i32, "{crash:?}: {s:?}");
+            assert_eq!(s.disk_id, disk_id, "{crash:?}");
+            assert_eq!(env.uploads_left(), Vec::<String>::new(), "{crash:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn ended_uploads_are_remembered_across_restarts_for_a_week() {
+    let mut env = Env::new();
+    let data = pattern(MIB, 12);
+    let done = env.upload_all("done", &data, &sha(&data)).await;
+    assert_eq!(done.state, UploadState::Done as i32, "{done:?}");
+    let bad = env.upload_all("bad", &data, &"0".repeat(64)).await;
+    assert_eq!(bad.state, UploadState::Failed as i32, "{bad:?}");
+    let cancelled = env
+        .lib
+        .begin_upload("cancelled", data.len() as u64, "")
+        .await
+        .unwrap();
+    env.lib.cancel_upload(&cancelled.upload_id).await.unwrap();
+    env.reopen();
+    let s = env.lib.get_upload(&done.upload_id).unwrap();
+    assert_eq!(
+        (s.state, s.disk_id.as_str(), s.name.as_str()),
+        (UploadState::Done as i32, done.disk_id.as_str(), "done")
+    );
+    let s = env.lib.get_upload(&bad.upload_id).unwrap();
+    assert_eq!(s.state, UploadState::Failed as i32);
+    assert_eq!(s.error, bad.error);
+    assert!(s.error.contains("checksum mismatch"), "{}", s.error);
+    let s = env.lib.get_upload(&cancelled.upload_id).unwrap();
+    assert_eq!(s.state, UploadState::Cancelled as i32);
+    // A stream for an ended upload is refused as before the restart.
+    let e = env
+        .lib
+        .upload_stream(stream_of(&done.upload_id, 0, &data, MIB, false))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, AgentError::FailedPrecondition(_)), "{e:?}");
+    assert_eq!(env.uploads_left(), Vec::<String>::new());
+
+    // A week later the records go; the disk stays.
+    let week = 7 * 24 * 3600 * 1000 + 60_000;
+    for id in [&done.upload_id, &bad.upload_id, &cancelled.upload_id] {
+        edit_json(&env.layout.uploads().join(id).join("upload.json"), |m| {
+            let t = m["ended"]["finished_ms"].as_i64().unwrap();
+            m["ended"]["finished_ms"] = (t - week).into();
+        });
+    }
+    env.reopen();
+    for id in [&done.upload_id, &bad.upload_id, &cancelled.upload_id] {
+        assert!(matches!(
+            env.lib.get_upload(id),
+            Err(AgentError::NotFound { .. })
+        ));
+    }
+    assert!(env.entries(&env.layout.uploads()).is_empty());
+    assert!(env.lib.get(&done.disk_id).is_ok());
+}
+
+#[tokio::test]
+async fn a_disk_deleted_before_its_upload_was_recorded_done_is_not_brought_back() {
+    let mut env = Env::new();
+    let data = pattern(MIB, 13);
+    let s = env.upload_all("gone", &data, &sha(&data)).await;
+    env.lib.delete(&s.disk_id, &[]).await.unwrap();
+    edit_json(
+        &env.layout.uploads().join(&s.upload_id).join("upload.json"),
+        |m| {
+            m.as_object_mut().unwrap().remove("ended");
+        },
+    );
+    env.reopen();
+    assert!(env.lib.list().is_empty());
+    let u = env.lib.get_upload(&s.upload_id).unwrap();
+    assert_eq!(u.state, UploadState::Done as i32, "{u:?}");
+    assert_eq!(u.disk_id, s.disk_id);
 }
 
 #[tokio::test]

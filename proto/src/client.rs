@@ -236,6 +236,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Whether an upload stream that failed with `s` is worth another stream: the connection
 /// broke, or the agent still holds the previous stream or names the offset to continue at.
+/// A stream the agent could not decode (INVALID_ARGUMENT), one with a message over its limit
+/// (RESOURCE_EXHAUSTED) or a compressed one (UNIMPLEMENTED) would fail again the same way.
 pub fn upload_retryable(s: &tonic::Status) -> bool {
     use tonic::Code;
     match s.code() {
@@ -243,8 +245,7 @@ pub fn upload_retryable(s: &tonic::Status) -> bool {
         | Code::Unknown
         | Code::Aborted
         | Code::Cancelled
-        | Code::DeadlineExceeded
-        | Code::ResourceExhausted => true,
+        | Code::DeadlineExceeded => true,
         Code::FailedPrecondition => {
             s.message().contains("in progress") || s.message().contains("continues at offset")
         }

@@ -48,6 +48,14 @@ def main():
     listed = vms.ListVms(vm_pb2.ListVmsRequest(), metadata=auth, timeout=30)
     assert any(v.id == vm.id and v.spec.name == "py-made" for v in listed.vms), listed
     vms.DeleteVm(vm_pb2.VmRef(vm_id=vm.id), metadata=auth, timeout=30)
+    # An unknown id is NOT_FOUND with a short message, however long the id (the whole set of
+    # bad requests runs against a local agent in agent/tests/foreign_client.rs).
+    try:
+        vms.GetVm(vm_pb2.VmRef(vm_id="y" * (100 << 10)), metadata=auth, timeout=30)
+        raise SystemExit("a 100 KiB id was found")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.NOT_FOUND, e
+        assert len(e.details()) < 1024, len(e.details())
     try:
         vms.GetVm(vm_pb2.VmRef(vm_id=vm.id), metadata=auth, timeout=30)
         raise SystemExit("a deleted VM is still there")

@@ -3,8 +3,9 @@
 //!
 //! On disk, `disks/<id>/disk.json` (written atomically, and always last) says that
 //! `disks/<id>/image.<ext>` is a complete disk. A directory without `disk.json` is a
-//! half-made disk (a crash during create, convert or the end of an upload) and is removed
-//! when the library is opened. Uploads live in `uploads/<id>/` until verified; see
+//! half-made disk (a crash during create or convert) and is removed when the library is
+//! opened, unless a verified upload is still becoming it: that one is finished first (see
+//! [`upload`]). Uploads live in `uploads/<id>/` until verified; see
 //! [`upload`].
 //!
 //! Everything here that touches files runs on blocking threads: async methods use
@@ -13,7 +14,7 @@
 mod staged;
 mod upload;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -32,6 +33,8 @@ use crate::events::EventBus;
 use crate::store::{self, Layout, is_id, new_id, now_ms};
 use crate::tasks::{TaskHandle, Tasks};
 
+/// A disk directory's description; a directory without it is no disk.
+const DISK_JSON: &str = "disk.json";
 /// The largest virtual disk (and upload) the library accepts: the VHDX maximum.
 pub const MAX_DISK_SIZE: u64 = 64 << 40;
 /// The largest VHD.
@@ -152,14 +155,16 @@ impl DiskLibrary {
             disks: Mutex::new(HashMap::new()),
             uploads: Mutex::new(HashMap::new()),
         });
-        let disks = load_disks(&layout.disks())?;
+        // Uploads first: one that a crash stopped while it became a disk finishes becoming it.
+        let uploads = upload::scan(layout)?;
+        let disks = load_disks(&layout.disks(), &uploads.unfinished)?;
         {
             let mut map = inner.lock_disks();
             for e in disks {
                 map.insert(e.meta.id.clone(), e);
             }
         }
-        upload::load(&inner)?;
+        upload::load(&inner, uploads);
         Ok(DiskLibrary { inner })
     }
 
@@ -312,7 +317,7 @@ impl DiskLibrary {
         let root = self.inner.layout.disks();
         let removed = blocking(move || {
             // Without disk.json the directory is no disk, whatever happens next.
-            fs::remove_file(dir.join("disk.json"))
+            fs::remove_file(dir.join(DISK_JSON))
                 .and_then(|()| store::sync_dir(&root))
                 .map_err(|e| AgentError::internal("removing disk.json", e))?;
             if let Err(e) = fs::remove_dir_all(&dir) {
@@ -573,9 +578,14 @@ impl Inner {
     fn install(&self, meta: DiskMeta, img: &Image, path: &Path) -> AgentResult<Disk> {
         let disk = disk_from_info(&meta, &img.info(path));
         let dir = self.disk_dir(&meta.id);
-        store::write_json(&dir.join("disk.json"), &meta)
+        store::write_json(&dir.join(DISK_JSON), &meta)
             .and_then(|()| store::sync_dir(&self.layout.disks()))
             .map_err(|e| AgentError::internal("writing disk.json", e))?;
+        Ok(self.register(meta, disk))
+    }
+
+    /// Add a disk whose `disk.json` is written to the library and announce it.
+    fn register(&self, meta: DiskMeta, disk: Disk) -> Disk {
         self.lock_disks().insert(
             meta.id.clone(),
             DiskEntry {
@@ -586,7 +596,7 @@ impl Inner {
             },
         );
         self.events.disk_changed(disk.clone());
-        Ok(disk)
+        disk
     }
 
     fn convert_blocking(
@@ -671,8 +681,9 @@ impl Inner {
 }
 
 /// Load `disks/`: every `<id>/disk.json` with its image. Directories without `disk.json`
-/// are half-made disks and are removed; temporary files are removed.
-fn load_disks(root: &Path) -> anyhow::Result<Vec<DiskEntry>> {
+/// are half-made disks and are removed, but for those in `keep` (uploads still becoming
+/// them); temporary files are removed.
+fn load_disks(root: &Path, keep: &HashSet<String>) -> anyhow::Result<Vec<DiskEntry>> {
     let mut out = Vec::new();
     for ent in fs::read_dir(root).with_context(|| format!("reading {}", root.display()))? {
         let ent = ent?;
@@ -687,7 +698,10 @@ fn load_disks(root: &Path) -> anyhow::Result<Vec<DiskEntry>> {
             continue;
         }
         remove_temp_files(&path);
-        let json = path.join("disk.json");
+        let json = path.join(DISK_JSON);
+        if !json.exists() && keep.contains(&name) {
+            continue;
+        }
         if !json.exists() {
             tracing::info!("removing the half-made disk {}", path.display());
             if let Err(e) = fs::remove_dir_all(&path) {

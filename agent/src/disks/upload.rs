@@ -9,6 +9,18 @@
 //! up front, or by `FinishUpload` after the data), a task checks it and the image's
 //! structure; only then does the file move into the library.
 //!
+//! A kill loses at most the last [`CHECKPOINT`] (64 MiB) of a running stream: the client
+//! sends them again from `verified_offset`.
+//!
+//! Moving a verified upload into the library survives a crash at any instant ([`commit`]):
+//! the disk's id and description are written into `upload.json` before anything moves, every
+//! step after that can run again, and the next start runs them again. So at every instant
+//! either the upload (resumable, or verified and committing) or the registered disk exists,
+//! and an upload acknowledged complete ends as exactly one disk. An upload that ended (done,
+//! failed or cancelled) keeps its `upload.json`, without data, saying how it ended and which
+//! disk it became, for [`KEEP_ENDED_MS`] (7 days; the newest [`KEEP_FINISHED`] at most), so
+//! `GetUpload` answers the same after a restart.
+//!
 //! The data path: the gRPC handler hands each chunk (a refcounted `Bytes`, never copied) to
 //! a writer thread, which copies it into an aligned staging buffer and hashes (SHA-256) each
 //! piece right after staging it, while it is in cache; full staging buffers are written out
@@ -18,7 +30,7 @@
 //! for the next stream if all of it is durable. After a restart it is rebuilt by reading the
 //! partial file. Checkpoints fall where a staging buffer was written out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -38,9 +50,13 @@ use sha2::{Digest, Sha256};
 use tokio_stream::{Stream, StreamExt};
 
 use super::staged::StagedFile;
-use super::{DiskLibrary, DiskMeta, Inner, MAX_DISK_SIZE, blocking, free_space, validate_name};
+use super::{
+    DiskLibrary, DiskMeta, Inner, MAX_DISK_SIZE, blocking, disk_from_info, free_space,
+    validate_name,
+};
 use crate::error::{AgentError, AgentResult};
-use crate::store::{self, is_id, new_id, now_ms};
+use crate::fault;
+use crate::store::{self, Layout, is_id, new_id, now_ms};
 use crate::tasks::TaskHandle;
 
 /// Data is made durable and `verified_offset` advanced at most this often.
@@ -50,8 +66,10 @@ const QUEUE: usize = 4;
 /// The handler hands data to the writer in batches of this many bytes (or what has come
 /// when the stream has nothing more at once).
 const BATCH: u64 = 1 << 20;
-/// Finished uploads remembered for `GetUpload`.
-const KEEP_FINISHED: usize = 100;
+/// Ended uploads remembered for `GetUpload`, at most.
+const KEEP_FINISHED: usize = 1000;
+/// How long an ended upload is remembered.
+const KEEP_ENDED_MS: i64 = 7 * 24 * 3600 * 1000;
 const DATA: &str = "data.partial";
 const META: &str = "upload.json";
 
@@ -66,6 +84,35 @@ struct UploadMeta {
     sha256: String,
     created_ms: i64,
     verified_offset: u64,
+    /// The disk a verified upload becomes, recorded before its data moves (see [`commit`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    disk: Option<DiskMeta>,
+    /// How the upload ended; then the data is gone and only this record stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ended: Option<Ended>,
+}
+
+/// How an upload ended, as `upload.json` keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Ended {
+    /// "done", "failed" or "cancelled".
+    state: String,
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    disk_id: String,
+    finished_ms: i64,
+}
+
+impl Ended {
+    fn state(&self) -> Option<UploadState> {
+        match self.state.as_str() {
+            "done" => Some(UploadState::Done),
+            "failed" => Some(UploadState::Failed),
+            "cancelled" => Some(UploadState::Cancelled),
+            _ => None,
+        }
+    }
 }
 
 /// An upload, in memory.
@@ -134,6 +181,31 @@ impl UploadEntry {
         self.streaming = false;
         self.committing = false;
     }
+
+    /// The record of an ended upload.
+    fn ended(&self) -> Ended {
+        Ended {
+            state: match self.state {
+                UploadState::Done => "done",
+                UploadState::Cancelled => "cancelled",
+                _ => "failed",
+            }
+            .into(),
+            error: self.error.clone(),
+            disk_id: self.disk_id.clone(),
+            finished_ms: self.finished_ms,
+        }
+    }
+
+    /// An upload that ended before the agent started, from its record.
+    fn from_record(meta: UploadMeta, ended: &Ended, state: UploadState) -> Self {
+        let mut e = UploadEntry::new(meta);
+        e.state = state;
+        e.error = ended.error.clone();
+        e.disk_id = ended.disk_id.clone();
+        e.finished_ms = ended.finished_ms;
+        e
+    }
 }
 
 impl DiskLibrary {
@@ -168,6 +240,8 @@ impl DiskLibrary {
             sha256,
             created_ms: now_ms(),
             verified_offset: 0,
+            disk: None,
+            ended: None,
         };
         let inner = self.inner.clone();
         blocking(move || {
@@ -186,7 +260,9 @@ impl DiskLibrary {
                          {promised} of them are promised to other uploads"
                     )));
                 }
-                prune(&mut map);
+                for old in prune(&mut map) {
+                    let _ = fs::remove_dir_all(inner.upload_dir(&old));
+                }
                 let mut e = UploadEntry::new(meta.clone());
                 // Nobody may stream until the files exist.
                 e.streaming = true;
@@ -268,9 +344,9 @@ impl DiskLibrary {
     /// Stop an upload and delete its data. Verification can be cancelled until the image
     /// is being moved into the library.
     pub async fn cancel_upload(&self, id: &str) -> AgentResult<UploadStatus> {
-        let (status, remove) = self.inner.with_upload(id, |e| {
+        let (status, retire) = self.inner.with_upload(id, |e| {
             let remove = match e.state {
-                UploadState::Cancelled => return Ok((e.status(), false)),
+                UploadState::Cancelled => return Ok((e.status(), None)),
                 UploadState::Receiving | UploadState::AwaitingChecksum => {
                     e.cancel.store(true, Ordering::SeqCst);
                     // A running stream removes the data when it stops.
@@ -293,12 +369,13 @@ impl DiskLibrary {
                 }
             };
             e.end(UploadState::Cancelled, String::new());
-            Ok((e.status(), remove))
+            Ok((e.status(), remove.then(|| (e.meta.clone(), e.ended()))))
         })?;
-        if remove {
-            let dir = self.inner.upload_dir(id);
+        if let Some((meta, ended)) = retire {
+            let inner = self.inner.clone();
             blocking(move || {
-                fs::remove_dir_all(&dir).map_err(|e| AgentError::internal("removing an upload", e))
+                inner.retire(&meta, ended);
+                Ok(())
             })
             .await?;
         }
@@ -312,11 +389,11 @@ impl DiskLibrary {
     pub async fn upload_stream<S, E>(&self, mut stream: S) -> AgentResult<UploadStatus>
     where
         S: Stream<Item = Result<UploadChunk, E>> + Unpin + Send,
-        E: std::fmt::Display,
+        E: Into<AgentError>,
     {
         let first = match stream.next().await {
             Some(Ok(c)) => c,
-            Some(Err(e)) => return Err(AgentError::Unavailable(format!("upload stream: {e}"))),
+            Some(Err(e)) => return Err(e.into()),
             None => {
                 return Err(AgentError::invalid(
                     "upload_id",
@@ -436,9 +513,7 @@ impl DiskLibrary {
             data = match next.expect("waited for above") {
                 None => break,
                 Some(Err(e)) => {
-                    failure = Some(AgentError::Unavailable(format!(
-                        "upload stream interrupted: {e}"
-                    )));
+                    failure = Some(e.into());
                     break;
                 }
                 Some(Ok(c)) => {
@@ -575,7 +650,6 @@ impl Claim {
     /// them. A complete upload goes on to verification; a cancelled one is removed.
     fn release(mut self, verified: u64, hasher: Option<Sha256>) -> UploadStatus {
         self.released = true;
-        let dir = self.inner.upload_dir(&self.meta.id);
         let mut map = self.inner.lock_uploads();
         let Some(e) = map.get_mut(&self.meta.id) else {
             return UploadStatus::default();
@@ -584,11 +658,9 @@ impl Claim {
         e.meta.verified_offset = verified;
         if e.state != UploadState::Receiving {
             // Cancelled while streaming: the data goes.
-            let status = e.status();
+            let (status, meta, ended) = (e.status(), e.meta.clone(), e.ended());
             drop(map);
-            if let Err(err) = fs::remove_dir_all(&dir) {
-                tracing::warn!("removing {}: {err}", dir.display());
-            }
+            self.inner.retire(&meta, ended);
             return status;
         }
         e.hasher = hasher;
@@ -612,13 +684,13 @@ impl Drop for Claim {
             e.streaming = false;
             if e.state == UploadState::Receiving {
                 e.hasher = self.hasher.take();
-                false
+                None
             } else {
-                true
+                Some((e.meta.clone(), e.ended()))
             }
         };
-        if cancelled {
-            let _ = fs::remove_dir_all(self.inner.upload_dir(&self.meta.id));
+        if let Some((meta, ended)) = cancelled {
+            self.inner.retire(&meta, ended);
         }
     }
 }
@@ -667,29 +739,29 @@ fn start_verify(inner: &Arc<Inner>, e: &mut UploadEntry) {
 
 /// The verification task: checksum, structure, then the move into the library.
 fn verify(inner: &Arc<Inner>, meta: UploadMeta, hasher: Option<Sha256>, h: TaskHandle) {
-    let dir = inner.upload_dir(&meta.id);
-    let data = dir.join(DATA);
-    let result = verify_and_install(inner, &meta, hasher, &h, &data);
-    // The data is either in the library now or unwanted.
-    if let Err(err) = fs::remove_dir_all(&dir) {
-        tracing::warn!("removing {}: {err}", dir.display());
-    }
-    let _ = store::sync_dir(&inner.layout.uploads());
-    {
+    let result = verify_and_install(inner, &meta, hasher, &h);
+    let retire = {
         let mut map = inner.lock_uploads();
-        if let Some(e) = map.get_mut(&meta.id) {
+        map.get_mut(&meta.id).and_then(|e| {
             match &result {
+                // Its record says so already (written before the disk was announced).
                 Ok(disk) => {
                     e.disk_id = disk.id.clone();
                     e.end(UploadState::Done, String::new());
+                    return None;
                 }
                 Err(AgentError::Cancelled) => e.end(UploadState::Cancelled, String::new()),
                 Err(_) if e.state == UploadState::Cancelled || h.is_cancelled() => {
                     e.end(UploadState::Cancelled, String::new())
                 }
-                Err(err) => e.end(UploadState::Failed, client_message(err)),
+                Err(err) => e.end(UploadState::Failed, err.client_message()),
             }
-        }
+            Some((e.meta.clone(), e.ended()))
+        })
+    };
+    // The data is unwanted: only the record of how the upload ended stays.
+    if let Some((m, ended)) = retire {
+        inner.retire(&m, ended);
     }
     if let Ok(disk) = &result {
         h.set_disk(&disk.id);
@@ -705,12 +777,14 @@ fn verify_and_install(
     meta: &UploadMeta,
     hasher: Option<Sha256>,
     h: &TaskHandle,
-    data: &Path,
 ) -> AgentResult<Disk> {
+    let dir = inner.upload_dir(&meta.id);
+    let data = dir.join(DATA);
     let digest = match hasher {
         Some(hs) => hs.finalize(),
         None => {
-            let f = File::open(data).map_err(|e| AgentError::internal("opening upload data", e))?;
+            let f =
+                File::open(&data).map_err(|e| AgentError::internal("opening upload data", e))?;
             hash_prefix(&f, meta.size, Some(h))?.finalize()
         }
     };
@@ -723,8 +797,8 @@ fn verify_and_install(
     if h.is_cancelled() {
         return Err(AgentError::Cancelled);
     }
-    let (img, format) = open_upload(data)?;
-    let info = img.info(data);
+    let (img, format) = open_upload(&data)?;
+    let info = img.info(&data);
     if info.variant == "differencing" {
         return Err(AgentError::Image(
             "differencing images need their parent; upload a merged image instead".into(),
@@ -739,6 +813,7 @@ fn verify_and_install(
             format!("the image failed its structure check: {first}")
         }));
     }
+    fault::point("upload-verified");
     // Past this point cancelling is refused: the image becomes a disk.
     {
         let mut map = inner.lock_uploads();
@@ -749,27 +824,95 @@ fn verify_and_install(
             _ => return Err(AgentError::Cancelled),
         }
     }
-    let id = new_id();
     let disk_meta = DiskMeta::new(
-        id.clone(),
+        new_id(),
         meta.name.clone(),
         format,
         info.logical_sector_size,
     );
-    let ddir = inner.disk_dir(&id);
-    let path = ddir.join(&disk_meta.file);
-    let installed = (|| {
-        fs::create_dir(&ddir)
-            .and_then(|()| fs::rename(data, &path))
-            .and_then(|()| store::sync_dir(&ddir))
-            .and_then(|()| store::sync_dir(&inner.layout.uploads().join(&meta.id)))
-            .map_err(|e| AgentError::internal("moving an upload into the library", e))?;
-        inner.install(disk_meta, &img, &path)
-    })();
-    if installed.is_err() {
-        let _ = fs::remove_dir_all(&ddir);
+    // The intent first: once it is durable, a restart finishes the move whatever happens.
+    let mut record = meta.clone();
+    record.disk = Some(disk_meta.clone());
+    store::write_json(&dir.join(META), &record)
+        .map_err(|e| AgentError::internal("recording an upload's disk", e))?;
+    fault::point("upload-commit-intent");
+    let path = inner.disk_dir(&disk_meta.id).join(&disk_meta.file);
+    let committed = commit(&inner.layout, &dir, &disk_meta)
+        .and_then(|()| {
+            record.ended = Some(Ended {
+                state: "done".into(),
+                error: String::new(),
+                disk_id: disk_meta.id.clone(),
+                finished_ms: now_ms(),
+            });
+            store::write_json(&dir.join(META), &record)
+        })
+        .map_err(|e| AgentError::internal("moving an upload into the library", e));
+    if let Err(e) = committed {
+        // The upload ends failed (its record says so): nothing of the disk may stay.
+        let _ = fs::remove_dir_all(inner.disk_dir(&disk_meta.id));
+        return Err(e);
     }
-    installed
+    fault::point("upload-commit-done");
+    let disk = disk_from_info(&disk_meta, &img.info(&path));
+    Ok(inner.register(disk_meta, disk))
+}
+
+/// Make the verified upload in `upload_dir` the disk `disk` describes: its directory, the
+/// data moved in as its image, then `disk.json`. Each step is skipped when done already, so
+/// after a crash anywhere in here the next start runs it again to the end.
+fn commit(layout: &Layout, upload_dir: &Path, disk: &DiskMeta) -> std::io::Result<()> {
+    let ddir = layout.disks().join(&disk.id);
+    let image = ddir.join(&disk.file);
+    let data = upload_dir.join(DATA);
+    match fs::create_dir(&ddir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    store::sync_dir(&layout.disks())?;
+    fault::point("upload-commit-dir");
+    if data.exists() {
+        fs::rename(&data, &image)?;
+        store::sync_dir(&ddir)?;
+        store::sync_dir(upload_dir)?;
+        fault::point("upload-commit-moved");
+    }
+    if !ddir.join(super::DISK_JSON).exists() {
+        if !image.exists() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the upload's data is neither in the upload nor in its disk",
+            ));
+        }
+        store::write_json(&ddir.join(super::DISK_JSON), disk)?;
+        store::sync_dir(&layout.disks())?;
+        fault::point("upload-commit-registered");
+    }
+    Ok(())
+}
+
+impl Inner {
+    /// Make an upload's end durable: `upload.json` keeps how it ended (for `GetUpload`, across
+    /// restarts) and its data goes. If the record cannot be written the whole upload goes,
+    /// as it did before uploads were remembered.
+    fn retire(&self, meta: &UploadMeta, ended: Ended) {
+        let dir = self.upload_dir(&meta.id);
+        let mut m = meta.clone();
+        m.ended = Some(ended);
+        let kept = store::write_json(&dir.join(META), &m).and_then(|()| {
+            match fs::remove_file(dir.join(DATA)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            store::sync_dir(&dir)
+        });
+        if let Err(e) = kept {
+            tracing::warn!("upload {}: cannot keep its record: {e}", meta.id);
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                tracing::warn!("removing {}: {e}", dir.display());
+            }
+        }
+    }
 }
 
 /// Open an uploaded image for checking. A differencing image's parent is not looked for
@@ -831,14 +974,6 @@ fn hash_prefix(file: &File, len: u64, h: Option<&TaskHandle>) -> AgentResult<Sha
         }
     }
     Ok(hasher)
-}
-
-/// The message a client sees for `e` (what `tonic::Status` would carry).
-fn client_message(e: &AgentError) -> String {
-    match e {
-        AgentError::Internal(_) => "internal error (details are in the agent's log)".into(),
-        e => e.to_string(),
-    }
 }
 
 /// The writer side of one stream.
@@ -964,25 +1099,42 @@ fn persist(json: &Path, meta: &UploadMeta, verified: u64) -> std::io::Result<()>
     store::write_json(json, &m)
 }
 
-/// Drop the oldest finished uploads beyond [`KEEP_FINISHED`].
-fn prune(map: &mut HashMap<String, UploadEntry>) {
+/// Drop the oldest ended uploads beyond [`KEEP_FINISHED`]; returns their ids (their records
+/// are the caller's to remove).
+fn prune(map: &mut HashMap<String, UploadEntry>) -> Vec<String> {
     let mut finished: Vec<(i64, String)> = map
         .values()
         .filter(|e| e.finished_ms != 0)
         .map(|e| (e.finished_ms, e.meta.id.clone()))
         .collect();
-    if finished.len() > KEEP_FINISHED {
-        finished.sort();
-        for (_, id) in &finished[..finished.len() - KEEP_FINISHED] {
-            map.remove(id);
-        }
+    if finished.len() <= KEEP_FINISHED {
+        return Vec::new();
     }
+    finished.sort();
+    finished.truncate(finished.len() - KEEP_FINISHED);
+    for (_, id) in &finished {
+        map.remove(id);
+    }
+    finished.into_iter().map(|(_, id)| id).collect()
 }
 
-/// Resume the uploads in `uploads/`: data past the verified offset is truncated; complete
-/// ones are verified again. Half-made uploads are removed.
-pub(super) fn load(inner: &Arc<Inner>) -> anyhow::Result<()> {
-    let root = inner.layout.uploads();
+/// What [`scan`] found in `uploads/`.
+pub(super) struct Scanned {
+    uploads: Vec<UploadMeta>,
+    /// Disks whose commit could not be finished now: their directories hold the data and
+    /// must not be removed as half-made; the next start tries again.
+    pub(super) unfinished: HashSet<String>,
+}
+
+/// Read `uploads/` before the disks are loaded: data past the verified offset is cut off,
+/// half-made uploads and records past [`KEEP_ENDED_MS`] are removed, and a commit that a
+/// crash interrupted is finished, so its disk is complete when the library loads it.
+pub(super) fn scan(layout: &Layout) -> anyhow::Result<Scanned> {
+    let root = layout.uploads();
+    let mut out = Scanned {
+        uploads: Vec::new(),
+        unfinished: HashSet::new(),
+    };
     for ent in fs::read_dir(&root).with_context(|| format!("reading {}", root.display()))? {
         let ent = ent?;
         let name = ent.file_name().to_string_lossy().into_owned();
@@ -996,26 +1148,112 @@ pub(super) fn load(inner: &Arc<Inner>) -> anyhow::Result<()> {
             continue;
         }
         super::remove_temp_files(&dir);
-        match load_one(&dir, &name) {
-            Ok(Some(meta)) => {
-                let mut map = inner.lock_uploads();
-                let e = map
-                    .entry(meta.id.clone())
-                    .or_insert_with(|| UploadEntry::new(meta));
-                if e.meta.verified_offset == e.meta.size {
-                    complete(inner, e);
-                }
-            }
+        let mut meta = match load_one(&dir, &name) {
+            Ok(Some(meta)) => meta,
             Ok(None) => {
                 tracing::info!("removing the unusable upload {}", dir.display());
                 if let Err(e) = fs::remove_dir_all(&dir) {
                     tracing::warn!("removing {}: {e}", dir.display());
                 }
+                continue;
             }
-            Err(e) => tracing::warn!("ignoring upload {}: {e:#}", dir.display()),
+            Err(e) => {
+                tracing::warn!("ignoring upload {}: {e:#}", dir.display());
+                continue;
+            }
+        };
+        if let Some(ended) = &meta.ended
+            && now_ms().saturating_sub(ended.finished_ms) > KEEP_ENDED_MS
+        {
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                tracing::warn!("removing {}: {e}", dir.display());
+            }
+            continue;
         }
+        if let (Some(disk), None) = (meta.disk.clone(), &meta.ended) {
+            match finish_commit(layout, &dir, &mut meta, &disk) {
+                Ok(()) => tracing::info!("upload {name}: finished becoming disk {}", disk.id),
+                Err(e) => {
+                    tracing::error!(
+                        "upload {name}: cannot finish becoming disk {} (tried again at the next \
+                         start): {e}",
+                        disk.id
+                    );
+                    out.unfinished.insert(disk.id.clone());
+                }
+            }
+        }
+        out.uploads.push(meta);
     }
+    Ok(out)
+}
+
+/// Finish the commit an upload's record names, and record the upload done.
+fn finish_commit(
+    layout: &Layout,
+    dir: &Path,
+    meta: &mut UploadMeta,
+    disk: &DiskMeta,
+) -> std::io::Result<()> {
+    let ddir = layout.disks().join(&disk.id);
+    let gone = !dir.join(DATA).exists()
+        && !ddir.join(&disk.file).exists()
+        && !ddir.join(super::DISK_JSON).exists();
+    // With neither the data nor the disk left, the disk was made, announced and deleted
+    // before the record of it could be written.
+    if !gone {
+        commit(layout, dir, disk)?;
+    }
+    let ended = Ended {
+        state: "done".into(),
+        error: String::new(),
+        disk_id: disk.id.clone(),
+        finished_ms: now_ms(),
+    };
+    let mut m = meta.clone();
+    m.ended = Some(ended);
+    store::write_json(&dir.join(META), &m)?;
+    *meta = m;
     Ok(())
+}
+
+/// Put the uploads [`scan`] found in memory: ended ones as their records say, complete ones
+/// verified again, unfinished commits failed until the next start.
+pub(super) fn load(inner: &Arc<Inner>, scanned: Scanned) {
+    let mut map = inner.lock_uploads();
+    for meta in scanned.uploads {
+        let id = meta.id.clone();
+        let e = match (&meta.ended, &meta.disk) {
+            (Some(ended), _) => match ended.state() {
+                Some(state) => {
+                    let ended = ended.clone();
+                    UploadEntry::from_record(meta, &ended, state)
+                }
+                None => continue,
+            },
+            (None, Some(disk)) if scanned.unfinished.contains(&disk.id) => {
+                let mut e = UploadEntry::new(meta);
+                e.end(
+                    UploadState::Failed,
+                    "the upload was verified but could not be added to the library; the agent \
+                     tries again when it restarts"
+                        .into(),
+                );
+                e
+            }
+            _ => {
+                let mut e = UploadEntry::new(meta);
+                if e.meta.verified_offset == e.meta.size {
+                    complete(inner, &mut e);
+                }
+                e
+            }
+        };
+        map.insert(id, e);
+    }
+    for old in prune(&mut map) {
+        let _ = fs::remove_dir_all(inner.upload_dir(&old));
+    }
 }
 
 /// One upload directory: its metadata, with the data file cut back to what is verified.
@@ -1023,7 +1261,7 @@ pub(super) fn load(inner: &Arc<Inner>) -> anyhow::Result<()> {
 fn load_one(dir: &Path, id: &str) -> anyhow::Result<Option<UploadMeta>> {
     let json = dir.join(META);
     let data = dir.join(DATA);
-    if !json.exists() || !data.exists() {
+    if !json.exists() {
         return Ok(None);
     }
     let Ok(mut meta) = store::read_json::<UploadMeta>(&json) else {
@@ -1034,7 +1272,18 @@ fn load_one(dir: &Path, id: &str) -> anyhow::Result<Option<UploadMeta>> {
         || meta.size > MAX_DISK_SIZE
         || meta.verified_offset > meta.size
         || !(meta.sha256.is_empty() || meta.sha256.len() == 64)
+        || meta
+            .disk
+            .as_ref()
+            .is_some_and(|d| !is_id(&d.id) || d.image_format().is_none())
     {
+        return Ok(None);
+    }
+    // An ended upload is only its record; a committing one's data may be in its disk now.
+    if meta.ended.is_some() || meta.disk.is_some() {
+        return Ok(Some(meta));
+    }
+    if !data.exists() {
         return Ok(None);
     }
     let f = fs::OpenOptions::new().write(true).open(&data)?;

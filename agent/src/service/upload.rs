@@ -14,7 +14,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body::{Body as _, Frame};
 use prost::Message;
-use proto::upload_wire::{UPLOAD_DISK_PATH, UploadDecoder, encode_message};
+use proto::upload_wire::{UPLOAD_DISK_PATH, UploadDecoder, WireError, encode_message};
 use proto::v1::UploadChunk;
 use proto::v1::disk_service_server::{DiskServiceServer, SERVICE_NAME};
 use tokio_stream::Stream;
@@ -25,6 +25,7 @@ use tower::Service;
 
 use super::disk::DiskSvc;
 use crate::Agent;
+use crate::error::AgentError;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send>>;
 
@@ -75,8 +76,22 @@ struct BodyChunks {
     decoder: UploadDecoder,
     ready: VecDeque<UploadChunk>,
     /// Why the stream broke, said after the chunks that came before it.
-    failed: Option<String>,
+    failed: Option<AgentError>,
     ended: bool,
+}
+
+/// What a request body that cannot be decoded is answered: the same stream sent again would
+/// fail the same way, so nothing here is UNAVAILABLE.
+fn wire_error(e: WireError) -> AgentError {
+    match e {
+        WireError::Compressed(_) => {
+            AgentError::Unimplemented(format!("{e}: send UploadDisk messages uncompressed"))
+        }
+        WireError::TooLarge { .. } => AgentError::ResourceExhausted(e.to_string()),
+        WireError::Malformed(_) | WireError::Truncated => {
+            AgentError::invalid("UploadChunk", e.to_string())
+        }
+    }
 }
 
 impl BodyChunks {
@@ -92,7 +107,7 @@ impl BodyChunks {
 }
 
 impl Stream for BodyChunks {
-    type Item = Result<UploadChunk, String>;
+    type Item = Result<UploadChunk, AgentError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
@@ -110,15 +125,19 @@ impl Stream for BodyChunks {
             let failed = match frame {
                 None => {
                     this.ended = true;
-                    this.decoder.finish().err().map(|e| e.to_string())
+                    this.decoder.finish().err().map(wire_error)
                 }
-                Some(Err(status)) => Some(status.message().to_string()),
+                // The connection or the client's stream broke: sending again may work.
+                Some(Err(status)) => Some(AgentError::Unavailable(format!(
+                    "the upload stream broke: {}",
+                    status.message()
+                ))),
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => this
                         .decoder
                         .push(data, &mut this.ready)
                         .err()
-                        .map(|e| e.to_string()),
+                        .map(wire_error),
                     // Trailers of a request carry nothing for us.
                     Err(_) => None,
                 },

@@ -123,7 +123,10 @@ pub fn validate(
         if !crate::store::is_id(&d.disk_id) || !disk_exists(&d.disk_id) {
             return Err(bad(
                 field,
-                format!("no disk '{}' in the library", d.disk_id),
+                format!(
+                    "no disk '{}' in the library",
+                    crate::error::quote(&d.disk_id)
+                ),
             ));
         }
         if disks.iter().any(|x: &DiskRef| x.disk_id == d.disk_id) {

@@ -940,5 +940,11 @@ mod tests {
         assert!(!proto::client::upload_retryable(
             &tonic::Status::invalid_argument("size")
         ));
+        assert!(!proto::client::upload_retryable(
+            &tonic::Status::resource_exhausted("a message over the limit")
+        ));
+        assert!(!proto::client::upload_retryable(
+            &tonic::Status::unimplemented("compressed messages are not supported")
+        ));
     }
 }
