@@ -344,42 +344,43 @@ impl DiskLibrary {
     /// Stop an upload and delete its data. Verification can be cancelled until the image
     /// is being moved into the library.
     pub async fn cancel_upload(&self, id: &str) -> AgentResult<UploadStatus> {
-        let (status, retire) = self.inner.with_upload(id, |e| {
-            let remove = match e.state {
-                UploadState::Cancelled => return Ok((e.status(), None)),
-                UploadState::Receiving | UploadState::AwaitingChecksum => {
-                    e.cancel.store(true, Ordering::SeqCst);
-                    // A running stream removes the data when it stops.
-                    !e.streaming
+        let inner = self.inner.clone();
+        let id = id.to_string();
+        // The lock is held while the record is written: nobody sees the upload cancelled
+        // before that is durable.
+        blocking(move || {
+            inner.with_upload(&id, |e| {
+                let remove = match e.state {
+                    UploadState::Cancelled => return Ok(e.status()),
+                    UploadState::Receiving | UploadState::AwaitingChecksum => {
+                        e.cancel.store(true, Ordering::SeqCst);
+                        // A running stream removes the data when it stops.
+                        !e.streaming
+                    }
+                    UploadState::Verifying if e.committing => {
+                        return Err(AgentError::precondition(format!(
+                            "upload '{id}' has been verified and is being added to the library"
+                        )));
+                    }
+                    UploadState::Verifying => {
+                        // The verification task removes the data when it notices.
+                        let _ = inner.tasks.cancel(&e.task_id);
+                        false
+                    }
+                    _ => {
+                        return Err(AgentError::precondition(format!(
+                            "upload '{id}' has already ended"
+                        )));
+                    }
+                };
+                e.end(UploadState::Cancelled, String::new());
+                if remove {
+                    inner.retire(&e.meta, e.ended());
                 }
-                UploadState::Verifying if e.committing => {
-                    return Err(AgentError::precondition(format!(
-                        "upload '{id}' has been verified and is being added to the library"
-                    )));
-                }
-                UploadState::Verifying => {
-                    // The verification task removes the data when it notices.
-                    let _ = self.inner.tasks.cancel(&e.task_id);
-                    false
-                }
-                _ => {
-                    return Err(AgentError::precondition(format!(
-                        "upload '{id}' has already ended"
-                    )));
-                }
-            };
-            e.end(UploadState::Cancelled, String::new());
-            Ok((e.status(), remove.then(|| (e.meta.clone(), e.ended()))))
-        })?;
-        if let Some((meta, ended)) = retire {
-            let inner = self.inner.clone();
-            blocking(move || {
-                inner.retire(&meta, ended);
-                Ok(())
+                Ok(e.status())
             })
-            .await?;
-        }
-        Ok(status)
+        })
+        .await
     }
 
     /// Receive one stream of upload data. The first message names the upload and the
@@ -658,10 +659,8 @@ impl Claim {
         e.meta.verified_offset = verified;
         if e.state != UploadState::Receiving {
             // Cancelled while streaming: the data goes.
-            let (status, meta, ended) = (e.status(), e.meta.clone(), e.ended());
-            drop(map);
-            self.inner.retire(&meta, ended);
-            return status;
+            self.inner.retire(&e.meta, e.ended());
+            return e.status();
         }
         e.hasher = hasher;
         if verified == e.meta.size {
@@ -676,21 +675,15 @@ impl Drop for Claim {
         if self.released {
             return;
         }
-        let cancelled = {
-            let mut map = self.inner.lock_uploads();
-            let Some(e) = map.get_mut(&self.meta.id) else {
-                return;
-            };
-            e.streaming = false;
-            if e.state == UploadState::Receiving {
-                e.hasher = self.hasher.take();
-                None
-            } else {
-                Some((e.meta.clone(), e.ended()))
-            }
+        let mut map = self.inner.lock_uploads();
+        let Some(e) = map.get_mut(&self.meta.id) else {
+            return;
         };
-        if let Some((meta, ended)) = cancelled {
-            self.inner.retire(&meta, ended);
+        e.streaming = false;
+        if e.state == UploadState::Receiving {
+            e.hasher = self.hasher.take();
+        } else {
+            self.inner.retire(&e.meta, e.ended());
         }
     }
 }
@@ -740,28 +733,30 @@ fn start_verify(inner: &Arc<Inner>, e: &mut UploadEntry) {
 /// The verification task: checksum, structure, then the move into the library.
 fn verify(inner: &Arc<Inner>, meta: UploadMeta, hasher: Option<Sha256>, h: TaskHandle) {
     let result = verify_and_install(inner, &meta, hasher, &h);
-    let retire = {
+    {
+        // Under the lock: nobody sees the upload ended before its record is durable.
         let mut map = inner.lock_uploads();
-        map.get_mut(&meta.id).and_then(|e| {
+        if let Some(e) = map.get_mut(&meta.id) {
             match &result {
                 // Its record says so already (written before the disk was announced).
                 Ok(disk) => {
                     e.disk_id = disk.id.clone();
                     e.end(UploadState::Done, String::new());
-                    return None;
                 }
-                Err(AgentError::Cancelled) => e.end(UploadState::Cancelled, String::new()),
-                Err(_) if e.state == UploadState::Cancelled || h.is_cancelled() => {
-                    e.end(UploadState::Cancelled, String::new())
+                Err(err) => {
+                    if matches!(err, AgentError::Cancelled)
+                        || e.state == UploadState::Cancelled
+                        || h.is_cancelled()
+                    {
+                        e.end(UploadState::Cancelled, String::new());
+                    } else {
+                        e.end(UploadState::Failed, err.client_message());
+                    }
+                    // The data is unwanted: only the record of how the upload ended stays.
+                    inner.retire(&e.meta, e.ended());
                 }
-                Err(err) => e.end(UploadState::Failed, err.client_message()),
             }
-            Some((e.meta.clone(), e.ended()))
-        })
-    };
-    // The data is unwanted: only the record of how the upload ended stays.
-    if let Some((m, ended)) = retire {
-        inner.retire(&m, ended);
+        }
     }
     if let Ok(disk) = &result {
         h.set_disk(&disk.id);
