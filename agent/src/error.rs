@@ -127,6 +127,27 @@ impl AgentError {
     }
 }
 
+/// A worker's answer that a request failed: its code says what the client is told; its words
+/// are shown only where the worker promises they are fit for a person.
+impl From<proto::worker::Error> for AgentError {
+    fn from(e: proto::worker::Error) -> Self {
+        use proto::worker::ErrorCode as C;
+        let words = capped(e.message.clone());
+        match e.code() {
+            C::NotSupported => AgentError::FailedPrecondition(words),
+            C::NotReady => AgentError::Unavailable(words),
+            C::Gone => AgentError::Unavailable("the VM's worker is gone".into()),
+            // A request the agent should never have sent, or a host-side failure: the
+            // client learns only that there was one.
+            C::BadRequest | C::Internal | C::Unspecified => AgentError::Internal(anyhow::anyhow!(
+                "the worker answered {:?}: {}",
+                e.code(),
+                e.message
+            )),
+        }
+    }
+}
+
 /// A request stream's failure as tonic reports it (a gRPC client stream that broke or could
 /// not be decoded).
 impl From<Status> for AgentError {
@@ -193,6 +214,36 @@ mod tests {
             Status::from(AgentError::precondition("VM is off")).code(),
             tonic::Code::FailedPrecondition
         );
+    }
+
+    #[test]
+    fn worker_errors_become_statuses_by_their_code() {
+        use proto::worker::{Error, ErrorCode};
+        let s = Status::from(AgentError::from(Error::new(
+            ErrorCode::NotSupported,
+            "this VM has no input device yet",
+        )));
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(s.message(), "this VM has no input device yet");
+        let s = Status::from(AgentError::from(Error::new(
+            ErrorCode::NotReady,
+            "input is backed up",
+        )));
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        // Whatever an internal failure's words say stays in the log.
+        for code in [
+            ErrorCode::Internal,
+            ErrorCode::BadRequest,
+            ErrorCode::Unspecified,
+        ] {
+            let s = Status::from(AgentError::from(Error::new(
+                code,
+                "cannot open /var/lib/parvis/vms/x/shot.png: Permission denied (os error 13)",
+            )));
+            assert_eq!(s.code(), tonic::Code::Internal);
+            assert!(!s.message().contains("/var/lib"), "{}", s.message());
+            assert!(!s.message().contains("os error"), "{}", s.message());
+        }
     }
 
     #[test]

@@ -1,14 +1,18 @@
 //! Parvis agent: the management service of the parent partition (Hyper-V's VMMS).
 //!
 //! It owns the host's inventory (VMs, the disk library, boot images), spawns one
-//! `parvis-worker` per running VM and serves the `parvis.v1` gRPC API. It depends on
-//! `proto` and the pure disk-format crate only; it never links the VMM.
+//! `parvis-worker` per running VM and serves the `parvis.v1` gRPC API.
+//!
+//! May depend on: `proto` and the pure disk-format crate (`parvis_disk`) only; it never
+//! links the VMM (it spawns `parvis-worker`).
 //!
 //! Module map:
 //! - [`store`]: state directory layout, atomic writes, ids.
 //! - [`events`], [`tasks`]: the event bus and long-running operations.
 //! - [`disks`]: the disk library and resumable uploads.
-//! - [`vms`], [`worker`]: VM inventory, state machine and worker supervision.
+//! - [`vms`]: VM inventory, state machine and worker supervision.
+//! - [`worker`]: the agent's whole client of the worker protocol (control, input and display
+//!   connections, the guest memory file).
 //! - [`screen`], [`serial`]: framebuffer tiles and serial console fan-out.
 //! - [`security`]: bearer tokens and the TLS certificate.
 //! - [`fault`]: named fault points that crash tests arm.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proto::framing::{Decoder, encode};
-use proto::worker::{Event, Reply, Request, event, request};
+use proto::worker::{Event, Reply, Request, display_update, event, request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
@@ -92,8 +92,8 @@ impl WorkerConn {
         Ok(conn)
     }
 
-    /// Send a request and wait for its reply; a reply with an error becomes
-    /// FailedPrecondition with the worker's message.
+    /// Send a request and wait for its reply; a reply with an error becomes the status its
+    /// code maps to (see `error.rs`).
     pub async fn call(&self, kind: request::Kind) -> AgentResult<Reply> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -120,10 +120,9 @@ impl WorkerConn {
                 ));
             }
         };
-        if reply.error.is_empty() {
-            Ok(reply)
-        } else {
-            Err(AgentError::precondition(reply.error.clone()))
+        match reply.error {
+            None => Ok(reply),
+            Some(e) => Err(e.into()),
         }
     }
 
@@ -139,6 +138,63 @@ impl WorkerConn {
         tokio::task::spawn_blocking(move || framebuffer_blocking(&socket))
             .await
             .map_err(|e| AgentError::internal("framebuffer request", e))?
+    }
+}
+
+/// Events queued for a worker's input connection before senders wait.
+const INPUT_QUEUE: usize = 64;
+
+/// Keyboard and mouse input for one worker, on a connection of its own: events go out in
+/// order as requests without a reply (id 0), so a keystroke never waits for an answer or
+/// behind a control request on the main connection. The queue is short and a full one makes
+/// [`InputSender::send`] wait: the console's stream slows down instead of piling up input.
+#[derive(Debug)]
+pub struct InputSender {
+    tx: tokio::sync::mpsc::Sender<proto::worker::Input>,
+    /// Whether the VM has devices that take input (the worker's `input_ready`).
+    ready: bool,
+}
+
+impl InputSender {
+    /// Start the sender for the worker at `socket`; it connects at once. `ready` is the
+    /// worker's `Status.input_ready`.
+    pub fn start(socket: &Path, ready: bool) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<proto::worker::Input>(INPUT_QUEUE);
+        let socket = socket.to_owned();
+        tokio::spawn(async move {
+            let mut stream = match UnixStream::connect(&socket).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("cannot open an input connection to a worker: {e}");
+                    return;
+                }
+            };
+            let mut bytes = Vec::new();
+            while let Some(first) = rx.recv().await {
+                // Whatever else is queued goes out in the same write.
+                bytes.clear();
+                let mut next = Some(first);
+                while let Some(input) = next {
+                    bytes.extend_from_slice(&encode(&Request {
+                        id: 0,
+                        kind: Some(request::Kind::Input(input)),
+                    }));
+                    next = rx.try_recv().ok();
+                }
+                if stream.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+        });
+        InputSender { tx, ready }
+    }
+
+    /// Queue one event for the guest; waits while the queue is full.
+    pub async fn send(&self, input: proto::worker::Input) -> AgentResult<()> {
+        if !self.ready {
+            return Err(AgentError::precondition("this VM has no input device yet"));
+        }
+        self.tx.send(input).await.map_err(|_| gone())
     }
 }
 
@@ -167,8 +223,8 @@ pub fn display_blocking(socket: &Path) -> AgentResult<crate::screen::DisplaySour
             Ok(Some(Event {
                 kind: Some(event::Kind::Reply(r)),
             })) => {
-                if !r.error.is_empty() {
-                    return Err(AgentError::precondition(r.error));
+                if let Some(e) = r.error {
+                    return Err(e.into());
                 }
                 break r.status.is_some_and(|s| s.boot_dirty_log);
             }
@@ -205,19 +261,22 @@ pub fn display_blocking(socket: &Path) -> AgentResult<crate::screen::DisplaySour
                         tx: &std::sync::mpsc::Sender<DisplayEvent>|
           -> bool {
         let mut out = Vec::new();
-        if !u.boot_dirty.is_empty() {
-            // Such an update carries nothing else (see worker.proto).
-            out.push(DisplayEvent::BootDirty(rects(&u.boot_dirty)));
-        } else {
-            if !u.active {
-                out.push(DisplayEvent::Inactive);
+        match u.kind {
+            Some(display_update::Kind::BootRows(b)) if !b.rows.is_empty() => {
+                out.push(DisplayEvent::BootDirty(rects(&b.rows)));
             }
-            if let Some(fb) = u.framebuffer {
-                out.push(DisplayEvent::Mode(fb));
+            Some(display_update::Kind::SyntheticVideo(u)) => {
+                if !u.active {
+                    out.push(DisplayEvent::Inactive);
+                }
+                if let Some(fb) = u.framebuffer {
+                    out.push(DisplayEvent::Mode(fb));
+                }
+                if !u.dirty.is_empty() {
+                    out.push(DisplayEvent::Dirty(rects(&u.dirty)));
+                }
             }
-            if !u.dirty.is_empty() {
-                out.push(DisplayEvent::Dirty(rects(&u.dirty)));
-            }
+            _ => {}
         }
         out.into_iter().all(|e| tx.send(e).is_ok())
     };
@@ -304,8 +363,8 @@ fn framebuffer_blocking(socket: &Path) -> AgentResult<(proto::worker::Framebuffe
             Ok(Some(Event {
                 kind: Some(event::Kind::Reply(r)),
             })) => {
-                if !r.error.is_empty() {
-                    return Err(AgentError::precondition(r.error));
+                if let Some(e) = r.error {
+                    return Err(e.into());
                 }
                 let fb = r.framebuffer.ok_or_else(|| {
                     AgentError::internal("framebuffer", anyhow::anyhow!("reply without geometry"))

@@ -1,14 +1,15 @@
 //! `parvis-console`: the desktop console.
 //!
-//! `parvis-console [--config FILE] [--open VM] [--window-screenshot FILE]`. The hosts are saved in the user's config folder
-//! (`$PARVIS_CONSOLE_CONFIG` or `--config` names another file).
+//! `parvis-console [--config FILE] [--open VM] [--window-screenshot FILE]`. The hosts are
+//! saved in the file the `parvis` CLI uses too (`proto::hosts`; `$PARVIS_CONFIG` or
+//! `--config` names another file).
 
 use anyhow::{Context, Result, anyhow};
 
 const USAGE: &str = "parvis-console [--config FILE] [--open VM] [--window-screenshot FILE.png]
 
-  --config FILE             the saved hosts (default: the user's config folder, or
-                            $PARVIS_CONSOLE_CONFIG)
+  --config FILE             the saved hosts, shared with the parvis CLI (default:
+                            hosts.json in the user's config folder, or $PARVIS_CONFIG)
   --open VM                 open the console of the VM named VM once a host lists it
   --window-screenshot FILE  once that console shows the VM's screen, save the window as a
                             PNG and quit";

@@ -32,26 +32,14 @@ pub const COM1_IRQ: u8 = 4;
 /// The IOAPIC's id.
 pub const IOAPIC_ID: u8 = 0;
 
-/// A virtio-mmio device to declare.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MmioDeviceDesc {
-    /// Register window base.
-    pub base: u64,
-    /// Window size.
-    pub size: u64,
-    /// GSI (edge-triggered, active high).
-    pub irq: u32,
-}
-
 /// What the tables describe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcpiConfig {
     /// Number of vCPUs (APIC ids 0..n).
     pub cpus: u8,
-    /// virtio-mmio devices.
-    pub virtio: Vec<MmioDeviceDesc>,
-    /// The VMBus MMIO window (base, size), when the partition has VMBus.
-    pub vmbus: Option<(u64, u64)>,
+    /// The platform devices' `\_SB` entries (encoded AML), in order (see
+    /// [`crate::devices::platform::PlatformDevice::aml`]).
+    pub devices: Vec<Vec<u8>>,
 }
 
 /// Built tables: each entry is a guest-physical address and the bytes to place there.
@@ -262,22 +250,22 @@ impl Aml for Raw {
     }
 }
 
-/// Encode `Device(name) { _HID, _UID, _CRS }`.
-fn device(name: &str, hid: &dyn Aml, uid: u32, resources: Vec<&dyn Aml>) -> Raw {
+/// Encode `Device(name) { _HID, _UID, _CRS }`, for a platform device's DSDT entry.
+pub fn aml_device(name: &str, hid: &dyn Aml, uid: u32, resources: Vec<&dyn Aml>) -> Vec<u8> {
     let crs = aml::ResourceTemplate::new(resources);
     let hid = aml::Name::new("_HID".into(), hid);
     let uid = aml::Name::new("_UID".into(), &uid);
     let crs = aml::Name::new("_CRS".into(), &crs);
     let mut out = Vec::new();
     aml::Device::new(name.into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut out);
-    Raw(out)
+    out
 }
 
 /// `\_SB.VMOD` (ACPI0004, owns the VMBus MMIO window, from which `hyperv_drm` carves VRAM)
 /// containing `VMBS` (`_HID "VMBus"`). Linux 6.1 finds VMBus only through ACPI, needs a
 /// `_CRS` on the device itself (empty is fine on x86) and takes the MMIO pool from the first
 /// ancestor with DWord/QWord address descriptors.
-fn vmbus_devices(base: u64, size: u64) -> Raw {
+pub fn vmbus_aml(base: u64, size: u64) -> Vec<u8> {
     let window = aml::AddressSpace::new_memory(
         aml::AddressSpaceCacheable::Cacheable,
         true,
@@ -300,7 +288,7 @@ fn vmbus_devices(base: u64, size: u64) -> Raw {
     let crs = aml::Name::new("_CRS".into(), &crs);
     let mut out = Vec::new();
     aml::Device::new("VMOD".into(), vec![&hid, &uid, &crs, &vmbs]).to_aml_bytes(&mut out);
-    Raw(out)
+    out
 }
 
 fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
@@ -312,37 +300,7 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     )
     .to_aml_bytes(&mut body);
 
-    let mut devices = vec![
-        device(
-            "COM1",
-            &aml::EISAName::new("PNP0501"),
-            1,
-            vec![
-                &aml::IO::new(0x3f8, 0x3f8, 1, 8),
-                &aml::Interrupt::new(true, true, false, false, u32::from(COM1_IRQ)),
-            ],
-        ),
-        device(
-            "PEVT",
-            &"QEMU0001",
-            0,
-            vec![&aml::IO::new(PVPANIC_PORT, PVPANIC_PORT, 1, 1)],
-        ),
-    ];
-    for (i, d) in cfg.virtio.iter().enumerate() {
-        devices.push(device(
-            &format!("V{i:03X}"),
-            &"LNRO0005",
-            i as u32,
-            vec![
-                &aml::Memory32Fixed::new(true, d.base as u32, d.size as u32),
-                &aml::Interrupt::new(true, true, false, false, d.irq),
-            ],
-        ));
-    }
-    if let Some((base, size)) = cfg.vmbus {
-        devices.push(vmbus_devices(base, size));
-    }
+    let devices: Vec<Raw> = cfg.devices.iter().map(|d| Raw(d.clone())).collect();
     aml::Scope::new(
         "\\_SB_".into(),
         devices.iter().map(|d| d as &dyn Aml).collect(),
@@ -411,24 +369,36 @@ impl AcpiTables {
 mod tests {
     use super::*;
 
+    use crate::devices::platform::PlatformDevice;
+
+    /// The tables of a partition with `virtio` disks, built from the devices' own entries as
+    /// the partition builds them.
     fn cfg(cpus: u8, virtio: usize) -> AcpiConfig {
+        let dir = tempfile::tempdir().unwrap();
+        let disk: std::sync::Arc<dyn parvis_disk::BlockDevice> = std::sync::Arc::new(
+            parvis_disk::RawFile::create(dir.path().join("d.img"), 1 << 20).unwrap(),
+        );
+        let mut devices: Vec<Box<dyn PlatformDevice>> = vec![
+            Box::new(crate::devices::serial::Com1::new(Default::default())),
+            Box::new(crate::devices::pvpanic::PvPanicPort),
+        ];
+        for i in 0..virtio {
+            devices.push(Box::new(crate::devices::virtio_blk::VirtioBlkSlot::new(
+                i,
+                disk.clone(),
+            )));
+        }
         AcpiConfig {
             cpus,
-            virtio: (0..virtio)
-                .map(|i| MmioDeviceDesc {
-                    base: layout::virtio_mmio_base(i),
-                    size: layout::VIRTIO_MMIO_SIZE,
-                    irq: 5 + i as u32,
-                })
-                .collect(),
-            vmbus: None,
+            devices: devices.iter().filter_map(|d| d.aml()).collect(),
         }
     }
 
     #[test]
     fn vmbus_device_has_its_window_and_an_empty_crs() {
         let mut c = cfg(2, 1);
-        c.vmbus = Some((layout::VMBUS_MMIO_BASE, layout::VMBUS_MMIO_SIZE));
+        c.devices
+            .push(vmbus_aml(layout::VMBUS_MMIO_BASE, layout::VMBUS_MMIO_SIZE));
         let t = AcpiTables::build(&c).unwrap();
         let (_, dsdt) = t.find(b"DSDT").unwrap();
         let dir = tempfile::tempdir().unwrap();

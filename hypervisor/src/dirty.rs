@@ -204,23 +204,6 @@ fn rows_of(dirt: &PageDirt, fb: FbFormat) -> RowSet {
     set
 }
 
-/// The worker protocol's update carrying `rows` of a `width`-pixel boot framebuffer (as
-/// full-width rectangles, and nothing else).
-pub fn rows_update(rows: &[Rows], width: u32) -> proto::worker::DisplayUpdate {
-    proto::worker::DisplayUpdate {
-        boot_dirty: rows
-            .iter()
-            .map(|r| proto::worker::Rect {
-                x: 0,
-                y: r.y,
-                width,
-                height: r.height,
-            })
-            .collect(),
-        ..Default::default()
-    }
-}
-
 /// Polls a [`PageLog`] for as long as anybody reads, and gives every reader the written
 /// rows of the framebuffer.
 pub struct DirtyRows {

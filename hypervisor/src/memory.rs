@@ -2,7 +2,6 @@
 //! VRAM part later without copying.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegion;
@@ -109,23 +108,15 @@ impl GuestRam {
     /// Zero all RAM and VRAM (for a partition reset) by punching out the file's pages.
     pub fn clear(&self) -> Result<(), MemoryError> {
         let len = self.layout.vram_file_offset + VRAM_SIZE;
-        let len = libc::off_t::try_from(len).map_err(|_| {
-            MemoryError::Clear(std::io::Error::from(std::io::ErrorKind::InvalidInput))
-        })?;
-        // SAFETY: fallocate on a file descriptor we own; no memory is passed to the kernel.
         // Punching holes in a shared memfd makes the kernel drop the pages, and every mapping
         // (ours and KVM's) then reads zeroes.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                0,
-                len,
-            )
-        };
-        if rc != 0 {
-            return Err(MemoryError::Clear(std::io::Error::last_os_error()));
-        }
+        rustix::fs::fallocate(
+            &*self.file,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            0,
+            len,
+        )
+        .map_err(|e| MemoryError::Clear(e.into()))?;
         Ok(())
     }
 }
@@ -133,15 +124,9 @@ impl GuestRam {
 /// Create a sealed-size-free memfd of `size` bytes.
 fn memfd(name: &str, size: u64) -> Result<File, MemoryError> {
     let err = |source| MemoryError::CreateFile { size, source };
-    let cname = std::ffi::CString::new(name)
-        .map_err(|_| err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
-    // SAFETY: `cname` is a valid NUL-terminated string that outlives the call.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(err(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(|e| err(e.into()))?;
+    let file = File::from(fd);
     file.set_len(size).map_err(err)?;
     Ok(file)
 }

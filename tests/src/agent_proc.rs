@@ -23,6 +23,26 @@ pub fn spawn_agent_on(
     log: Option<&Path>,
     tls: bool,
 ) -> Result<(Child, Target)> {
+    spawn(state, args, log, tls, &[])
+}
+
+/// [`spawn_agent`] with `env` added to the agent's environment (its workers inherit it).
+pub fn spawn_agent_env(
+    state: &Path,
+    args: &[&str],
+    log: Option<&Path>,
+    env: &[(&str, &str)],
+) -> Result<(Child, Target)> {
+    spawn(state, args, log, true, env)
+}
+
+fn spawn(
+    state: &Path,
+    args: &[&str],
+    log: Option<&Path>,
+    tls: bool,
+    env: &[(&str, &str)],
+) -> Result<(Child, Target)> {
     let art = crate::build::artifacts()?;
     let stderr = match log {
         Some(p) => Stdio::from(std::fs::File::create(p).context("cannot create the agent log")?),
@@ -34,6 +54,7 @@ pub fn spawn_agent_on(
         .args(["--listen", "127.0.0.1:0", "--log", "warn"])
         .args(if tls { &["--tls"][..] } else { &[] })
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr)

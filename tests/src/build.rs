@@ -91,7 +91,7 @@ fn build_static_worker() -> Result<PathBuf> {
             "--target",
             "x86_64-unknown-linux-gnu",
             "-p",
-            "hypervisor",
+            "parvis_worker",
             "--bin",
             "parvis-worker",
             "-p",

@@ -5,6 +5,9 @@
 //! A scenario is a POSIX shell script. It finds the worker in `$BIN`, the guest images in
 //! `$IMAGES` and a writable folder shared with the host in `$SHARE`; whatever it writes to
 //! `$SHARE` is visible to the test afterwards.
+//!
+//! May depend on: every workspace crate (tests and benchmarks only; nothing ships from
+//! here).
 
 pub mod agent_proc;
 pub mod bench_support;

@@ -211,3 +211,96 @@ fn proto_depends_on_no_workspace_crate() {
     let ours: BTreeSet<_> = deps.intersection(&g.workspace_names()).cloned().collect();
     assert!(ours.is_empty(), "{ours:?}");
 }
+
+/// Workspace crates `name` depends on (directly or not).
+fn ours(g: &Graph, name: &str) -> BTreeSet<String> {
+    g.closure(name)
+        .intersection(&g.workspace_names())
+        .cloned()
+        .collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn the_vmm_library_speaks_no_wire_protocol_and_its_parsers_stand_alone() {
+    let g = graph();
+    // The library: disks and the VMBus crates, never the agent's protocol (the worker
+    // binary translates).
+    assert_eq!(
+        ours(&g, "hypervisor"),
+        set(&["parvis_disk", "vmbus_core", "vmbus_devices"])
+    );
+    assert_eq!(
+        ours(&g, "parvis_worker"),
+        set(&[
+            "hypervisor",
+            "parvis_disk",
+            "proto",
+            "vmbus_core",
+            "vmbus_devices"
+        ])
+    );
+    // What parses the guest's VMBus data knows neither KVM nor the VMM.
+    assert!(ours(&g, "vmbus_core").is_empty());
+    assert_eq!(ours(&g, "vmbus_devices"), set(&["vmbus_core"]));
+    for krate in ["vmbus_core", "vmbus_devices"] {
+        let deps = g.closure(krate);
+        for bad in VMM_CRATES.iter().filter(|c| **c != "vmm-sys-util") {
+            assert!(!deps.contains(*bad), "{krate} must not depend on {bad}");
+        }
+    }
+}
+
+/// The crates that parse hostile input (guest VMBus data, disk images) forbid `unsafe`;
+/// everywhere else `unsafe` is allowed module by module, never for a whole crate.
+#[test]
+fn parsers_forbid_unsafe_and_elsewhere_it_is_allowed_per_module() {
+    let root = parvis_tests::build::workspace();
+    for lib in [
+        "hypervisor/vmbus_core/src/lib.rs",
+        "hypervisor/vmbus_devices/src/lib.rs",
+        "hypervisor/disk/src/lib.rs",
+    ] {
+        let text = std::fs::read_to_string(root.join(lib)).unwrap();
+        assert!(
+            text.contains("#![forbid(unsafe_code)]"),
+            "{lib} does not forbid unsafe code"
+        );
+    }
+    let mut allows = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if p.is_dir() {
+                if !name.starts_with('.') && name != "target" {
+                    stack.push(p);
+                }
+            } else if name.ends_with(".rs") {
+                let text = std::fs::read_to_string(&p).unwrap();
+                for l in text.lines().filter(|l| l.contains("allow(unsafe_code")) {
+                    allows.push((
+                        p.strip_prefix(&root).unwrap().to_path_buf(),
+                        l.trim().to_string(),
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        !allows.is_empty(),
+        "the VMM needs some unsafe code: found no allow at all"
+    );
+    for (path, line) in &allows {
+        let crate_root = path.ends_with("lib.rs") || path.ends_with("main.rs");
+        assert!(
+            !(crate_root && line.starts_with("#![")),
+            "{}: unsafe is allowed for a whole crate: {line}",
+            path.display()
+        );
+    }
+}

@@ -94,10 +94,7 @@ impl ConsoleService for ConsoleSvc {
                 None => return Err(AgentError::invalid("kind", "missing").into()),
             };
             let running = self.agent.vms.running(&id)?;
-            running
-                .conn
-                .call(request::Kind::Input(Input { kind: Some(kind) }))
-                .await?;
+            running.input.send(Input { kind: Some(kind) }).await?;
             events += 1;
         }
         Ok(Response::new(InputSummary { events }))

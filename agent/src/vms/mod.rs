@@ -22,7 +22,7 @@ use crate::host::HostFacts;
 use crate::screen::{Geometry, Screen};
 use crate::serial::SerialHub;
 use crate::store::{self, Layout, now_ms};
-use crate::worker::WorkerConn;
+use crate::worker::{InputSender, WorkerConn};
 
 const CONFIG: &str = "vm.json";
 const RUN: &str = "run.json";
@@ -46,6 +46,8 @@ struct LastExit {
 pub struct Running {
     pub pid: i32,
     pub conn: Arc<WorkerConn>,
+    /// Keyboard and mouse, on their own connection.
+    pub input: InputSender,
     pub serial: Arc<SerialHub>,
     screen: tokio::sync::Mutex<Option<Arc<Screen>>>,
     exited: watch::Sender<bool>,
@@ -474,11 +476,20 @@ impl Vms {
         let hub = serial.clone();
         let conn = WorkerConn::connect(&dir.join(SOCKET), move |b| hub.push(b), || {})
             .await
-            .map_err(|e| AgentError::Unavailable(format!("cannot reach the VM's worker: {e}")))?;
+            .map_err(|e| {
+                tracing::warn!("VM {id}: cannot connect to its worker: {e}");
+                AgentError::Unavailable("cannot reach the VM's worker".into())
+            })?;
         conn.call(request::Kind::SubscribeSerial(Empty {})).await?;
+        let ready = conn
+            .call(request::Kind::Query(Empty {}))
+            .await?
+            .status
+            .is_some_and(|s| s.input_ready);
         Ok(Arc::new(Running {
             pid,
             conn,
+            input: InputSender::start(&dir.join(SOCKET), ready),
             serial,
             screen: tokio::sync::Mutex::new(None),
             exited: watch::channel(false).0,

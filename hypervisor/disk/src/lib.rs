@@ -9,6 +9,9 @@
 //! with [`DiskError::Misaligned`], and must reject anything past [`BlockDevice::size`] with
 //! [`DiskError::OutOfRange`].
 
+//!
+//! May depend on: no workspace crate (images are hostile input: no `unsafe`, fuzzed).
+
 #![forbid(unsafe_code)]
 
 pub mod convert;

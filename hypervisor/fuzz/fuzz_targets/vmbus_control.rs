@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use hypervisor::hv::msr;
 use hypervisor::hv::synic::{SintKick, Synic};
-use hypervisor::vmbus::channel::{ChannelTx, OfferParams, SharedVsp, Vsp, VspError};
 use hypervisor::vmbus::control::{Control, Doorbells};
-use hypervisor::vmbus::proto::{self, Guid};
-use hypervisor::vmbus::ring::Packet;
+use vmbus_core::messages as proto;
+use vmbus_core::ring::Packet;
+use vmbus_core::{Channel, Guid, OfferParams, SharedVsp, Vsp, VspError};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -35,7 +35,7 @@ impl Vsp for Sink {
             pipe_mode: 0,
         }
     }
-    fn packet(&mut self, _: &Packet, _: &mut ChannelTx) -> Result<(), VspError> {
+    fn packet(&mut self, _: &Packet, _: &mut dyn Channel) -> Result<(), VspError> {
         Ok(())
     }
 }

@@ -6,9 +6,9 @@
 
 use std::sync::Arc;
 
-use hypervisor::vmbus::ring::{InRing, OutRing};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmbus_core::ring::{InRing, MAX_PACKET, OutRing, pkt};
 
 const PAGE: usize = 4096;
 
@@ -24,8 +24,12 @@ fuzz_target!(|data: &[u8]| {
     for _ in 0..64 {
         match r.read() {
             Ok(Some((p, _))) => {
-                assert!(p.header.len <= hypervisor::vmbus::ring::MAX_PACKET);
+                assert!(p.header.len <= MAX_PACKET);
                 let _ = p.payload();
+                // A GPA-direct descriptor the guest made up parses or is refused.
+                if let Ok(lists) = p.gpa_direct() {
+                    assert!(!lists.is_empty());
+                }
             }
             Ok(None) | Err(_) => break,
         }
@@ -33,7 +37,8 @@ fuzz_target!(|data: &[u8]| {
     let mut w = OutRing::new(mem.clone(), &[4, 5]).unwrap();
     for chunk in steer.chunks(3).take(64) {
         let len = usize::from(u16::from_le_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)])) % 6000;
-        let _ = w.write(6, 0, u64::from(chunk[0]), &vec![0xa5; len]);
+        let desc = vec![0u8; usize::from(chunk[0] & 3) * 8];
+        let _ = w.write_with(pkt::DATA_INBAND, 0, u64::from(chunk[0]), &desc, &vec![0xa5; len]);
         if chunk.len() == 3 {
             // The guest moves its read index between writes.
             let _ = mem.write_obj(u32::from(chunk[2]) * 8, GuestAddress(4 * PAGE as u64 + 4));

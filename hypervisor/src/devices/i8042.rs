@@ -3,6 +3,9 @@
 
 use vm_superio::{I8042Device, Trigger};
 
+use std::sync::{Arc, Mutex};
+
+use super::platform::{PlatformDevice, WireError, Wiring};
 use super::{BusDevice, PlatformRequest, PlatformSink};
 
 /// Base port (data at 0x60, command/status at 0x64).
@@ -38,6 +41,24 @@ impl I8042 {
         Self {
             dev: I8042Device::new(ResetTrigger(sink)),
         }
+    }
+}
+
+/// The controller on the platform (no ACPI entry: Linux probes port 0x64).
+#[derive(Debug, Default)]
+pub struct I8042Controller;
+
+impl PlatformDevice for I8042Controller {
+    fn name(&self) -> String {
+        "i8042".into()
+    }
+
+    fn wire(&self, w: &mut dyn Wiring) -> Result<(), WireError> {
+        w.pio(
+            Arc::new(Mutex::new(I8042::new(w.platform()))),
+            I8042_PORT,
+            I8042_LEN,
+        )
     }
 }
 

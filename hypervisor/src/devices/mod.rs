@@ -6,10 +6,10 @@
 
 pub mod bus;
 pub mod i8042;
+pub mod platform;
 pub mod pm;
 pub mod pvpanic;
 pub mod serial;
-pub mod synth;
 pub mod virtio_blk;
 pub mod virtio_mmio;
 

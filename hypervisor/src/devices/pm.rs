@@ -1,10 +1,11 @@
 //! ACPI fixed hardware: the PM1a event block (status/enable) and control block, with the
 //! fixed-feature power button and S5 power-off, plus the reset register.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use super::platform::{PlatformDevice, WireError, Wiring};
 use super::{BusDevice, LevelIrq, PlatformRequest, PlatformSink};
-use crate::acpi::{RESET_VALUE, S5_SLP_TYP};
+use crate::acpi::{PM1A_EVT_PORT, RESET_PORT, RESET_VALUE, S5_SLP_TYP, SCI_IRQ};
 
 /// PM1 status: power button pressed.
 pub const PWRBTN_STS: u16 = 1 << 8;
@@ -98,6 +99,51 @@ impl BusDevice for PmDevice {
             }
         }
         self.update_sci();
+    }
+}
+
+/// ACPI fixed hardware on the platform: the PM1a blocks on the SCI and the reset register
+/// (described by the FADT, not the DSDT). Each boot gets fresh registers; the power button
+/// presses the current boot's.
+#[derive(Debug, Default)]
+pub struct AcpiPm {
+    current: Mutex<Option<Arc<Mutex<PmDevice>>>>,
+}
+
+impl AcpiPm {
+    /// Press the current boot's power button.
+    pub fn press_power_button(&self) {
+        let pm = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(pm) = pm {
+            pm.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .press_power_button();
+        }
+    }
+}
+
+impl PlatformDevice for AcpiPm {
+    fn name(&self) -> String {
+        "ACPI PM".into()
+    }
+
+    fn wire(&self, w: &mut dyn Wiring) -> Result<(), WireError> {
+        let pm = Arc::new(Mutex::new(PmDevice::new(
+            w.level_irq(u32::from(SCI_IRQ)),
+            w.platform(),
+        )));
+        w.pio(pm.clone(), PM1A_EVT_PORT, PM_BLOCK_LEN)?;
+        w.pio(
+            Arc::new(Mutex::new(ResetRegister::new(w.platform()))),
+            RESET_PORT,
+            1,
+        )?;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(pm);
+        Ok(())
     }
 }
 

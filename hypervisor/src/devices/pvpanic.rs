@@ -1,6 +1,9 @@
 //! pvpanic (QEMU's ISA panic device, ACPI `QEMU0001`): the guest kernel writes here when it
 //! panics, so the worker can report a crash instead of a silent reboot loop.
 
+use std::sync::{Arc, Mutex};
+
+use super::platform::{PlatformDevice, WireError, Wiring};
 use super::{BusDevice, PlatformRequest, PlatformSink};
 
 pub use crate::acpi::PVPANIC_PORT;
@@ -24,6 +27,34 @@ impl PvPanic {
     /// A device reporting panics to `sink`.
     pub fn new(sink: PlatformSink) -> Self {
         Self { sink }
+    }
+}
+
+/// pvpanic on the platform: `\_SB.PEVT` at port 0x505.
+#[derive(Debug, Default)]
+pub struct PvPanicPort;
+
+impl PlatformDevice for PvPanicPort {
+    fn name(&self) -> String {
+        "pvpanic".into()
+    }
+
+    fn aml(&self) -> Option<Vec<u8>> {
+        use acpi_tables::aml;
+        Some(crate::acpi::aml_device(
+            "PEVT",
+            &"QEMU0001",
+            0,
+            vec![&aml::IO::new(PVPANIC_PORT, PVPANIC_PORT, 1, 1)],
+        ))
+    }
+
+    fn wire(&self, w: &mut dyn Wiring) -> Result<(), WireError> {
+        w.pio(
+            Arc::new(Mutex::new(PvPanic::new(w.platform()))),
+            PVPANIC_PORT,
+            1,
+        )
     }
 }
 

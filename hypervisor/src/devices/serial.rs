@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
+use super::platform::{IrqSlot, PlatformDevice, WireError, Wiring};
 use super::{BusDevice, Irq};
+use crate::acpi::{self, COM1_IRQ};
 
 /// Standard COM1 port base.
 pub const COM1_PORT: u16 = 0x3f8;
@@ -99,6 +101,54 @@ impl BusDevice for SerialDevice {
             // handled by SerialOutput.
             let _ = self.uart.write(offset as u8, data[0]);
         }
+    }
+}
+
+/// COM1 on the platform: the UART lives as long as the partition (the console keeps writing
+/// to it across reboots); each boot connects its interrupt to IRQ 4.
+#[derive(Debug)]
+pub struct Com1 {
+    device: Arc<Mutex<SerialDevice>>,
+    irq: Arc<IrqSlot>,
+}
+
+impl Com1 {
+    /// COM1 writing to `out`.
+    pub fn new(out: SerialOutput) -> Self {
+        let irq = Arc::new(IrqSlot::default());
+        Com1 {
+            device: Arc::new(Mutex::new(SerialDevice::new(irq.clone(), out))),
+            irq,
+        }
+    }
+
+    /// The UART, to feed console input into.
+    pub fn device(&self) -> Arc<Mutex<SerialDevice>> {
+        self.device.clone()
+    }
+}
+
+impl PlatformDevice for Com1 {
+    fn name(&self) -> String {
+        "COM1".into()
+    }
+
+    fn aml(&self) -> Option<Vec<u8>> {
+        use acpi_tables::aml;
+        Some(acpi::aml_device(
+            "COM1",
+            &aml::EISAName::new("PNP0501"),
+            1,
+            vec![
+                &aml::IO::new(COM1_PORT, COM1_PORT, 1, 8),
+                &aml::Interrupt::new(true, true, false, false, u32::from(COM1_IRQ)),
+            ],
+        ))
+    }
+
+    fn wire(&self, w: &mut dyn Wiring) -> Result<(), WireError> {
+        self.irq.connect(w.edge_irq(u32::from(COM1_IRQ))?);
+        w.pio(self.device.clone(), COM1_PORT, 8)
     }
 }
 

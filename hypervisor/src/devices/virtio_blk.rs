@@ -12,7 +12,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::GuestMemory;
-use super::virtio_mmio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice};
+use super::platform::{PlatformDevice, WireError, Wiring};
+use super::virtio_mmio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice, VirtioMmio};
 
 /// Virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -451,6 +452,77 @@ impl VirtioDevice for VirtioBlk {
 
     fn reset(&mut self) {
         self.acked_features = 0;
+    }
+}
+
+/// First GSI of the virtio-mmio disks (COM1 uses 4, the SCI 9).
+pub const FIRST_GSI: u32 = 5;
+
+/// The `index`-th virtio-blk disk on the platform: a virtio-mmio window with its GSI, and
+/// its `\_SB.Vnnn` entry (`LNRO0005`).
+pub struct VirtioBlkSlot {
+    index: usize,
+    disk: Arc<dyn BlockDevice>,
+}
+
+impl std::fmt::Debug for VirtioBlkSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioBlkSlot")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VirtioBlkSlot {
+    pub fn new(index: usize, disk: Arc<dyn BlockDevice>) -> Self {
+        VirtioBlkSlot { index, disk }
+    }
+
+    fn base(&self) -> u64 {
+        crate::layout::virtio_mmio_base(self.index)
+    }
+
+    fn gsi(&self) -> u32 {
+        // GSIs 5..=8, then 10.. (9 is the SCI).
+        let g = FIRST_GSI + self.index as u32;
+        if g >= u32::from(crate::acpi::SCI_IRQ) {
+            g + 1
+        } else {
+            g
+        }
+    }
+}
+
+impl PlatformDevice for VirtioBlkSlot {
+    fn name(&self) -> String {
+        format!("virtio-blk {}", self.index)
+    }
+
+    fn aml(&self) -> Option<Vec<u8>> {
+        use acpi_tables::aml;
+        Some(crate::acpi::aml_device(
+            &format!("V{:03X}", self.index),
+            &"LNRO0005",
+            self.index as u32,
+            vec![
+                &aml::Memory32Fixed::new(
+                    true,
+                    self.base() as u32,
+                    crate::layout::VIRTIO_MMIO_SIZE as u32,
+                ),
+                &aml::Interrupt::new(true, true, false, false, self.gsi()),
+            ],
+        ))
+    }
+
+    fn wire(&self, w: &mut dyn Wiring) -> Result<(), WireError> {
+        let irq = w.edge_irq(self.gsi())?;
+        let dev = VirtioMmio::new(VirtioBlk::new(self.disk.clone()), w.memory(), irq);
+        w.mmio(
+            Arc::new(std::sync::Mutex::new(dev)),
+            self.base(),
+            crate::layout::VIRTIO_MMIO_SIZE,
+        )
     }
 }
 

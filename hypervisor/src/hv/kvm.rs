@@ -101,10 +101,9 @@ pub fn sint_irqfds(vm: &VmFd, vps: u32) -> Result<Vec<EventFd>, kvm_ioctls::Erro
 pub fn hyperv_eventfd(
     vm: &VmFd,
     conn_id: u32,
-    fd: &EventFd,
+    fd: &impl std::os::fd::AsRawFd,
     deassign: bool,
 ) -> Result<(), kvm_ioctls::Error> {
-    use std::os::fd::AsRawFd;
     let arg = kvm_hyperv_eventfd {
         conn_id,
         fd: fd.as_raw_fd(),

@@ -7,6 +7,10 @@
 //! synthetic MSR and the hypercall page are handled here, see [`userspace`]).
 
 pub mod cpuid;
+#[allow(
+    unsafe_code,
+    reason = "the KVM_HYPERV_EVENTFD ioctl, which kvm-ioctls does not wrap"
+)]
 pub mod kvm;
 pub mod synic;
 pub mod userspace;

@@ -1,80 +1,34 @@
 //! An open channel: its rings, doorbells and the thread that runs its device (VSP).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use rustix::event::{PollFd, PollFlags};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::eventfd::EventFd;
+use vmbus_core::memory::{Gpadl, GuestMem};
+use vmbus_core::ring::{self, InRing, OutRing, RingError, pkt};
+use vmbus_core::{Channel, SharedVsp, TransferRange, VspError, Wakeup, channel::lock_vsp};
 
-use super::ring::{self, InRing, OutRing, Packet, RingError};
 use crate::hv::VMBUS_SINT;
 use crate::hv::synic::Synic;
 
-/// A device's reason to give up on its channel.
-#[derive(Debug, thiserror::Error)]
-pub enum VspError {
-    /// The guest broke the device protocol.
-    #[error("protocol violation: {0}")]
-    Protocol(String),
-    /// The ring layer failed.
-    #[error(transparent)]
-    Ring(#[from] RingError),
-}
+/// The GPADLs the guest created, by id, with the channel each belongs to: the control plane
+/// fills it, channel threads look their devices' GPADLs up in it.
+pub type GpadlTable = Arc<RwLock<HashMap<u32, (u32, Arc<Gpadl>)>>>;
 
-/// What a device puts in its offer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OfferParams {
-    /// Interface (class) GUID.
-    pub class: super::proto::Guid,
-    /// Instance GUID.
-    pub instance: super::proto::Guid,
-    /// Channel flags (0x10: named pipe).
-    pub flags: u16,
-    /// MMIO space the guest should carve for the device (synthvid VRAM), in MiB.
-    pub mmio_megabytes: u16,
-    /// Pipe mode (4 = message) for pipe channels, else 0.
-    pub pipe_mode: u32,
-}
-
-/// A VMBus device server (VSP). Each device is its own module and implements this.
-///
-/// The channel thread calls these methods; the device's state persists across channel
-/// close/open and partition resets, so a device can also hold host-side input queues.
-pub trait Vsp: Send {
-    /// Short name for logs.
-    fn name(&self) -> &'static str;
-    /// The offer.
-    fn offer(&self) -> OfferParams;
-    /// The channel opened: reset protocol state.
-    fn opened(&mut self, _tx: &mut ChannelTx) -> Result<(), VspError> {
-        Ok(())
-    }
-    /// A packet from the guest.
-    fn packet(&mut self, pkt: &Packet, tx: &mut ChannelTx) -> Result<(), VspError>;
-    /// Host-side work (input to deliver); called after every wakeup.
-    fn poll_host(&mut self, _tx: &mut ChannelTx) -> Result<(), VspError> {
-        Ok(())
-    }
-    /// The channel closed.
-    fn closed(&mut self) {}
-    /// An eventfd the host side writes when it has work for [`Vsp::poll_host`].
-    fn host_wakeup(&self) -> Option<Arc<EventFd>> {
-        None
-    }
-}
-
-/// A shared, lockable VSP.
-pub type SharedVsp = Arc<Mutex<dyn Vsp>>;
-
-/// The sending half of an open channel, handed to the device.
+/// An open channel as its device sees it (the VMM's [`Channel`]).
 pub struct ChannelTx {
     out: OutRing,
     synic: Arc<Synic>,
+    mem: GuestMem,
+    gpadls: GpadlTable,
     relid: u32,
     target_vp: Arc<AtomicU32>,
-    doorbell: Arc<EventFd>,
+    doorbell: Arc<Wakeup>,
 }
 
 impl std::fmt::Debug for ChannelTx {
@@ -95,22 +49,22 @@ impl ChannelTx {
         );
     }
 
-    /// Send an inband data packet; waits up to a second for ring space.
-    pub fn send(&mut self, payload: &[u8]) -> Result<(), VspError> {
-        self.send_packet(ring::pkt::DATA_INBAND, 0, 0, payload)
-    }
-
-    /// Send a packet of any type.
-    pub fn send_packet(
+    /// Write a packet (`descriptor` between header and payload); waits up to a second for
+    /// ring space.
+    fn write(
         &mut self,
         ptype: u16,
         flags: u16,
         trans_id: u64,
+        descriptor: &[u8],
         payload: &[u8],
     ) -> Result<(), VspError> {
         let deadline = Instant::now() + Duration::from_secs(1);
         loop {
-            match self.out.write(ptype, flags, trans_id, payload) {
+            match self
+                .out
+                .write_with(ptype, flags, trans_id, descriptor, payload)
+            {
                 Ok(sig) => {
                     self.out.set_pending_send(0);
                     if sig {
@@ -119,10 +73,10 @@ impl ChannelTx {
                     return Ok(());
                 }
                 Err(RingError::Full) if Instant::now() < deadline => {
-                    let need = (payload.len() + 32) as u32;
+                    let need = (descriptor.len() + payload.len() + 32) as u32;
                     self.out.set_pending_send(need);
                     // The guest signals when it has consumed enough; poll either way.
-                    wait_readable(&[self.doorbell.as_raw_fd()], Duration::from_millis(10));
+                    wait_readable(&[self.doorbell.as_fd()], Duration::from_millis(10));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -130,24 +84,54 @@ impl ChannelTx {
     }
 }
 
-/// Wait until one of `fds` is readable or `timeout` passes.
-pub(crate) fn wait_readable(fds: &[i32], timeout: Duration) {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    // SAFETY: `p` is a live array of `p.len()` pollfd structures.
-    unsafe {
-        libc::poll(
-            p.as_mut_ptr(),
-            p.len() as libc::nfds_t,
-            timeout.as_millis() as i32,
+impl Channel for ChannelTx {
+    fn send_packet(
+        &mut self,
+        ptype: u16,
+        flags: u16,
+        trans_id: u64,
+        payload: &[u8],
+    ) -> Result<(), VspError> {
+        self.write(ptype, flags, trans_id, &[], payload)
+    }
+
+    fn send_transfer_pages(
+        &mut self,
+        set_id: u16,
+        ranges: &[TransferRange],
+        trans_id: u64,
+        payload: &[u8],
+    ) -> Result<(), VspError> {
+        let desc = ring::transfer_page_descriptor(set_id, ranges);
+        self.write(
+            pkt::DATA_USING_XFER_PAGES,
+            pkt::FLAG_COMPLETION_REQUESTED,
+            trans_id,
+            &desc,
+            payload,
         )
-    };
+    }
+
+    fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    fn gpadl(&self, id: u32) -> Option<Arc<Gpadl>> {
+        let map = self.gpadls.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&id)
+            .filter(|(relid, _)| *relid == self.relid)
+            .map(|(_, g)| g.clone())
+    }
+}
+
+/// Wait until one of `fds` is readable or `timeout` passes.
+pub(crate) fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Duration) {
+    let mut p: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(fd, PollFlags::IN))
+        .collect();
+    let t = rustix::event::Timespec::try_from(timeout).ok();
+    let _ = rustix::event::poll(&mut p, t.as_ref());
 }
 
 /// Rate limit for guest-triggered log lines.
@@ -167,7 +151,7 @@ static CHANNEL_ERRORS: LogLimit = LogLimit(AtomicU32::new(0));
 #[derive(Debug)]
 pub struct OpenChannel {
     stop: Arc<AtomicBool>,
-    stop_evt: Arc<EventFd>,
+    stop_evt: Arc<Wakeup>,
     thread: Option<JoinHandle<()>>,
     /// Target VP for host→guest interrupts (MODIFYCHANNEL changes it).
     pub target_vp: Arc<AtomicU32>,
@@ -179,21 +163,22 @@ pub struct OpenChannel {
 pub struct ChannelStart {
     pub vsp: SharedVsp,
     pub synic: Arc<Synic>,
+    pub gpadls: GpadlTable,
     pub relid: u32,
     pub target_vp: u32,
     pub inbound: InRing,
     pub outbound: OutRing,
-    pub doorbell: Arc<EventFd>,
+    pub doorbell: Arc<Wakeup>,
 }
 
 impl OpenChannel {
     /// Start the channel thread.
     pub fn start(s: ChannelStart) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let stop_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let stop_evt = Arc::new(Wakeup::new()?);
         let target_vp = Arc::new(AtomicU32::new(s.target_vp));
         let failed = Arc::new(AtomicBool::new(false));
-        let name = s.vsp.lock().map(|v| v.name()).unwrap_or("vsp");
+        let name = lock_vsp(&s.vsp).name();
         let thread = {
             let (stop, stop_evt, target_vp, failed) = (
                 stop.clone(),
@@ -225,7 +210,7 @@ impl OpenChannel {
     /// Stop the thread and wait for it.
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = self.stop_evt.write(1);
+        self.stop_evt.signal();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -241,50 +226,53 @@ impl Drop for OpenChannel {
 fn run(
     s: ChannelStart,
     stop: &AtomicBool,
-    stop_evt: &EventFd,
+    stop_evt: &Wakeup,
     target_vp: Arc<AtomicU32>,
 ) -> Result<(), VspError> {
     let ChannelStart {
         vsp,
         synic,
+        gpadls,
         relid,
         mut inbound,
         outbound,
         doorbell,
         ..
     } = s;
-    let wakeup = crate::devices::bus::lock(&vsp).host_wakeup();
+    let wakeup = lock_vsp(&vsp).host_wakeup();
     let mut tx = ChannelTx {
         out: outbound,
+        mem: GuestMem::new(synic.memory().clone()),
         synic,
+        gpadls,
         relid,
         target_vp,
         doorbell: doorbell.clone(),
     };
     let result = (|| {
-        crate::devices::bus::lock(&vsp).opened(&mut tx)?;
-        let mut fds = vec![doorbell.as_raw_fd(), stop_evt.as_raw_fd()];
+        lock_vsp(&vsp).opened(&mut tx)?;
+        let mut fds = vec![doorbell.as_fd(), stop_evt.as_fd()];
         if let Some(w) = &wakeup {
-            fds.push(w.as_raw_fd());
+            fds.push(w.as_fd());
         }
         while !stop.load(Ordering::SeqCst) {
-            let _ = doorbell.read();
+            doorbell.take();
             if let Some(w) = &wakeup {
-                let _ = w.read();
+                w.take();
             }
             while let Some((pkt, sig)) = inbound.read()? {
                 if sig {
                     tx.signal();
                 }
-                crate::devices::bus::lock(&vsp).packet(&pkt, &mut tx)?;
+                lock_vsp(&vsp).packet(&pkt, &mut tx)?;
             }
-            crate::devices::bus::lock(&vsp).poll_host(&mut tx)?;
+            lock_vsp(&vsp).poll_host(&mut tx)?;
             // The timeout covers a doorbell the guest skipped (it signals only on an
             // empty-to-non-empty transition).
             wait_readable(&fds, Duration::from_millis(50));
         }
         Ok(())
     })();
-    crate::devices::bus::lock(&vsp).closed();
+    lock_vsp(&vsp).closed();
     result
 }

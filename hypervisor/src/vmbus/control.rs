@@ -11,11 +11,13 @@ use std::sync::{Arc, RwLock};
 
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
-use vmm_sys_util::eventfd::EventFd;
 
-use super::channel::{ChannelStart, LogLimit, OpenChannel, SharedVsp};
-use super::proto::{self, GuestMessage, msgtype, version};
-use super::ring::{self, InRing, OutRing};
+use vmbus_core::memory::{Gpadl as GpadlPages, PageList};
+use vmbus_core::messages::{self as proto, GuestMessage, msgtype, version};
+use vmbus_core::ring::{self, InRing, OutRing};
+use vmbus_core::{SharedVsp, Wakeup};
+
+use super::channel::{ChannelStart, GpadlTable, LogLimit, OpenChannel};
 use crate::hv::VMBUS_SINT;
 use crate::hv::synic::{PostResult, Synic};
 
@@ -39,7 +41,7 @@ pub const MAX_OUTGOING: usize = 1024;
 pub const CONNECTION_ID_BASE: u32 = 0x10;
 
 /// Doorbells by connection id, shared with the vCPUs (HvSignalEvent exits).
-pub type Doorbells = Arc<RwLock<HashMap<u32, Arc<EventFd>>>>;
+pub type Doorbells = Arc<RwLock<HashMap<u32, Arc<Wakeup>>>>;
 
 static GUEST_ERRORS: LogLimit = LogLimit(std::sync::atomic::AtomicU32::new(0));
 
@@ -56,15 +58,19 @@ struct Channel {
     conn_id: u32,
     vsp: SharedVsp,
     state: ChannelState,
+    /// The GPADL holding the open channel's rings.
+    ring_gpadl: Option<u32>,
 }
 
+/// A GPADL being described (header, then bodies) or complete.
 #[derive(Debug)]
 struct Gpadl {
     relid: u32,
     rangecount: u16,
     expected: usize,
     data: Vec<u8>,
-    pfns: Option<Vec<u64>>,
+    /// Set once complete (also in the shared table the channels look GPADLs up in).
+    done: Option<Arc<GpadlPages>>,
 }
 
 /// The bus's connection state.
@@ -82,6 +88,8 @@ pub struct Control {
     vm: Option<Arc<VmFd>>,
     channels: Vec<Channel>,
     gpadls: HashMap<u32, Gpadl>,
+    /// The complete GPADLs, for the channel threads.
+    table: GpadlTable,
     outgoing: VecDeque<Vec<u8>>,
     connection: Connection,
     doorbells: Doorbells,
@@ -119,6 +127,7 @@ impl Control {
                 conn_id: CONNECTION_ID_BASE + relid,
                 vsp,
                 state: ChannelState::Offered,
+                ring_gpadl: None,
             })
             .collect();
         Self {
@@ -126,6 +135,7 @@ impl Control {
             vm,
             channels,
             gpadls: HashMap::new(),
+            table: GpadlTable::default(),
             outgoing: VecDeque::new(),
             connection: Connection::Disconnected,
             doorbells,
@@ -176,6 +186,10 @@ impl Control {
             }
         }
         self.gpadls.clear();
+        self.table
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.outgoing.clear();
         self.connection = Connection::Disconnected;
     }
@@ -244,9 +258,15 @@ impl Control {
                 if self.gpadls.remove(&gpadl).is_none() {
                     return guest_error("teardown of an unknown GPADL");
                 }
-                // A ring GPADL torn down under an open channel: stop using it first.
+                self.table
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&gpadl);
+                // A ring GPADL torn down under an open channel: stop using it first. (A
+                // device's buffer GPADL may go while its channel stays open.)
                 if let Some(i) = self.channel(relid)
                     && matches!(self.channels[i].state, ChannelState::Open(_))
+                    && self.channels[i].ring_gpadl == Some(gpadl)
                 {
                     self.close(i);
                 }
@@ -372,7 +392,7 @@ impl Control {
             rangecount: h.rangecount,
             expected: usize::from(h.range_buflen),
             data: h.data,
-            pfns: None,
+            done: None,
         };
         let id = h.gpadl;
         self.gpadls.insert(id, g);
@@ -383,7 +403,7 @@ impl Control {
         let Some(g) = self.gpadls.get_mut(&b.gpadl) else {
             return guest_error("GPADL body for an unknown GPADL");
         };
-        if g.pfns.is_some() {
+        if g.done.is_some() {
             return guest_error("GPADL body after the GPADL was complete");
         }
         let room = g.expected - g.data.len();
@@ -402,24 +422,36 @@ impl Control {
         let result = proto::parse_ranges(&g.data, g.rangecount)
             .map_err(|e| e.to_string())
             .and_then(|ranges| {
-                let pfns: Vec<u64> = ranges.into_iter().flat_map(|r| r.pfns).collect();
                 let mem = self.synic.memory();
-                match pfns.iter().find(|&&p| {
+                if let Some(p) = ranges.iter().flat_map(|r| &r.pfns).find(|&&p| {
                     p.checked_mul(ring::PAGE)
                         .is_none_or(|a| !mem.check_range(GuestAddress(a), ring::PAGE as usize))
                 }) {
-                    Some(p) => Err(format!("PFN {p:#x} is not guest RAM")),
-                    None => Ok(pfns),
+                    return Err(format!("PFN {p:#x} is not guest RAM"));
                 }
+                ranges
+                    .into_iter()
+                    .map(|r| PageList::new(r.byte_offset, r.byte_count, r.pfns))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(|lists| Arc::new(GpadlPages::new(lists)))
+                    .map_err(|e| e.to_string())
             });
         match result {
-            Ok(pfns) => {
+            Ok(done) => {
                 g.data = Vec::new();
-                g.pfns = Some(pfns);
+                g.done = Some(done.clone());
+                self.table
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id, (relid, done));
                 self.send(proto::gpadl_created(relid, id, 0));
             }
             Err(e) => {
                 self.gpadls.remove(&id);
+                self.table
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
                 guest_error(&e);
                 self.send(proto::gpadl_created(relid, id, 1));
             }
@@ -438,13 +470,13 @@ impl Control {
         if g.relid != o.relid {
             return Err("ring GPADL belongs to another channel".into());
         }
-        let pfns = g.pfns.as_ref().ok_or("ring GPADL incomplete")?;
-        let (up, down) = ring::split_rings(pfns, o.downstream_page_offset)
+        let pfns = g.done.as_ref().ok_or("ring GPADL incomplete")?.pfns();
+        let (up, down) = ring::split_rings(&pfns, o.downstream_page_offset)
             .ok_or("bad downstream ring offset")?;
         let mem = self.synic.memory().clone();
         let inbound = InRing::new(mem.clone(), up).map_err(|e| e.to_string())?;
         let outbound = OutRing::new(mem, down).map_err(|e| e.to_string())?;
-        let doorbell = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?);
+        let doorbell = Arc::new(Wakeup::new().map_err(|e| e.to_string())?);
         let ch = &mut self.channels[i];
         if let Some(vm) = &self.vm
             && let Err(e) = crate::hv::kvm::hyperv_eventfd(vm, ch.conn_id, &doorbell, false)
@@ -459,6 +491,7 @@ impl Control {
         let open = OpenChannel::start(ChannelStart {
             vsp: ch.vsp.clone(),
             synic: self.synic.clone(),
+            gpadls: self.table.clone(),
             relid: ch.relid,
             target_vp: o.target_vp,
             inbound,
@@ -467,6 +500,7 @@ impl Control {
         })
         .map_err(|e| e.to_string())?;
         ch.state = ChannelState::Open(open);
+        ch.ring_gpadl = Some(o.gpadl);
         Ok(())
     }
 
@@ -494,9 +528,8 @@ mod tests {
 
     use super::*;
     use crate::hv::synic::SintKick;
-    use crate::vmbus::channel::{ChannelTx, OfferParams, Vsp, VspError};
-    use crate::vmbus::proto::Guid;
-    use crate::vmbus::ring::Packet;
+    use vmbus_core::ring::Packet;
+    use vmbus_core::{Channel, Guid, OfferParams, Vsp, VspError};
 
     struct NoKick;
     impl SintKick for NoKick {
@@ -518,7 +551,7 @@ mod tests {
                 pipe_mode: 0,
             }
         }
-        fn packet(&mut self, p: &Packet, tx: &mut ChannelTx) -> Result<(), VspError> {
+        fn packet(&mut self, p: &Packet, tx: &mut dyn Channel) -> Result<(), VspError> {
             tx.send(p.payload())
         }
     }
@@ -667,9 +700,7 @@ mod tests {
         p[16..24].copy_from_slice(b"pingpong");
         mem.write_slice(&p, GuestAddress(0x101000)).unwrap();
         mem.write_obj(32u32, GuestAddress(0x100000)).unwrap();
-        c.doorbells.read().unwrap()[&(CONNECTION_ID_BASE + 1)]
-            .write(1)
-            .unwrap();
+        c.doorbells.read().unwrap()[&(CONNECTION_ID_BASE + 1)].signal();
         // The echo lands in the host→guest ring (header 0x102, data 0x103).
         let t0 = std::time::Instant::now();
         while mem.read_obj::<u32>(GuestAddress(0x102000)).unwrap() == 0 {

@@ -8,8 +8,6 @@
 
 pub mod channel;
 pub mod control;
-pub mod proto;
-pub mod ring;
 
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -19,12 +17,37 @@ use std::time::Duration;
 use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress};
 
-use self::channel::SharedVsp;
 use self::control::{Control, Doorbells};
+use crate::devices::platform::{PlatformDevice, WireError, Wiring};
 use crate::hv::HvBackend;
 use crate::hv::hcall;
 use crate::hv::synic::{MAX_PAYLOAD, Synic};
 use crate::hv::userspace::UserspaceHv;
+use vmbus_core::SharedVsp;
+use vmbus_core::messages as proto;
+
+/// VMBus on the platform: `\_SB.VMOD` owning the MMIO window (from which `hyperv_drm`
+/// carves VRAM) with `VMBS` inside, which is how Linux finds VMBus. The server itself starts
+/// with the boot's Hyper-V state (see `partition::hv`).
+#[derive(Debug, Default)]
+pub struct VmbusWindow;
+
+impl PlatformDevice for VmbusWindow {
+    fn name(&self) -> String {
+        "VMBus".into()
+    }
+
+    fn aml(&self) -> Option<Vec<u8>> {
+        Some(crate::acpi::vmbus_aml(
+            crate::layout::VMBUS_MMIO_BASE,
+            crate::layout::VMBUS_MMIO_SIZE,
+        ))
+    }
+
+    fn wire(&self, _w: &mut dyn Wiring) -> Result<(), WireError> {
+        Ok(())
+    }
+}
 
 /// Depth of the HvPostMessage queue.
 pub const POST_QUEUE: usize = 16;
@@ -90,7 +113,7 @@ impl VmbusServer {
         let map = self.doorbells.read().unwrap_or_else(|e| e.into_inner());
         match map.get(&conn_id) {
             Some(db) => {
-                let _ = db.write(1);
+                db.signal();
                 hcall::STATUS_SUCCESS
             }
             None => hcall::STATUS_INVALID_CONNECTION_ID,

@@ -30,14 +30,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use hypervisor::dirty::{DirtyReader, DirtyRows, PAGE, PageDirt, PageLog, rows_update};
+use hypervisor::dirty::{DirtyReader, DirtyRows, PAGE, PageDirt, PageLog};
 use hypervisor::framebuffer::FbFormat;
 use parvis_tests::fbstamp::{MAGIC, monotonic_ns};
 use proto::framing::{self, Decoder};
 use proto::worker::{
-    DisplayUpdate, Event, Framebuffer, Rect, Reply, Request, Status, event, request,
+    DisplayUpdate, Error as WireError, ErrorCode, Event, Framebuffer, Rect, Reply, Request, Status,
+    SyntheticVideo, display_update, event, request,
 };
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+
+/// `PARVIS_FAKE_WORKER_FAIL=framebuffer`: answer the framebuffer request with an internal
+/// error whose words carry a host path and an OS error (tests that the agent hides them).
+fn fail_framebuffer() -> bool {
+    std::env::var("PARVIS_FAKE_WORKER_FAIL").is_ok_and(|v| v.split(',').any(|w| w == "framebuffer"))
+}
 
 const IDLE: u8 = 0;
 const FULL: u8 = 1;
@@ -145,10 +152,12 @@ impl Shared {
         }
     }
 
-    /// Send a display update to every subscriber (dropping those that went away).
-    fn display(&self, u: DisplayUpdate) {
+    /// Send a synthetic video update to every subscriber (dropping those that went away).
+    fn display(&self, u: SyntheticVideo) {
         let bytes = framing::encode(&Event {
-            kind: Some(event::Kind::Display(u)),
+            kind: Some(event::Kind::Display(DisplayUpdate {
+                kind: Some(display_update::Kind::SyntheticVideo(u)),
+            })),
         });
         let mut subs = self.display.lock().unwrap_or_else(|e| e.into_inner());
         subs.retain(|mut c| c.write_all(&bytes).is_ok());
@@ -157,7 +166,7 @@ impl Shared {
     /// After drawing: the guest driver's dirty rectangle, when it owns the screen.
     fn dirty(&self, x: u32, y: u32, width: u32, height: u32) {
         if self.synthvid.load(Ordering::Relaxed) {
-            self.display(DisplayUpdate {
+            self.display(SyntheticVideo {
                 active: true,
                 framebuffer: None,
                 dirty: vec![Rect {
@@ -166,7 +175,6 @@ impl Shared {
                     width,
                     height,
                 }],
-                ..Default::default()
             });
         }
     }
@@ -300,7 +308,10 @@ fn boot_dirty_sender(s: &Shared, reader: &DirtyReader, mut conn: UnixStream, sto
             continue;
         }
         let bytes = framing::encode(&Event {
-            kind: Some(event::Kind::Display(rows_update(&rows, s.width))),
+            kind: Some(event::Kind::Display(proto::worker_msg::boot_rows(
+                rows.iter().map(|r| (r.y, r.height)),
+                s.width,
+            ))),
         });
         // Under the subscribers' lock: one writer per connection at a time.
         let _subs = s.display.lock().unwrap_or_else(|e| e.into_inner());
@@ -363,6 +374,15 @@ fn session(conn: UnixStream, s: &Arc<Shared>) {
             let mut watch = None;
             match req.kind {
                 Some(request::Kind::Query(_)) => reply.status = Some(s.status()),
+                Some(request::Kind::Framebuffer(_)) if fail_framebuffer() => {
+                    // A worker failing on purpose, with words a real worker never sends: the
+                    // agent must not pass them on.
+                    reply.error = Some(WireError::new(
+                        ErrorCode::Internal,
+                        "cannot share /var/lib/parvis/vms/x/guest-memory: Permission denied \
+                         (os error 13)",
+                    ));
+                }
                 Some(request::Kind::Framebuffer(_)) => {
                     // The agent gets a read-only file, like from the real worker.
                     let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&s.fb));
@@ -371,7 +391,9 @@ fn session(conn: UnixStream, s: &Arc<Shared>) {
                             fd = Some(OwnedFd::from(f));
                             reply.framebuffer = Some(s.geometry());
                         }
-                        Err(e) => reply.error = e.to_string(),
+                        Err(e) => {
+                            reply.error = Some(WireError::new(ErrorCode::Internal, e.to_string()))
+                        }
                     }
                 }
                 Some(request::Kind::SerialInput(bytes)) => {
@@ -385,7 +407,7 @@ fn session(conn: UnixStream, s: &Arc<Shared>) {
                                 "idle" => IDLE,
                                 "synthvid" => {
                                     s.synthvid.store(true, Ordering::Relaxed);
-                                    s.display(DisplayUpdate {
+                                    s.display(SyntheticVideo {
                                         active: true,
                                         framebuffer: Some(s.geometry()),
                                         ..Default::default()
@@ -394,7 +416,7 @@ fn session(conn: UnixStream, s: &Arc<Shared>) {
                                 }
                                 "bootfb" => {
                                     s.synthvid.store(false, Ordering::Relaxed);
-                                    s.display(DisplayUpdate {
+                                    s.display(SyntheticVideo {
                                         active: false,
                                         ..Default::default()
                                     });
@@ -414,11 +436,14 @@ fn session(conn: UnixStream, s: &Arc<Shared>) {
                 }
                 Some(request::Kind::Stop(_)) | Some(request::Kind::PowerButton(_)) => exit = true,
                 Some(request::Kind::Input(_)) => {
-                    reply.error = "this VM has no input device yet".into();
+                    reply.error = Some(WireError::new(
+                        ErrorCode::NotSupported,
+                        "this VM has no input device yet",
+                    ));
                 }
                 Some(request::Kind::WatchBootFramebuffer(on)) => watch = Some(on),
                 Some(_) => {}
-                None => reply.error = "empty request".into(),
+                None => reply.error = Some(WireError::new(ErrorCode::BadRequest, "empty request")),
             }
             let ev = Event {
                 kind: Some(event::Kind::Reply(reply)),

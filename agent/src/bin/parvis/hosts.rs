@@ -1,16 +1,15 @@
-//! `parvis host add|list|remove|info`, and the hosts file: `$PARVIS_CONFIG`, else
-//! `$XDG_CONFIG_HOME/parvis/hosts.json`, else `~/.config/parvis/hosts.json`. It holds tokens,
-//! so it is written atomically with mode 0600.
+//! `parvis host add|list|remove|info`, over the saved-hosts file the console shares
+//! (`proto::hosts`: `$PARVIS_CONFIG`, else `hosts.json` in the user's config folder, e.g.
+//! `~/.config/parvis/hosts.json`).
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use proto::client::{Target, fetch_fingerprint, same_fingerprint};
+use proto::client::{fetch_fingerprint, same_fingerprint};
+use proto::hosts::{self, HostsFile, SavedHost};
 use proto::v1::{GetHostInfoRequest, HostInfo};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::disk::human;
@@ -62,114 +61,15 @@ pub enum HostCommand {
     },
 }
 
-/// The hosts file.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Config {
-    #[serde(default)]
-    pub hosts: Vec<HostEntry>,
+/// The saved-hosts file (shared with the console).
+pub fn load() -> Result<HostsFile> {
+    let path = hosts::default_path()?;
+    Ok(HostsFile::load(&path)?)
 }
 
-/// One saved agent.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HostEntry {
-    pub name: String,
-    pub addr: String,
-    pub token: String,
-    /// `None`: plain HTTP/2.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fingerprint: Option<String>,
-}
-
-impl HostEntry {
-    pub fn target(&self) -> Target {
-        Target {
-            addr: self.addr.clone(),
-            fingerprint: self.fingerprint.clone(),
-            token: self.token.clone(),
-        }
-    }
-}
-
-/// Where the hosts file is.
-pub fn config_path() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("PARVIS_CONFIG").filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(p));
-    }
-    Ok(config_dir()?.join("parvis").join("hosts.json"))
-}
-
-fn config_dir() -> Result<PathBuf> {
-    if let Some(d) = std::env::var_os("XDG_CONFIG_HOME").filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(d));
-    }
-    let home = std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .context("HOME is not set; set PARVIS_CONFIG to the hosts file's path")?;
-    Ok(PathBuf::from(home).join(".config"))
-}
-
-impl Config {
-    /// The hosts file (empty if there is none yet).
-    pub fn load() -> Result<Config> {
-        let path = config_path()?;
-        match std::fs::read(&path) {
-            Ok(b) => {
-                serde_json::from_slice(&b).with_context(|| format!("{} is damaged", path.display()))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-        }
-    }
-
-    pub fn save(&self) -> Result<()> {
-        let path = config_path()?;
-        let mut text = serde_json::to_vec_pretty(self)?;
-        text.push(b'\n');
-        write_private(&path, &text)
-    }
-
-    pub fn find(&self, name: &str) -> Option<&HostEntry> {
-        self.hosts.iter().find(|h| h.name == name)
-    }
-}
-
-/// Write `data` to `path` atomically (temporary file, fsync, rename), readable only by the
-/// owner; the directory is made (0700) if missing.
-pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .context("the path has no file name")?
-        .to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok::<_, std::io::Error>(())
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write {}", path.display()));
-    }
-    Ok(())
+fn save(f: &HostsFile) -> Result<()> {
+    let path = hosts::default_path()?;
+    Ok(f.save(&path)?)
 }
 
 pub async fn run(cmd: HostCommand, host: Option<&str>) -> Result<i32> {
@@ -184,7 +84,7 @@ pub async fn run(cmd: HostCommand, host: Option<&str>) -> Result<i32> {
             yes,
         } => add(name, addr, token, token_file, fingerprint, plain, yes).await,
         HostCommand::List { json } => {
-            let cfg = Config::load()?;
+            let cfg = load()?;
             if json {
                 let v: Vec<_> = cfg
                     .hosts
@@ -227,13 +127,13 @@ pub async fn run(cmd: HostCommand, host: Option<&str>) -> Result<i32> {
             Ok(0)
         }
         HostCommand::Remove { name } => {
-            let mut cfg = Config::load()?;
+            let mut cfg = load()?;
             let before = cfg.hosts.len();
             cfg.hosts.retain(|h| h.name != name);
             if cfg.hosts.len() == before {
                 bail!("no host named '{name}'");
             }
-            cfg.save()?;
+            save(&cfg)?;
             eprintln!("Removed host '{name}'.");
             Ok(0)
         }
@@ -324,7 +224,7 @@ async fn add(
         }
         Some(seen)
     };
-    let entry = HostEntry {
+    let entry = SavedHost {
         name: name.clone(),
         addr: addr.clone(),
         token,
@@ -336,7 +236,7 @@ async fn add(
         .get_host_info(GetHostInfoRequest {})
         .await
         .rpc("checking the agent")?;
-    let mut cfg = Config::load()?;
+    let mut cfg = load()?;
     let replaced = if let Some(h) = cfg.hosts.iter_mut().find(|h| h.name == name) {
         *h = entry.clone();
         true
@@ -344,7 +244,7 @@ async fn add(
         cfg.hosts.push(entry.clone());
         false
     };
-    cfg.save()?;
+    save(&cfg)?;
     println!(
         "{} host '{name}' at {addr} ({}).",
         if replaced { "Updated" } else { "Added" },
@@ -496,9 +396,21 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("sub/hosts.json");
-        write_private(&p, b"one").unwrap();
-        write_private(&p, b"two").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let host = |name: &str| SavedHost {
+            name: name.into(),
+            addr: "10.0.0.1:7443".into(),
+            token: "pvs_t".into(),
+            fingerprint: None,
+        };
+        let one = HostsFile {
+            hosts: vec![host("one")],
+        };
+        let two = HostsFile {
+            hosts: vec![host("two")],
+        };
+        one.save(&p).unwrap();
+        two.save(&p).unwrap();
+        assert_eq!(HostsFile::load(&p).unwrap(), two);
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);

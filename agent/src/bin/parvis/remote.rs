@@ -8,11 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use proto::client::{self, Clients, ConnectError, Target};
+use proto::hosts::{self, HostsFile};
 use proto::v1::{Task, TaskRef, TaskState};
 use tokio_stream::StreamExt;
 use tonic::{Code, Status};
-
-use crate::hosts;
 
 /// The agent this process talks to, for error hints.
 static AGENT: OnceLock<String> = OnceLock::new();
@@ -46,7 +45,7 @@ pub fn target(host: Option<&str>) -> Result<(String, Target)> {
     if let Some(h) = env_nonempty("PARVIS_HOST") {
         return configured(&h);
     }
-    let cfg = hosts::Config::load()?;
+    let cfg = saved_hosts()?;
     match cfg.hosts.first() {
         Some(h) => Ok((h.name.clone(), h.target())),
         None => bail!(
@@ -56,8 +55,13 @@ pub fn target(host: Option<&str>) -> Result<(String, Target)> {
     }
 }
 
+/// The saved-hosts file (shared with the console).
+fn saved_hosts() -> Result<HostsFile> {
+    Ok(HostsFile::load(&hosts::default_path()?)?)
+}
+
 fn configured(name: &str) -> Result<(String, Target)> {
-    let cfg = hosts::Config::load()?;
+    let cfg = saved_hosts()?;
     let h = cfg.find(name).with_context(|| {
         let known: Vec<&str> = cfg.hosts.iter().map(|h| h.name.as_str()).collect();
         if known.is_empty() {

@@ -22,7 +22,6 @@ use serde_json::json;
 use tonic::Code;
 
 use crate::disk::{self, DiskCommand, human};
-use crate::hosts::write_private;
 use crate::remote::{
     self, CtrlC, OnCtrlC, Rpc, Watched, backoff, disk_format, disk_variant, print_json,
     print_table, resolve, status_error, task_json, task_result, task_state, time_ms, upload_state,
@@ -378,6 +377,47 @@ fn resume_path() -> Result<PathBuf> {
         PathBuf::from(home).join(".cache/parvis")
     };
     Ok(dir.join("uploads.json"))
+}
+
+/// Write `data` to `path` atomically (temporary file, fsync, rename), readable only by the
+/// owner; the directory is made (0700) if missing.
+fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let name = path
+        .file_name()
+        .context("the path has no file name")?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok::<_, std::io::Error>(())
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    Ok(())
 }
 
 impl ResumeFile {

@@ -12,8 +12,11 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory,
 };
 
+use crate::channel::TransferRange;
+use crate::memory::PageList;
+
 /// Page size of rings and GPADLs.
-pub const PAGE: u64 = 4096;
+pub const PAGE: u64 = crate::memory::PAGE;
 /// Largest ring we accept (data bytes), far above what Linux drivers use.
 pub const MAX_RING_BYTES: u64 = 16 << 20;
 /// Largest packet we read from a guest ring.
@@ -22,6 +25,7 @@ pub const MAX_PACKET: usize = 64 * 1024;
 /// Packet types (`enum vmbus_packet_type`).
 pub mod pkt {
     pub const DATA_INBAND: u16 = 0x6;
+    pub const DATA_USING_XFER_PAGES: u16 = 0x7;
     pub const DATA_USING_GPA_DIRECT: u16 = 0x9;
     pub const COMP: u16 = 0xb;
     /// Completion requested.
@@ -201,11 +205,71 @@ pub struct Packet {
     pub bytes: Vec<u8>,
 }
 
+/// Most ranges one GPA-direct packet may carry.
+pub const MAX_GPA_RANGES: usize = 64;
+
 impl Packet {
     /// The payload (after offset8).
     pub fn payload(&self) -> &[u8] {
         &self.bytes[self.header.offset..]
     }
+
+    /// The page lists of a GPA-direct packet (`vmdata_gpa_direct`: reserved u32, range
+    /// count u32, then per range byte count u32, byte offset u32 and its page numbers), each
+    /// checked; they must fit in the descriptor (between the header and the payload).
+    pub fn gpa_direct(&self) -> Result<Vec<PageList>, RingError> {
+        if self.header.ptype != pkt::DATA_USING_GPA_DIRECT {
+            return Err(RingError::BadPacket("not a GPA-direct packet"));
+        }
+        let desc = &self.bytes[16..self.header.offset];
+        let word = |o: usize| -> Option<u32> {
+            let b = desc.get(o..o.checked_add(4)?)?;
+            Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        let short = RingError::BadPacket("GPA-direct descriptor shorter than its ranges");
+        let count = word(4).ok_or(short.clone())? as usize;
+        if count == 0 || count > MAX_GPA_RANGES {
+            return Err(RingError::BadPacket("GPA-direct range count out of bounds"));
+        }
+        let mut out = Vec::with_capacity(count);
+        let mut o = 8usize;
+        for _ in 0..count {
+            let byte_count = word(o).ok_or(short.clone())?;
+            let byte_offset = word(o + 4).ok_or(short.clone())?;
+            o += 8;
+            let pages = (u64::from(byte_offset % PAGE as u32) + u64::from(byte_count))
+                .div_ceil(PAGE) as usize;
+            if (desc.len() - o.min(desc.len())) / 8 < pages {
+                return Err(short);
+            }
+            let pfns = (0..pages)
+                .map(|i| {
+                    let b = &desc[o + 8 * i..o + 8 * i + 8];
+                    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+                })
+                .collect();
+            o += 8 * pages;
+            out.push(
+                PageList::new(byte_offset, byte_count, pfns)
+                    .map_err(|_| RingError::BadPacket("GPA-direct range is not a page list"))?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// The descriptor of a transfer-page packet (`vmtransfer_page_packet_header` after the
+/// packet header): set id, sender-owns-set 0, range count, then the ranges.
+pub fn transfer_page_descriptor(set_id: u16, ranges: &[TransferRange]) -> Vec<u8> {
+    let mut d = Vec::with_capacity(8 + 8 * ranges.len());
+    d.extend_from_slice(&set_id.to_le_bytes());
+    d.extend_from_slice(&[0, 0]);
+    d.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
+    for r in ranges {
+        d.extend_from_slice(&r.byte_count.to_le_bytes());
+        d.extend_from_slice(&r.byte_offset.to_le_bytes());
+    }
+    d
 }
 
 /// The guest→host ring: the host consumes.
@@ -290,7 +354,24 @@ impl OutRing {
         trans_id: u64,
         payload: &[u8],
     ) -> Result<NeedSignal, RingError> {
-        let len = (16 + payload.len()).div_ceil(8) * 8;
+        self.write_with(ptype, flags, trans_id, &[], payload)
+    }
+
+    /// Write one packet of `ptype` whose `descriptor` (a multiple of 8 bytes) sits between
+    /// the header and `payload`. Returns whether the guest must be signalled.
+    pub fn write_with(
+        &mut self,
+        ptype: u16,
+        flags: u16,
+        trans_id: u64,
+        descriptor: &[u8],
+        payload: &[u8],
+    ) -> Result<NeedSignal, RingError> {
+        if !descriptor.len().is_multiple_of(8) {
+            return Err(RingError::BadPacket("descriptor not a multiple of 8 bytes"));
+        }
+        let start = 16 + descriptor.len();
+        let len = (start + payload.len()).div_ceil(8) * 8;
         if len > MAX_PACKET {
             return Err(RingError::BadPacket("packet too large"));
         }
@@ -304,11 +385,12 @@ impl OutRing {
         }
         let mut p = vec![0u8; len + 8];
         p[0..2].copy_from_slice(&ptype.to_le_bytes());
-        p[2..4].copy_from_slice(&2u16.to_le_bytes());
+        p[2..4].copy_from_slice(&((start / 8) as u16).to_le_bytes());
         p[4..6].copy_from_slice(&((len / 8) as u16).to_le_bytes());
         p[6..8].copy_from_slice(&flags.to_le_bytes());
         p[8..16].copy_from_slice(&trans_id.to_le_bytes());
-        p[16..16 + payload.len()].copy_from_slice(payload);
+        p[16..start].copy_from_slice(descriptor);
+        p[start..start + payload.len()].copy_from_slice(payload);
         p[len..].copy_from_slice(&(u64::from(w) << 32).to_le_bytes());
         self.0.write_at(w, &p)?;
         fence(Ordering::SeqCst);
@@ -451,6 +533,90 @@ mod tests {
         m.write_obj(100u32, GuestAddress(0x1000 + 12)).unwrap();
         let (_, sig) = r.read().unwrap().unwrap();
         assert!(!sig, "there was room already");
+    }
+
+    #[test]
+    fn descriptors_sit_between_header_and_payload() {
+        let m = mem();
+        let mut w = OutRing::new(m.clone(), &[5, 6]).unwrap();
+        let d = transfer_page_descriptor(
+            0xcafe,
+            &[TransferRange {
+                byte_count: 1514,
+                byte_offset: 6144,
+            }],
+        );
+        assert_eq!(d.len(), 16);
+        w.write_with(pkt::DATA_USING_XFER_PAGES, 1, 77, &d, b"nvsp")
+            .unwrap();
+        // Read it back as the guest would, with a host reader on the same pages.
+        let mut r = InRing::new(m.clone(), &[5, 6]).unwrap();
+        let (p, _) = r.read().unwrap().unwrap();
+        assert_eq!(p.header.ptype, pkt::DATA_USING_XFER_PAGES);
+        assert_eq!(p.header.offset, 32);
+        assert_eq!(p.header.trans_id, 77);
+        assert_eq!(&p.bytes[16..18], &0xcafeu16.to_le_bytes());
+        assert_eq!(&p.bytes[20..24], &1u32.to_le_bytes());
+        assert_eq!(&p.bytes[24..28], &1514u32.to_le_bytes());
+        assert_eq!(&p.payload()[..4], b"nvsp");
+        assert!(w.write_with(6, 0, 0, &[0; 3], b"").is_err());
+    }
+
+    #[test]
+    fn gpa_direct_ranges_are_parsed_and_checked() {
+        // A storvsc-style packet: one range of 8192 bytes at offset 512 (three pages).
+        let mut desc = Vec::new();
+        desc.extend_from_slice(&0u32.to_le_bytes());
+        desc.extend_from_slice(&1u32.to_le_bytes());
+        desc.extend_from_slice(&8192u32.to_le_bytes());
+        desc.extend_from_slice(&512u32.to_le_bytes());
+        for pfn in [10u64, 3, 11] {
+            desc.extend_from_slice(&pfn.to_le_bytes());
+        }
+        let packet = |desc: &[u8], ptype: u16| {
+            let mut bytes = vec![0u8; 16];
+            bytes[0..2].copy_from_slice(&ptype.to_le_bytes());
+            bytes.extend_from_slice(desc);
+            let offset = bytes.len();
+            bytes.extend_from_slice(&[0xab; 8]);
+            Packet {
+                header: PacketHeader {
+                    ptype,
+                    offset,
+                    len: bytes.len(),
+                    flags: 1,
+                    trans_id: 5,
+                },
+                bytes,
+            }
+        };
+        let lists = packet(&desc, pkt::DATA_USING_GPA_DIRECT)
+            .gpa_direct()
+            .unwrap();
+        assert_eq!(lists.len(), 1);
+        assert_eq!(lists[0].len(), 8192);
+        assert_eq!(lists[0].pfns(), &[10, 3, 11]);
+        assert!(packet(&desc, pkt::DATA_INBAND).gpa_direct().is_err());
+        // One page number short.
+        assert!(
+            packet(&desc[..desc.len() - 8], pkt::DATA_USING_GPA_DIRECT)
+                .gpa_direct()
+                .is_err()
+        );
+        // A range count the descriptor cannot hold.
+        let mut many = desc.clone();
+        many[4..8].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(
+            packet(&many, pkt::DATA_USING_GPA_DIRECT)
+                .gpa_direct()
+                .is_err()
+        );
+        many[4..8].copy_from_slice(&2u32.to_le_bytes());
+        assert!(
+            packet(&many, pkt::DATA_USING_GPA_DIRECT)
+                .gpa_direct()
+                .is_err()
+        );
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //!
 //! Subcommands: `ctl` (talk to a running worker's control socket) and `probe` (can this host
 //! run partitions?).
+//!
+//! May depend on: `hypervisor` (the VMM library), the VMBus crates, `parvis_disk` and
+//! `proto` (this binary translates the worker protocol; the library never sees it).
 
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -19,11 +22,11 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use hypervisor::config::{ByteSize, DiskSpec, Resolution, WorkerSettings};
 use hypervisor::devices::serial::{SerialOutput, pump_input};
-use hypervisor::devices::synth::SynthDevices;
 use hypervisor::hv::HvMode;
 use hypervisor::partition::{Command, GuestExit};
 use hypervisor::{DiskAttachment, Partition, PartitionConfig, RebootAction};
 use parvis_disk::image::{self, OpenOptions};
+use vmbus_devices::SynthDevices;
 
 mod control;
 mod ctl;
@@ -275,7 +278,7 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
         out.add(Box::new(f));
     }
 
-    let synth = SynthDevices::new(s.hyperv != HvMode::Off)
+    let synth = SynthDevices::new(s.hyperv != HvMode::Off, hypervisor::layout::VRAM_SIZE)
         .context("cannot create the synthetic devices")?;
     let partition = Partition::new(
         PartitionConfig {

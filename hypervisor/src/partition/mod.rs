@@ -1,6 +1,14 @@
 //! A child partition: one KVM VM with its memory, devices and vCPU threads, driven by an event
 //! loop that handles guest requests (power-off, reset, panic) and host commands (pause,
 //! resume, reset, stop, power button, screenshot).
+//!
+//! Rooms: this file is the partition's lifecycle; [`machine`] builds one boot's VM (memory
+//! slots, guest memory contents, devices, vCPUs); [`hv`] its Hyper-V side and VMBus server;
+//! [`devices`] lists the platform's devices.
+
+mod devices;
+mod hv;
+mod machine;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -8,43 +16,29 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
-};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use parvis_disk::BlockDevice;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::{Bytes, VolatileMemory};
+use vmbus_core::SharedVsp;
+use vmbus_devices::video::VideoShared;
 use vmm_sys_util::signal::Killable;
 
-use crate::acpi::{self, AcpiConfig, AcpiTables, MmioDeviceDesc};
-use crate::boot::{self, BootFramebuffer, BootSpec};
-use crate::cpu;
-use crate::devices::bus::lock;
-use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
-use crate::devices::pm::{PM_BLOCK_LEN, PmDevice, ResetRegister};
-use crate::devices::pvpanic::{PVPANIC_PORT, PvPanic};
-use crate::devices::serial::{COM1_PORT, SerialDevice, SerialOutput};
-use crate::devices::synth::video::{VideoShared, VramMapper};
-use crate::devices::virtio_blk::VirtioBlk;
-use crate::devices::virtio_mmio::VirtioMmio;
-use crate::devices::{
-    Bus, BusDevice, BusError, Irq, IrqLine, LevelIrq, PlatformRequest, PlatformSink,
-};
+use self::machine::Machine;
+use crate::acpi::{self, AcpiConfig, AcpiTables};
+use crate::boot;
+use crate::devices::platform::{PlatformDevice, WireError};
+use crate::devices::pm::AcpiPm;
+use crate::devices::serial::{Com1, SerialDevice, SerialOutput};
+use crate::devices::{PlatformRequest, PlatformSink};
 use crate::dirty::VramDirtyLog;
 use crate::framebuffer::{FbError, FbFormat};
-use crate::hv::synic::{SintKick, Synic};
-use crate::hv::userspace::{MsiKick, UserspaceHv};
 use crate::hv::{HvBackend, HvError, HvMode};
 use crate::layout::{self, MemoryLayout};
 use crate::memory::{GuestRam, MemoryError};
-use crate::vcpu::{self, RunState, VcpuBuses, VcpuControl, VcpuEvent};
-use crate::vmbus::channel::{SharedVsp, Vsp};
-use crate::vmbus::{HvPartition, VmbusServer};
+use crate::vcpu::{self, RunState, VcpuEvent};
 
-/// First GSI handed to virtio-mmio devices (COM1 uses 4, the SCI 9).
-pub const VIRTIO_FIRST_GSI: u32 = 5;
-/// Most virtio devices (GSIs 5..=8 and 10..=15 keep clear of the SCI).
+/// Most virtio disks (GSIs 5..=8 keep clear of the SCI).
 pub const MAX_DISKS: usize = 4;
 /// Most vCPUs (8-bit APIC ids in the MADT, one reserved for broadcast).
 pub const MAX_CPUS: u8 = 254;
@@ -70,12 +64,6 @@ pub struct DiskAttachment {
     pub name: String,
     /// The backend.
     pub device: Arc<dyn BlockDevice>,
-}
-
-impl std::fmt::Debug for dyn Vsp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
 }
 
 impl std::fmt::Debug for DiskAttachment {
@@ -166,9 +154,13 @@ pub enum PartitionError {
     /// ACPI tables.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
-    /// Device wiring.
-    #[error(transparent)]
-    Bus(#[from] BusError),
+    /// A device could not be wired.
+    #[error("cannot wire {device}")]
+    Wiring {
+        device: String,
+        #[source]
+        source: WireError,
+    },
     /// Hyper-V enlightenments.
     #[error(transparent)]
     Hyperv(#[from] HvError),
@@ -266,110 +258,6 @@ impl PartitionHandle {
     }
 }
 
-/// An edge-triggered interrupt through an irqfd.
-#[derive(Debug)]
-struct EventIrq(EventFd);
-
-impl IrqLine for EventIrq {
-    fn trigger(&self) {
-        if let Err(e) = self.0.write(1) {
-            tracing::error!(error = %e, "cannot signal an interrupt");
-        }
-    }
-}
-
-/// A level-triggered ISA interrupt through KVM_IRQ_LINE.
-struct KvmLevelIrq {
-    vm: Arc<VmFd>,
-    gsi: u32,
-}
-
-impl LevelIrq for KvmLevelIrq {
-    fn set_level(&self, high: bool) {
-        if let Err(e) = self.vm.set_irq_line(self.gsi, high) {
-            tracing::error!(error = %e, gsi = self.gsi, "cannot set an interrupt line");
-        }
-    }
-}
-
-/// The KVM objects of one boot; rebuilt from scratch on reset.
-struct Machine {
-    vm: Arc<VmFd>,
-    vcpus: Vec<VcpuFd>,
-    threads: Vec<JoinHandle<VcpuFd>>,
-    buses: VcpuBuses,
-    pm: Arc<Mutex<PmDevice>>,
-    control: Arc<VcpuControl>,
-}
-
-/// SINT delivery through one irqfd per VP on its HV_SINT route (kernel backend).
-struct IrqfdKick(Vec<EventFd>);
-
-impl SintKick for IrqfdKick {
-    fn kick(&self, vp: u32, _sint: u32) {
-        if let Some(fd) = self.0.get(vp as usize)
-            && let Err(e) = fd.write(1)
-        {
-            tracing::error!(error = %e, vp, "cannot raise a SINT");
-        }
-    }
-}
-
-/// KVM memory slot for synthvid VRAM (after RAM and the boot framebuffer).
-const SYNTHVID_SLOT: u32 = 8;
-
-/// Maps the shared VRAM where the synthvid guest driver put it, inside the VMBus window.
-struct KvmVramMapper {
-    vm: Arc<VmFd>,
-    host: u64,
-    size: u64,
-    current: Mutex<Option<u64>>,
-}
-
-impl VramMapper for KvmVramMapper {
-    fn map(&self, gpa: u64) -> bool {
-        let window = layout::VMBUS_MMIO_BASE..layout::VMBUS_MMIO_BASE + layout::VMBUS_MMIO_SIZE;
-        let Some(end) = gpa.checked_add(self.size) else {
-            return false;
-        };
-        if !gpa.is_multiple_of(0x1000) || !window.contains(&gpa) || end > window.end {
-            return false;
-        }
-        let mut cur = lock(&self.current);
-        if *cur == Some(gpa) {
-            return true;
-        }
-        let region = |gpa, size| kvm_bindings::kvm_userspace_memory_region {
-            slot: SYNTHVID_SLOT,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: self.host,
-        };
-        if let Some(old) = cur.take() {
-            // SAFETY: deleting a slot (size 0) we created; no host memory is referenced.
-            if let Err(e) = unsafe { self.vm.set_user_memory_region(region(old, 0)) } {
-                tracing::error!(error = %e, "cannot remove the old synthvid VRAM slot");
-                return false;
-            }
-        }
-        // SAFETY: `host..host+size` is the VRAM part of the partition's shared memory
-        // mapping, which outlives every VM built from the partition; the slot lies in the
-        // VMBus window, which overlaps no other slot.
-        match unsafe { self.vm.set_user_memory_region(region(gpa, self.size)) } {
-            Ok(()) => {
-                *cur = Some(gpa);
-                tracing::info!(gpa = format_args!("{gpa:#x}"), "synthvid VRAM mapped");
-                true
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot map synthvid VRAM");
-                false
-            }
-        }
-    }
-}
-
 /// A child partition.
 pub struct Partition {
     kvm: Kvm,
@@ -378,8 +266,10 @@ pub struct Partition {
     acpi: AcpiTables,
     cpuid: CpuId,
     hv: Option<HvBackend>,
-    serial: Arc<Mutex<SerialDevice>>,
-    serial_irq: Arc<EventIrq>,
+    /// The platform's devices, wired into every boot (see [`devices`]).
+    devices: Vec<Arc<dyn PlatformDevice>>,
+    com1: Arc<Com1>,
+    pm: Arc<AcpiPm>,
     tx: Sender<EventMsg>,
     rx: Receiver<EventMsg>,
     machine: Option<Machine>,
@@ -452,27 +342,13 @@ impl Partition {
         config.memory = round_memory(config.memory);
         let config_fb = config.framebuffer.is_some();
         let ram = GuestRam::new(MemoryLayout::new(config.memory))?;
+        let com1 = Arc::new(Com1::new(serial_out));
+        let pm = Arc::new(AcpiPm::default());
+        let devices = devices::platform(&config, hv.is_some(), &com1, &pm);
         let acpi = AcpiTables::build(&AcpiConfig {
             cpus: config.cpus,
-            virtio: (0..config.disks.len())
-                .map(|i| MmioDeviceDesc {
-                    base: layout::virtio_mmio_base(i),
-                    size: layout::VIRTIO_MMIO_SIZE,
-                    irq: VIRTIO_FIRST_GSI + i as u32,
-                })
-                .collect(),
-            vmbus: hv.map(|_| (layout::VMBUS_MMIO_BASE, layout::VMBUS_MMIO_SIZE)),
+            devices: devices.iter().filter_map(|d| d.aml()).collect(),
         })?;
-        let serial_irq = Arc::new(EventIrq(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
-            PartitionError::Io {
-                op: "the serial interrupt eventfd",
-                source: e,
-            }
-        })?));
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            serial_irq.clone() as Irq,
-            serial_out,
-        )));
         let (tx, rx) = mpsc::channel();
         let mut p = Self {
             kvm,
@@ -481,8 +357,9 @@ impl Partition {
             acpi,
             cpuid,
             hv,
-            serial,
-            serial_irq,
+            devices,
+            com1,
+            pm,
             tx,
             rx,
             machine: None,
@@ -501,7 +378,7 @@ impl Partition {
 
     /// The serial device, for feeding console input.
     pub fn serial(&self) -> Arc<Mutex<SerialDevice>> {
-        self.serial.clone()
+        self.com1.device()
     }
 
     /// The guest memory (RAM then VRAM in one memfd), e.g. to share the framebuffer.
@@ -519,290 +396,6 @@ impl Partition {
         Arc::new(move |r| {
             let _ = tx.send(EventMsg(Event::Platform(r)));
         })
-    }
-
-    fn build_machine(&self, clear: bool) -> Result<Machine, PartitionError> {
-        let vm = Arc::new(self.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
-        vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        if vm.check_extension(Cap::SetIdentityMapAddr) {
-            vm.set_identity_map_address(layout::KVM_TSS_ADDR - 0x1000)
-                .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        }
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        self.map_memory(&vm)?;
-
-        // Guest memory contents: a fresh boot every time.
-        if clear {
-            self.ram.clear()?;
-        }
-        let mem = self.ram.memory();
-        for (gpa, blob) in &self.acpi.blobs {
-            mem.write_slice(blob, GuestAddress(*gpa))
-                .map_err(PartitionError::GuestMemory)?;
-        }
-        cpu::write_boot_structures(mem).map_err(PartitionError::GuestMemory)?;
-        let entry = boot::load(
-            mem,
-            self.ram.layout(),
-            &BootSpec {
-                kernel: &self.config.kernel,
-                initrd: self.config.initrd.as_deref(),
-                cmdline: &self.config.cmdline,
-                framebuffer: self.config.framebuffer.map(|format| BootFramebuffer {
-                    base: layout::VRAM_ADDR,
-                    size: layout::VRAM_SIZE,
-                    format,
-                }),
-            },
-        )?;
-        // The host is done writing this boot's memory: the log starts here.
-        if let Some(d) = &self.dirty {
-            d.attach(&vm, self.vram_slot(), self.ram.vram().size() as u64);
-        }
-
-        // Devices.
-        let sink = self.platform_sink();
-        let mut pio = Bus::new();
-        vm.register_irqfd(&self.serial_irq.0, u32::from(acpi::COM1_IRQ))
-            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        pio.insert(self.serial.clone(), u64::from(COM1_PORT), 8)?;
-        pio.insert(
-            Arc::new(Mutex::new(I8042::new(sink.clone()))),
-            u64::from(I8042_PORT),
-            I8042_LEN,
-        )?;
-        let pm = Arc::new(Mutex::new(PmDevice::new(
-            Arc::new(KvmLevelIrq {
-                vm: vm.clone(),
-                gsi: u32::from(acpi::SCI_IRQ),
-            }),
-            sink.clone(),
-        )));
-        pio.insert(pm.clone(), u64::from(acpi::PM1A_EVT_PORT), PM_BLOCK_LEN)?;
-        pio.insert(
-            Arc::new(Mutex::new(ResetRegister::new(sink.clone()))),
-            u64::from(acpi::RESET_PORT),
-            1,
-        )?;
-        pio.insert(
-            Arc::new(Mutex::new(PvPanic::new(sink))),
-            u64::from(PVPANIC_PORT),
-            1,
-        )?;
-        let mut mmio = Bus::new();
-        for (i, disk) in self.config.disks.iter().enumerate() {
-            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| PartitionError::Io {
-                op: "a virtio interrupt eventfd",
-                source: e,
-            })?;
-            vm.register_irqfd(&evt, VIRTIO_FIRST_GSI + i as u32)
-                .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
-            let dev = VirtioMmio::new(
-                VirtioBlk::new(disk.device.clone()),
-                mem.clone(),
-                Arc::new(EventIrq(evt)) as Irq,
-            );
-            let dev: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(dev));
-            mmio.insert(dev, layout::virtio_mmio_base(i), layout::VIRTIO_MMIO_SIZE)?;
-        }
-
-        // vCPUs.
-        let cpus = u32::from(self.config.cpus);
-        let mut vcpus = Vec::with_capacity(cpus as usize);
-        for i in 0..cpus {
-            let vcpu = vm
-                .create_vcpu(u64::from(i))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let mut cpuid = self.cpuid.clone();
-            cpu::patch_cpuid(cpuid.as_mut_slice(), i, cpus);
-            if let Some(backend) = self.hv {
-                let mut entries = cpuid.as_slice().to_vec();
-                crate::hv::cpuid::apply(&mut entries, backend, cpus);
-                cpuid = CpuId::from_entries(&entries)
-                    .map_err(|_| PartitionError::Config("too many CPUID entries".into()))?;
-            }
-            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-            if self.hv == Some(HvBackend::Kernel) {
-                crate::hv::kvm::enable_vp(&vcpu, i)
-                    .map_err(kvm_err("enabling SynIC and the VP index"))?;
-            }
-            let entries: Vec<kvm_bindings::kvm_msr_entry> = cpu::boot_msrs()
-                .into_iter()
-                .map(|(index, data)| kvm_bindings::kvm_msr_entry {
-                    index,
-                    data,
-                    ..Default::default()
-                })
-                .collect();
-            let msrs = kvm_bindings::Msrs::from_entries(&entries)
-                .map_err(|_| PartitionError::Config("too many boot MSRs".into()))?;
-            let set = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
-            if set != entries.len() {
-                tracing::warn!(
-                    vcpu = i,
-                    set,
-                    wanted = entries.len(),
-                    "KVM accepted only some boot MSRs"
-                );
-            }
-            vcpu.set_fpu(&cpu::boot_fpu())
-                .map_err(kvm_err("KVM_SET_FPU"))?;
-            let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
-            let mut regs: Vec<u8> = lapic.regs.iter().map(|b| *b as u8).collect();
-            cpu::set_lint(&mut regs);
-            for (d, s) in lapic.regs.iter_mut().zip(regs) {
-                *d = s as _;
-            }
-            vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
-            if i == 0 {
-                let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                vcpu.set_sregs(&cpu::boot_sregs(sregs))
-                    .map_err(kvm_err("KVM_SET_SREGS"))?;
-                vcpu.set_regs(&cpu::boot_regs(entry.entry, entry.zero_page))
-                    .map_err(kvm_err("KVM_SET_REGS"))?;
-            }
-            vcpus.push(vcpu);
-        }
-        let hv = match self.hv {
-            Some(backend) => Some(Arc::new(self.build_hv(backend, &vm, &vcpus)?)),
-            None => None,
-        };
-        Ok(Machine {
-            vm,
-            vcpus,
-            threads: Vec::new(),
-            buses: VcpuBuses {
-                pio: Arc::new(pio),
-                mmio: Arc::new(mmio),
-                hv,
-            },
-            pm,
-            control: Arc::new(VcpuControl::default()),
-        })
-    }
-
-    /// SynIC, SINT delivery and the VMBus server of one boot (after every vCPU exists: the
-    /// SINT routes need SynIC active on each).
-    fn build_hv(
-        &self,
-        backend: HvBackend,
-        vm: &Arc<VmFd>,
-        vcpus: &[VcpuFd],
-    ) -> Result<HvPartition, PartitionError> {
-        let cpus = u32::from(self.config.cpus);
-        let mem = self.ram.memory().clone();
-        let (synic, user, eventfd_vm) = match backend {
-            HvBackend::Kernel => {
-                crate::hv::kvm::set_routes(vm, cpus, crate::hv::VMBUS_SINT)
-                    .map_err(kvm_err("KVM_SET_GSI_ROUTING (SINT routes)"))?;
-                let fds =
-                    crate::hv::kvm::sint_irqfds(vm, cpus).map_err(kvm_err("KVM_IRQFD (SINT)"))?;
-                let synic = Arc::new(Synic::new(mem, cpus, Box::new(IrqfdKick(fds))));
-                (synic, None, Some(vm.clone()))
-            }
-            HvBackend::Userspace => {
-                let cap = kvm_bindings::kvm_enable_cap {
-                    cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
-                    args: [
-                        u64::from(
-                            kvm_bindings::KVM_MSR_EXIT_REASON_INVAL
-                                | kvm_bindings::KVM_MSR_EXIT_REASON_UNKNOWN,
-                        ),
-                        0,
-                        0,
-                        0,
-                    ],
-                    ..Default::default()
-                };
-                vm.enable_cap(&cap)
-                    .map_err(kvm_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
-                let tsc_khz = vcpus
-                    .first()
-                    .map(|v| v.get_tsc_khz())
-                    .transpose()
-                    .map_err(kvm_err("KVM_GET_TSC_KHZ"))?
-                    .unwrap_or(0);
-                let kick = MsiKick::new(vm.clone());
-                let synic = Arc::new(Synic::new(mem.clone(), cpus, Box::new(kick.clone())));
-                kick.bind(&synic);
-                (synic, Some(UserspaceHv::new(mem, cpus, tsc_khz)), None)
-            }
-        };
-        if let Some(video) = &self.config.video {
-            let vram = self.ram.vram();
-            video.attach(Arc::new(KvmVramMapper {
-                vm: vm.clone(),
-                host: vram.as_ptr() as u64,
-                size: vram.size() as u64,
-                current: Mutex::new(None),
-            }));
-        }
-        let vmbus =
-            VmbusServer::start(synic.clone(), eventfd_vm, self.config.vmbus_devices.clone())
-                .map_err(PartitionError::Thread)?;
-        Ok(HvPartition {
-            backend,
-            synic,
-            user,
-            vmbus,
-        })
-    }
-
-    fn map_memory(&self, vm: &VmFd) -> Result<(), PartitionError> {
-        let mut regions: Vec<(u64, u64, u64)> = self
-            .ram
-            .memory()
-            .iter()
-            .map(|r| (r.start_addr().0, r.len(), r.as_ptr() as u64))
-            .collect();
-        let vram = self.ram.vram();
-        regions.push((layout::VRAM_ADDR, vram.size() as u64, vram.as_ptr() as u64));
-        let vram_slot = self.vram_slot();
-        debug_assert_eq!(vram_slot as usize, regions.len() - 1);
-        for (slot, (gpa, size, host)) in (0u32..).zip(regions) {
-            // The boot framebuffer's writes are logged, so its changes need no searching
-            // (see dirty.rs).
-            let log = slot == vram_slot && self.dirty.is_some();
-            let region = |flags| kvm_bindings::kvm_userspace_memory_region {
-                slot,
-                flags,
-                guest_phys_addr: gpa,
-                memory_size: size,
-                userspace_addr: host,
-            };
-            if log {
-                // SAFETY: the same live VRAM mapping as the plain slot below; logging only
-                // makes KVM record the guest's writes.
-                match unsafe { vm.set_user_memory_region(region(KVM_MEM_LOG_DIRTY_PAGES)) } {
-                    Ok(()) => continue,
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        "KVM cannot log the VRAM's dirty pages; the screen will be polled"
-                    ),
-                }
-            }
-            // SAFETY: `host..host+size` is a live shared mapping owned by `self.ram`, which
-            // outlives every VM built from this partition (machines are dropped before the
-            // partition), and the slots do not overlap (see layout.rs).
-            unsafe { vm.set_user_memory_region(region(0)) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-            if log && let Some(d) = &self.dirty {
-                d.unavailable();
-            }
-        }
-        Ok(())
-    }
-
-    /// The slot of the VRAM (after the RAM's).
-    fn vram_slot(&self) -> u32 {
-        self.ram.memory().num_regions() as u32
     }
 
     fn machine(&mut self) -> &mut Machine {
@@ -955,7 +548,7 @@ impl Partition {
                     Command::Resume => self.resume(),
                     Command::Reset => self.reset()?,
                     Command::Stop => break GuestExit::Stopped,
-                    Command::PowerButton => lock(&self.machine().pm).press_power_button(),
+                    Command::PowerButton => self.pm.press_power_button(),
                     Command::Screenshot(path, reply) => {
                         let _ = reply.send(self.screenshot(&path));
                     }

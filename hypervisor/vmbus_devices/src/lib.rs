@@ -1,7 +1,14 @@
-//! Synthetic (VMBus) devices: keyboard, mouse and video. Each is a [`Vsp`] in its own module
-//! with a host-side handle the worker feeds (input) or reads (frames).
+//! Parvis's VMBus devices (VSPs), one module each: the synthetic video, keyboard and mouse
+//! that Linux's `hyperv_drm`/`hyperv_fb`, `hyperv_keyboard` and `hid_hyperv` drive. Each
+//! implements [`vmbus_core::Vsp`] and has a host-side handle the worker feeds (input) or
+//! reads (frames). Devices see their channel only through [`vmbus_core::Channel`], so each
+//! is tested here against [`vmbus_core::fake::FakeGuest`], exactly as it runs.
 //!
-//! [`Vsp`]: crate::vmbus::channel::Vsp
+//! Every message is the guest's and hostile: no `unsafe`, every length checked, nothing
+//! panics. May depend on `vmbus_core` and the crates it uses; not on KVM or the hypervisor
+//! crate (the VRAM mapping reaches KVM through the [`video::VramMapper`] trait).
+
+#![forbid(unsafe_code)]
 
 pub mod keyboard;
 pub mod mouse;
@@ -10,9 +17,12 @@ pub mod video;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use vmm_sys_util::eventfd::EventFd;
+use vmbus_core::{SharedVsp, Wakeup};
 
-use crate::devices::bus::lock;
+/// Lock a mutex, whatever a panicking holder left.
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Most host input events queued for a device whose guest driver is not reading.
 pub const MAX_QUEUED_INPUT: usize = 4096;
@@ -21,7 +31,7 @@ pub const MAX_QUEUED_INPUT: usize = 4096;
 #[derive(Debug)]
 pub struct InputQueue<T> {
     queue: Mutex<VecDeque<T>>,
-    wakeup: Arc<EventFd>,
+    wakeup: Arc<Wakeup>,
 }
 
 impl<T> InputQueue<T> {
@@ -29,7 +39,7 @@ impl<T> InputQueue<T> {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             queue: Mutex::new(VecDeque::new()),
-            wakeup: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+            wakeup: Arc::new(Wakeup::new()?),
         })
     }
 
@@ -41,7 +51,7 @@ impl<T> InputQueue<T> {
         }
         q.push_back(e);
         drop(q);
-        let _ = self.wakeup.write(1);
+        self.wakeup.signal();
         true
     }
 
@@ -56,7 +66,7 @@ impl<T> InputQueue<T> {
     }
 
     /// The eventfd written on every push.
-    pub fn wakeup(&self) -> Arc<EventFd> {
+    pub fn wakeup(&self) -> Arc<Wakeup> {
         self.wakeup.clone()
     }
 }
@@ -90,7 +100,7 @@ pub struct SynthDevices {
     pub mouse: Option<Arc<InputQueue<mouse::PointerEvent>>>,
     /// Video state (mode, dirty rectangles).
     pub video: Option<Arc<video::VideoShared>>,
-    vsps: Vec<crate::vmbus::channel::SharedVsp>,
+    vsps: Vec<SharedVsp>,
 }
 
 impl std::fmt::Debug for SynthDevices {
@@ -102,15 +112,16 @@ impl std::fmt::Debug for SynthDevices {
 }
 
 impl SynthDevices {
-    /// Video, keyboard and mouse when `enabled` (a partition with VMBus), else nothing.
-    pub fn new(enabled: bool) -> std::io::Result<Self> {
+    /// Video (with `vram_size` bytes of VRAM), keyboard and mouse when `enabled` (a
+    /// partition with VMBus), else nothing.
+    pub fn new(enabled: bool, vram_size: u64) -> std::io::Result<Self> {
         if !enabled {
             return Ok(Self::default());
         }
         let keyboard = Arc::new(InputQueue::new()?);
         let mouse = Arc::new(InputQueue::new()?);
-        let video = video::VideoShared::new(crate::layout::VRAM_SIZE);
-        let vsps: Vec<crate::vmbus::channel::SharedVsp> = vec![
+        let video = video::VideoShared::new(vram_size);
+        let vsps: Vec<SharedVsp> = vec![
             Arc::new(Mutex::new(video::Video::new(video.clone()))),
             Arc::new(Mutex::new(keyboard::Keyboard::new(keyboard.clone()))),
             Arc::new(Mutex::new(mouse::Mouse::new(mouse.clone()))),
@@ -124,7 +135,7 @@ impl SynthDevices {
     }
 
     /// The devices to offer, in relid order.
-    pub fn vsps(&self) -> Vec<crate::vmbus::channel::SharedVsp> {
+    pub fn vsps(&self) -> Vec<SharedVsp> {
         self.vsps.clone()
     }
 }

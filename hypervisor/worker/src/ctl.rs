@@ -8,7 +8,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use proto::framing::{self, Decoder};
-use proto::worker::{Empty, Event, Input, Key, Pointer, Reply, Request, event, input, request};
+use proto::worker::{
+    Empty, Event, Input, Key, Pointer, Reply, Request, display_update, event, input, request,
+};
 
 /// The request for one command word, or the line to print if there is none.
 pub fn request_for(command: &str) -> Result<request::Kind, String> {
@@ -74,9 +76,14 @@ fn pointer(arg: &str) -> Option<request::Kind> {
 }
 
 /// The line printed for the reply to `kind`.
+/// A reply's error words, if it failed.
+fn failure(reply: &Reply) -> Option<&str> {
+    reply.error.as_ref().map(|e| e.message.as_str())
+}
+
 pub fn format_reply(kind: &request::Kind, reply: &Reply) -> String {
-    if !reply.error.is_empty() {
-        return format!("error: {}", reply.error);
+    if let Some(e) = failure(reply) {
+        return format!("error: {e}");
     }
     match kind {
         request::Kind::Query(_) => match &reply.status {
@@ -109,8 +116,8 @@ pub fn watch_display(socket: &Path, dir: &Path, seconds: u64) -> Result<()> {
     let (fb, file) = client.framebuffer_fd(1)?;
     let file = std::fs::File::from(file);
     let reply = client.call(2, request::Kind::SubscribeDisplay(Empty {}))?;
-    if !reply.error.is_empty() {
-        anyhow::bail!("subscribe_display: {}", reply.error);
+    if let Some(e) = failure(&reply) {
+        anyhow::bail!("subscribe_display: {e}");
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
     client
@@ -123,20 +130,24 @@ pub fn watch_display(socket: &Path, dir: &Path, seconds: u64) -> Result<()> {
         let Some(ev) = client.next_event(&mut closed)? else {
             continue;
         };
-        let Some(event::Kind::Display(u)) = ev.kind else {
+        let Some(event::Kind::Display(update)) = ev.kind else {
             continue;
         };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs_f64();
-        if !u.boot_dirty.is_empty() {
-            // The boot framebuffer's written rows; such an update carries nothing else.
-            for r in &u.boot_dirty {
-                writeln!(lines, "{now:.6} boot-rows {} {}", r.y, r.height)?;
+        let u = match update.kind {
+            Some(display_update::Kind::BootRows(b)) => {
+                // The boot framebuffer's written rows.
+                for r in &b.rows {
+                    writeln!(lines, "{now:.6} boot-rows {} {}", r.y, r.height)?;
+                }
+                continue;
             }
-            continue;
-        }
+            Some(display_update::Kind::SyntheticVideo(u)) => u,
+            None => continue,
+        };
         if !u.active {
             writeln!(lines, "{now:.6} inactive")?;
         }
@@ -180,9 +191,13 @@ pub fn bench_echo(socket: &Path, count: u32, out: &Path) -> Result<()> {
         decoder: Decoder::default(),
     };
     let r = client.call(1, request::Kind::SubscribeSerial(Empty {}))?;
-    anyhow::ensure!(r.error.is_empty(), "subscribe_serial: {}", r.error);
+    if let Some(e) = failure(&r) {
+        anyhow::bail!("subscribe_serial: {e}");
+    }
     let r = client.call(2, request::Kind::SubscribeDisplay(Empty {}))?;
-    anyhow::ensure!(r.error.is_empty(), "subscribe_display: {}", r.error);
+    if let Some(e) = failure(&r) {
+        anyhow::bail!("subscribe_display: {e}");
+    }
     client
         .conn
         .set_read_timeout(Some(Duration::from_millis(20)))?;
@@ -225,9 +240,9 @@ pub fn bench_echo(socket: &Path, count: u32, out: &Path) -> Result<()> {
                         t_key.get_or_insert_with(|| t0.elapsed());
                     }
                 }
-                Some(event::Kind::Display(u))
-                    if u.dirty.iter().any(|r| r.width == 32 && r.height == 32) =>
-                {
+                Some(event::Kind::Display(proto::worker::DisplayUpdate {
+                    kind: Some(display_update::Kind::SyntheticVideo(u)),
+                })) if u.dirty.iter().any(|r| r.width == 32 && r.height == 32) => {
                     t_draw.get_or_insert_with(|| t0.elapsed());
                 }
                 _ => {}
@@ -338,8 +353,8 @@ impl Client {
                 if let Some(event::Kind::Reply(r)) = ev.kind
                     && r.id == id
                 {
-                    if !r.error.is_empty() {
-                        anyhow::bail!("framebuffer: {}", r.error);
+                    if let Some(e) = failure(&r) {
+                        anyhow::bail!("framebuffer: {e}");
                     }
                     let fb = r
                         .framebuffer
@@ -477,7 +492,10 @@ mod tests {
             ..Default::default()
         };
         let failed = Reply {
-            error: "the partition is no longer running".into(),
+            error: Some(proto::worker::Error::new(
+                proto::worker::ErrorCode::Gone,
+                "the partition is no longer running",
+            )),
             ..Default::default()
         };
         let query = request::Kind::Query(Empty {});
@@ -523,7 +541,12 @@ mod tests {
                     };
                     match req.kind.as_ref().unwrap() {
                         request::Kind::Query(_) => reply.status = Some(Default::default()),
-                        request::Kind::Reset(_) => reply.error = "nope".into(),
+                        request::Kind::Reset(_) => {
+                            reply.error = Some(proto::worker::Error::new(
+                                proto::worker::ErrorCode::NotReady,
+                                "nope",
+                            ))
+                        }
                         _ => {}
                     }
                     seen.push(req);
@@ -553,7 +576,10 @@ mod tests {
             let ev = Event {
                 kind: Some(event::Kind::Reply(Reply {
                     id: req.id,
-                    error: "nope".into(),
+                    error: Some(proto::worker::Error::new(
+                        proto::worker::ErrorCode::NotReady,
+                        "nope",
+                    )),
                     ..Default::default()
                 })),
             };

@@ -7,12 +7,10 @@
 
 use std::sync::Arc;
 
-use vmm_sys_util::eventfd::EventFd;
-
-use super::{InputQueue, u32_at};
-use crate::vmbus::channel::{ChannelTx, OfferParams, Vsp, VspError};
-use crate::vmbus::proto::Guid;
-use crate::vmbus::ring::Packet;
+use crate::{InputQueue, u32_at};
+use vmbus_core::Guid;
+use vmbus_core::ring::Packet;
+use vmbus_core::{Channel, OfferParams, Vsp, VspError, Wakeup};
 
 /// Interface class cfa8b69e-5b4a-4cc0-b98b-8ba1a1f3f95a.
 pub const CLASS: Guid = Guid::new(
@@ -194,13 +192,13 @@ impl Vsp for Mouse {
         }
     }
 
-    fn opened(&mut self, _tx: &mut ChannelTx) -> Result<(), VspError> {
+    fn opened(&mut self, _tx: &mut dyn Channel) -> Result<(), VspError> {
         self.ready = false;
         self.input.clear();
         Ok(())
     }
 
-    fn packet(&mut self, pkt: &Packet, tx: &mut ChannelTx) -> Result<(), VspError> {
+    fn packet(&mut self, pkt: &Packet, tx: &mut dyn Channel) -> Result<(), VspError> {
         match parse(pkt.payload())? {
             GuestRequest::Protocol(v) => {
                 let ok = v == VERSION_2_0;
@@ -217,7 +215,7 @@ impl Vsp for Mouse {
         Ok(())
     }
 
-    fn poll_host(&mut self, tx: &mut ChannelTx) -> Result<(), VspError> {
+    fn poll_host(&mut self, tx: &mut dyn Channel) -> Result<(), VspError> {
         if !self.ready {
             return Ok(());
         }
@@ -231,7 +229,7 @@ impl Vsp for Mouse {
         self.ready = false;
     }
 
-    fn host_wakeup(&self) -> Option<Arc<EventFd>> {
+    fn host_wakeup(&self) -> Option<Arc<Wakeup>> {
         Some(self.input.wakeup())
     }
 }
@@ -239,6 +237,59 @@ impl Vsp for Mouse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmbus_core::fake::FakeGuest;
+
+    /// A guest message in the pipe + synthhid framing `parse` expects.
+    fn guest(ty: u32, body: &[u8]) -> Vec<u8> {
+        framed(ty, body)
+    }
+
+    #[test]
+    fn negotiates_2_0_sends_its_descriptor_then_reports_host_pointer_moves() {
+        let q = Arc::new(InputQueue::new().unwrap());
+        let mut m = Mouse::new(q.clone());
+        let mut g = FakeGuest::new();
+        g.open(&mut m).unwrap();
+        // A refused version: the response says so and no device info follows.
+        g.send_inband(1, &guest(PROTOCOL_REQUEST, &0x0001_0000u32.to_le_bytes()))
+            .unwrap();
+        g.run(&mut m).unwrap();
+        let r = g.recv_all().unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(u32_at(r[0].payload(), 8), Some(PROTOCOL_RESPONSE));
+        assert_eq!(r[0].payload()[20], 0);
+
+        g.send_inband(2, &guest(PROTOCOL_REQUEST, &VERSION_2_0.to_le_bytes()))
+            .unwrap();
+        g.run(&mut m).unwrap();
+        let r = g.recv_all().unwrap();
+        assert_eq!(r.len(), 2, "the response, then the device info");
+        assert_eq!(r[0].payload()[20], 1);
+        assert_eq!(&r[1].payload()[..device_info().len()], &device_info()[..]);
+        // Until the guest acknowledges the device info, pointer moves wait.
+        q.push(PointerEvent {
+            x: 100,
+            y: 200,
+            buttons: 1,
+            wheel: 0,
+        });
+        g.run(&mut m).unwrap();
+        assert!(g.recv().unwrap().is_none());
+        g.send_inband(3, &guest(INITIAL_DEVICE_INFO_ACK, &[0]))
+            .unwrap();
+        g.run(&mut m).unwrap();
+        let r = g.recv_all().unwrap();
+        assert_eq!(r.len(), 1, "the queued move is reported");
+        let p = r[0].payload();
+        assert_eq!(u32_at(p, 8), Some(INPUT_REPORT));
+        let want = report(PointerEvent {
+            x: 100,
+            y: 200,
+            buttons: 1,
+            wheel: 0,
+        });
+        assert_eq!(&p[16..16 + want.len()], &want);
+    }
 
     #[test]
     fn device_info_sizes_satisfy_the_guest() {

@@ -1,33 +1,27 @@
 //! The worker's terminal: raw mode for an interactive serial console, restored on exit, and
 //! the Ctrl-A x escape that stops the VM.
 
-#![allow(unsafe_code, reason = "termios calls for the interactive console")]
-
 use std::io::Read;
 use std::sync::Mutex;
 
-static SAVED: Mutex<Option<libc::termios>> = Mutex::new(None);
+use rustix::termios::{self, OptionalActions, OutputModes, Termios};
+
+static SAVED: Mutex<Option<Termios>> = Mutex::new(None);
 
 /// Put stdin in raw mode if it is a terminal. Returns whether it did.
 pub fn enter_raw_mode() -> bool {
-    let fd = libc::STDIN_FILENO;
-    // SAFETY: isatty only inspects the descriptor.
-    if unsafe { libc::isatty(fd) } != 1 {
+    let stdin = rustix::stdio::stdin();
+    if !termios::isatty(stdin) {
         return false;
     }
-    // SAFETY: termios is plain data; tcgetattr fills it for a valid descriptor.
-    let mut t: libc::termios = unsafe { std::mem::zeroed() };
-    // SAFETY: `t` is a valid, writable termios.
-    if unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
+    let Ok(mut t) = termios::tcgetattr(stdin) else {
         return false;
-    }
-    let saved = t;
-    // SAFETY: cfmakeraw only modifies the struct we pass.
-    unsafe { libc::cfmakeraw(&mut t) };
+    };
+    let saved = t.clone();
+    t.make_raw();
     // Keep output post-processing so the worker's own messages stay readable.
-    t.c_oflag |= libc::OPOST;
-    // SAFETY: `t` is a valid termios for this descriptor.
-    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) } != 0 {
+    t.output_modes.insert(OutputModes::OPOST);
+    if termios::tcsetattr(stdin, OptionalActions::Now, &t).is_err() {
         return false;
     }
     *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
@@ -37,8 +31,7 @@ pub fn enter_raw_mode() -> bool {
 /// Restore the terminal if raw mode was entered.
 pub fn restore() {
     if let Some(t) = SAVED.lock().unwrap_or_else(|e| e.into_inner()).take() {
-        // SAFETY: `t` is the termios read from this descriptor by enter_raw_mode.
-        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t) };
+        let _ = termios::tcsetattr(rustix::stdio::stdin(), OptionalActions::Now, &t);
     }
 }
 

@@ -7,12 +7,10 @@
 
 use std::sync::Arc;
 
-use vmm_sys_util::eventfd::EventFd;
-
-use super::{InputQueue, u32_at};
-use crate::vmbus::channel::{ChannelTx, OfferParams, Vsp, VspError};
-use crate::vmbus::proto::Guid;
-use crate::vmbus::ring::Packet;
+use crate::{InputQueue, u32_at};
+use vmbus_core::Guid;
+use vmbus_core::ring::Packet;
+use vmbus_core::{Channel, OfferParams, Vsp, VspError, Wakeup};
 
 /// Interface class f912ad6d-2b17-48ea-bd65-f927a61c7684.
 pub const CLASS: Guid = Guid::new(
@@ -126,14 +124,14 @@ impl Vsp for Keyboard {
         }
     }
 
-    fn opened(&mut self, _tx: &mut ChannelTx) -> Result<(), VspError> {
+    fn opened(&mut self, _tx: &mut dyn Channel) -> Result<(), VspError> {
         self.connected = false;
         // Keys typed while no driver listened are stale.
         self.input.clear();
         Ok(())
     }
 
-    fn packet(&mut self, pkt: &Packet, tx: &mut ChannelTx) -> Result<(), VspError> {
+    fn packet(&mut self, pkt: &Packet, tx: &mut dyn Channel) -> Result<(), VspError> {
         match parse(pkt.payload())? {
             GuestRequest::Protocol(v) => {
                 let ok = v == VERSION_1_0;
@@ -149,7 +147,7 @@ impl Vsp for Keyboard {
         Ok(())
     }
 
-    fn poll_host(&mut self, tx: &mut ChannelTx) -> Result<(), VspError> {
+    fn poll_host(&mut self, tx: &mut dyn Channel) -> Result<(), VspError> {
         if !self.connected {
             return Ok(());
         }
@@ -165,7 +163,7 @@ impl Vsp for Keyboard {
         self.connected = false;
     }
 
-    fn host_wakeup(&self) -> Option<Arc<EventFd>> {
+    fn host_wakeup(&self) -> Option<Arc<Wakeup>> {
         Some(self.input.wakeup())
     }
 }
@@ -173,6 +171,78 @@ impl Vsp for Keyboard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmbus_core::fake::FakeGuest;
+    use vmbus_core::ring::pkt;
+
+    fn protocol_request(v: u32) -> [u8; 8] {
+        let mut m = [0u8; 8];
+        m[0..4].copy_from_slice(&PROTOCOL_REQUEST.to_le_bytes());
+        m[4..8].copy_from_slice(&v.to_le_bytes());
+        m
+    }
+
+    /// The whole exchange through the channel: a refused version, the accepted one, then
+    /// keys typed on the host arrive as EVENT packets; keys from before the driver are
+    /// dropped.
+    #[test]
+    fn negotiates_1_0_then_delivers_host_keys_through_the_channel() {
+        let q = Arc::new(InputQueue::new().unwrap());
+        let mut kb = Keyboard::new(q.clone());
+        let mut g = FakeGuest::new();
+        q.push(KeyEvent {
+            scancode: 0x10,
+            pressed: true,
+        });
+        g.open(&mut kb).unwrap();
+        g.send_inband(1, &protocol_request(0x0002_0000)).unwrap();
+        g.run(&mut kb).unwrap();
+        let r = g.recv().unwrap().unwrap();
+        assert_eq!(r.header.ptype, pkt::DATA_INBAND);
+        assert_eq!(u32_at(r.payload(), 0), Some(PROTOCOL_RESPONSE));
+        assert_eq!(u32_at(r.payload(), 4), Some(0), "2.0 refused");
+        q.push(KeyEvent {
+            scancode: 0x1e,
+            pressed: true,
+        });
+        g.run(&mut kb).unwrap();
+        assert!(
+            g.recv().unwrap().is_none(),
+            "no events before 1.0 is agreed"
+        );
+
+        g.send_inband(2, &protocol_request(VERSION_1_0)).unwrap();
+        g.run(&mut kb).unwrap();
+        let r = g.recv().unwrap().unwrap();
+        assert_eq!(u32_at(r.payload(), 4), Some(1), "1.0 accepted");
+        assert!(g.recv().unwrap().is_none(), "the stale keys were dropped");
+        for (scancode, pressed) in [(0x1e, true), (0x1e, false), (0xe048, true)] {
+            q.push(KeyEvent { scancode, pressed });
+        }
+        g.run(&mut kb).unwrap();
+        let events = g.recv_all().unwrap();
+        let seen: Vec<(u32, u16, u32)> = events
+            .iter()
+            .map(|p| {
+                let b = p.payload();
+                (
+                    u32_at(b, 0).unwrap(),
+                    u16::from_le_bytes([b[4], b[5]]),
+                    u32_at(b, 8).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (EVENT, 0x1e, 0),
+                (EVENT, 0x1e, INFO_BREAK),
+                (EVENT, 0x48, INFO_E0)
+            ]
+        );
+        // A malformed message is the guest's error: the channel closes, nothing panics.
+        g.send_inband(3, &[9, 0, 0, 0]).unwrap();
+        assert!(g.run(&mut kb).is_err());
+    }
 
     #[test]
     fn events_carry_prefix_and_break_flags_never_or_0x80() {

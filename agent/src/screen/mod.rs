@@ -8,6 +8,10 @@
 //!   worker reports the geometry (resolution changes) and the guest's dirty rectangles, and
 //!   only the tiles under those rectangles are read — no full scans.
 //!
+//! Rooms: this file holds the screen and its fan-out to subscribers; [`capture`] decides what
+//! the capture thread does next (no threads or clocks of its own: unit tests drive it);
+//! [`tiles`] finds, reads and encodes tiles; [`pool`] is the one thread pool captures share.
+//!
 //! Either way each changed tile is stored LZ4-compressed, with a 128-bit hash of its pixels
 //! (what the next capture compares with) and the capture's generation number; raw pixels
 //! are decoded from it only for subscribers that ask for raw or zstd tiles. Tiles are
@@ -16,136 +20,24 @@
 //! client skips intermediate states instead of queueing them, and nothing is sent while
 //! nothing changes.
 
+mod capture;
+mod pool;
+mod tiles;
+
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
-use bytes::Bytes;
 use proto::v1::{FrameUpdate, PixelFormat, Tile, TileEncoding};
 use tokio::sync::{mpsc, watch};
 
-/// Tile edge in pixels.
-pub const TILE: u32 = 64;
-/// Capture period while the screen is changing, and after a second without change.
-const ACTIVE_PERIOD: Duration = Duration::from_millis(5);
-const IDLE_PERIOD: Duration = Duration::from_millis(16);
-
-/// Where the framebuffer is in the guest memory file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Geometry {
-    pub offset: u64,
-    pub width: u32,
-    pub height: u32,
-    pub stride: u32,
-}
-
-impl Geometry {
-    /// Check the worker's numbers before trusting them with buffer sizes.
-    pub fn validate(fb: &proto::worker::Framebuffer, file_len: u64) -> Option<Geometry> {
-        let g = Geometry {
-            offset: fb.offset,
-            width: fb.width,
-            height: fb.height,
-            stride: fb.stride,
-        };
-        let ok = fb.bytes_per_pixel == 4
-            && (1..=8192).contains(&g.width)
-            && (1..=8192).contains(&g.height)
-            && u64::from(g.stride) >= u64::from(g.width) * 4
-            && g.offset
-                .checked_add(u64::from(g.stride) * u64::from(g.height))
-                .is_some_and(|end| end <= file_len);
-        ok.then_some(g)
-    }
-
-    fn len(&self) -> usize {
-        self.stride as usize * self.height as usize
-    }
-
-    fn tiles_x(&self) -> u32 {
-        self.width.div_ceil(TILE)
-    }
-
-    fn tile_count(&self) -> usize {
-        (self.tiles_x() * self.height.div_ceil(TILE)) as usize
-    }
-
-    fn tile_rect(&self, i: usize) -> (u32, u32, u32, u32) {
-        let i = i as u32;
-        let x = (i % self.tiles_x()) * TILE;
-        let y = (i / self.tiles_x()) * TILE;
-        (x, y, TILE.min(self.width - x), TILE.min(self.height - y))
-    }
-}
-
-/// One tile's pixels at one generation.
-#[derive(Debug)]
-struct TileData {
-    generation: u64,
-    /// [`tile_hash`] of the pixels.
-    hash: u128,
-    lz4: Bytes,
-    raw: OnceLock<Bytes>,
-    zstd: OnceLock<Bytes>,
-}
-
-/// What captures compare tiles by: equal pixels have equal hashes, and different pixels
-/// (xxh3, 128 bits) practically never do. A guest that made two of its own tiles collide
-/// would only keep its own screen from updating.
-fn tile_hash(px: &[u8]) -> u128 {
-    twox_hash::XxHash3_128::oneshot(px)
-}
-
-impl TileData {
-    /// `scratch` is the compressor's working buffer, reused across tiles.
-    fn new(generation: u64, px: &[u8], scratch: &mut Vec<u8>) -> Self {
-        Self::with_hash(generation, tile_hash(px), px, scratch)
-    }
-
-    fn with_hash(generation: u64, hash: u128, px: &[u8], scratch: &mut Vec<u8>) -> Self {
-        TileData {
-            generation,
-            hash,
-            lz4: proto::tiles::encode_lz4_with(px, scratch).into(),
-            raw: OnceLock::new(),
-            zstd: OnceLock::new(),
-        }
-    }
-
-    /// The pixels of this `w`×`h` tile, decoded once.
-    fn raw(&self, w: u32, h: u32) -> Bytes {
-        self.raw
-            .get_or_init(|| {
-                let t = Tile {
-                    width: w,
-                    height: h,
-                    encoding: TileEncoding::Lz4 as i32,
-                    data: self.lz4.clone(),
-                    ..Default::default()
-                };
-                // Our own encoding of a tile of this size: it decodes.
-                proto::tiles::decode(&t).map_or_else(|_| Bytes::new(), Bytes::from)
-            })
-            .clone()
-    }
-
-    fn encoded(&self, enc: TileEncoding, w: u32, h: u32) -> Bytes {
-        match enc {
-            TileEncoding::Raw => self.raw(w, h),
-            TileEncoding::Zstd => self
-                .zstd
-                .get_or_init(|| {
-                    let raw = self.raw(w, h);
-                    zstd::bulk::compress(&raw, 1)
-                        .map(Bytes::from)
-                        .unwrap_or(raw)
-                })
-                .clone(),
-            TileEncoding::Lz4 | TileEncoding::Unspecified => self.lz4.clone(),
-        }
-    }
-}
+use self::capture::{Action, CaptureState, Input};
+pub use self::tiles::{Geometry, Rect, TILE};
+use self::tiles::{
+    Scratch, TILE_BYTES, TileData, encode_all, read_exact_at, read_tile_row, scan, tile_hash,
+    tiles_under,
+};
 
 #[derive(Debug)]
 struct Frame {
@@ -158,15 +50,6 @@ struct Frame {
     /// A capture of dirty rectangles is publishing its tiles row by row: updates sent now
     /// say `more`.
     capturing: bool,
-}
-
-/// A dirty rectangle reported by the worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rect {
-    pub x: u32,
-    pub y: u32,
-    pub width: u32,
-    pub height: u32,
 }
 
 /// What the worker's synthetic video device reports (see `WorkerConn::display`).
@@ -195,14 +78,6 @@ pub struct DisplaySource {
     /// are wanted (`watch_boot_framebuffer`).
     pub control: Option<std::os::unix::net::UnixStream>,
 }
-
-/// With nobody watching for this long, the worker stops reading the boot framebuffer's
-/// dirty page log (a guest drawing unwatched then pays nothing for it).
-const UNWATCHED_GRACE: Duration = Duration::from_secs(1);
-
-/// Written boot framebuffer rectangles kept while nobody watches are merged into one
-/// beyond this many.
-const MAX_PENDING: usize = 256;
 
 /// A running VM's screen.
 #[derive(Debug)]
@@ -271,169 +146,89 @@ impl Screen {
         self.frame.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The capture thread: carries out what [`CaptureState`] decides.
     fn capture_loop(&self, file: OwnedFd, mut prev: Vec<u8>, display: Option<DisplaySource>) {
         let file_len = rustix::fs::fstat(&file).map_or(0, |s| s.st_size as u64);
-        let (mut display, mut boot_log, mut control) = match display {
+        let (mut events, boot_log, mut control) = match display {
             Some(d) => (Some(d.events), d.boot_dirty_log, d.control),
             None => (None, false, None),
         };
-        // Whether the worker sends the boot framebuffer's rows (it does from subscribing),
-        // and since when they have been of no use.
-        let mut rows_wanted = true;
-        let mut unwatched_since: Option<Instant> = None;
-        if boot_log {
+        let mut state = CaptureState::new(self.boot, events.is_some(), boot_log, Instant::now());
+        if state.boot_logged() {
             tracing::debug!("the boot framebuffer's writes are logged: no polling");
         }
-        // Some(geometry) while the synthetic video device owns the screen.
-        let mut synthetic: Option<Geometry> = None;
-        // Written boot framebuffer rectangles not captured yet (nobody watched, or another
-        // device owned the screen).
-        let mut pending: Vec<Rect> = Vec::new();
         let mut cur = vec![0u8; self.boot.len()];
-        let mut last_change = Instant::now();
-        let mut next = Instant::now();
         while !self.stopped.load(Ordering::SeqCst) {
             // Display events first: they say which mode we are in.
-            let wait = if synthetic.is_none() && boot_log && !pending.is_empty() {
-                // Rows wait for a subscriber: look for one soon.
-                Duration::from_millis(20)
-            } else if boot_log {
-                // Also how soon a new subscriber has the rows wanted again.
-                Duration::from_millis(50)
-            } else if synthetic.is_some() {
-                Duration::from_millis(100)
-            } else {
-                Duration::ZERO
-            };
-            let mut events = Vec::new();
-            if let Some(rx) = &display {
-                match rx.recv_timeout(wait) {
+            let input = match &events {
+                None => Input::Events(Vec::new()),
+                Some(rx) => match rx.recv_timeout(state.event_wait()) {
                     Ok(e) => {
-                        events.push(e);
-                        events.extend(rx.try_iter());
+                        let mut v = vec![e];
+                        v.extend(rx.try_iter());
+                        Input::Events(v)
                     }
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Input::Events(Vec::new()),
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                        display = None;
-                        // Nothing reports writes any more: poll.
-                        boot_log = false;
-                        pending.clear();
-                        if synthetic.take().is_some() {
-                            self.switch(&file, self.boot, &mut prev);
-                        }
+                        events = None;
+                        Input::Disconnected
                     }
-                }
-            }
-            let mut dirty = Vec::new();
-            for e in events {
-                match e {
-                    DisplayEvent::Mode(fb) => match Geometry::validate(&fb, file_len) {
-                        Some(g) => {
-                            synthetic = Some(g);
-                            dirty.clear();
-                            self.switch(&file, g, &mut prev);
-                        }
-                        None => tracing::warn!(?fb, "worker reported a bad display geometry"),
-                    },
-                    DisplayEvent::Inactive => {
-                        if synthetic.take().is_some() {
-                            dirty.clear();
-                            // The switch reads all of it.
-                            pending.clear();
-                            self.switch(&file, self.boot, &mut prev);
-                        }
-                    }
-                    DisplayEvent::Dirty(r) => dirty.extend(r),
-                    DisplayEvent::BootDirty(r) => {
-                        pending.extend(r);
-                        if pending.len() > MAX_PENDING {
-                            pending = vec![bounding(&pending)];
-                        }
-                    }
-                }
-            }
-            if boot_log {
-                let useful = synthetic.is_none() && self.subscribers.load(Ordering::SeqCst) > 0;
-                let want = if useful {
-                    unwatched_since = None;
-                    true
-                } else {
-                    unwatched_since.get_or_insert_with(Instant::now).elapsed() < UNWATCHED_GRACE
-                };
-                if want != rows_wanted {
-                    rows_wanted = want;
-                    // Wanted again, every row comes: rows kept until then are not needed
-                    // (nor a loop looking for a subscriber to show them).
-                    if watch_boot_framebuffer(&mut control, want) && !want {
-                        pending.clear();
-                    }
-                }
-            }
-            if let Some(g) = synthetic {
-                if !dirty.is_empty() {
-                    self.capture_rects(&file, g, &dirty);
-                }
-                if display.is_some() {
-                    continue;
-                }
-            }
-            if boot_log {
-                // The boot framebuffer's written rows, once somebody watches.
-                if !pending.is_empty() && self.subscribers.load(Ordering::SeqCst) > 0 {
-                    let rects = std::mem::take(&mut pending);
-                    self.capture_rects(&file, self.boot, &rects);
-                }
-                continue;
-            }
-            if self.subscribers.load(Ordering::SeqCst) == 0 {
-                let guard = self.wake.0.lock().unwrap_or_else(|e| e.into_inner());
-                let idle = if display.is_some() {
-                    Duration::from_millis(50)
-                } else {
-                    Duration::from_millis(500)
-                };
-                let _ = self
-                    .wake
-                    .1
-                    .wait_timeout(guard, idle)
-                    .unwrap_or_else(|e| e.into_inner());
-                continue;
-            }
-            let g = self.boot;
-            let now = Instant::now();
-            if next > now {
-                std::thread::sleep(next - now);
-            }
-            let period = if last_change.elapsed() < Duration::from_secs(1) {
-                ACTIVE_PERIOD
-            } else {
-                IDLE_PERIOD
+                },
             };
-            next = Instant::now() + period;
-            cur.resize(g.len(), 0);
-            prev.resize(g.len(), 0);
-            let generation = self.frame().generation + 1;
-            let fresh = match scan(&file, &g, &prev, &mut cur, generation) {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::warn!("cannot read the guest framebuffer ({e}); screen capture stops");
-                    break;
+            let subscribers = self.subscribers.load(Ordering::SeqCst);
+            for action in state.step(input, subscribers, Instant::now(), file_len) {
+                match action {
+                    Action::Switch(g) => self.switch(&file, g, &mut prev),
+                    Action::Capture(g, rects) => self.capture_rects(&file, g, &rects),
+                    Action::WatchRows(want) => {
+                        let told = watch_boot_framebuffer(&mut control, want);
+                        state.told(want, told);
+                    }
+                    Action::Idle(d) => {
+                        let guard = self.wake.0.lock().unwrap_or_else(|e| e.into_inner());
+                        let _ = self
+                            .wake
+                            .1
+                            .wait_timeout(guard, d)
+                            .unwrap_or_else(|e| e.into_inner());
+                    }
+                    Action::Poll(at) => {
+                        let now = Instant::now();
+                        if at > now {
+                            std::thread::sleep(at - now);
+                        }
+                        let started = Instant::now();
+                        let g = self.boot;
+                        cur.resize(g.len(), 0);
+                        prev.resize(g.len(), 0);
+                        let generation = self.frame().generation + 1;
+                        let fresh = match scan(&file, &g, &prev, &mut cur, generation) {
+                            Ok(f) => f,
+                            Err(e) => {
+                                tracing::warn!(
+                                    "cannot read the guest framebuffer ({e}); screen capture stops"
+                                );
+                                self.stop();
+                                return;
+                            }
+                        };
+                        state.polled(started, !fresh.is_empty());
+                        if fresh.is_empty() {
+                            continue;
+                        }
+                        {
+                            let mut f = self.frame();
+                            for (i, t) in fresh {
+                                f.tiles[i] = t;
+                            }
+                            f.generation = generation;
+                            f.captured_us = now_us();
+                        }
+                        std::mem::swap(&mut prev, &mut cur);
+                        self.generation.send_replace(generation);
+                    }
                 }
-            };
-            if fresh.is_empty() {
-                continue;
             }
-            last_change = Instant::now();
-            {
-                let mut f = self.frame();
-                for (i, t) in fresh {
-                    f.tiles[i] = t;
-                }
-                f.generation = generation;
-                f.captured_us = now_us();
-            }
-            std::mem::swap(&mut prev, &mut cur);
-            self.generation.send_replace(generation);
         }
         self.stop();
     }
@@ -488,10 +283,10 @@ impl Screen {
             (f.generation + 1, old)
         };
         let bytes: usize = rows.iter().map(|(_, t)| t.len()).sum::<usize>() * TILE_BYTES;
-        let threads = capture_threads(bytes);
+        let threads = pool::capture_threads(bytes);
         let done = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
-        par_for_each(&rows, threads, Scratch::default, |sc, (ty, txs)| {
+        pool::for_each_in_order(&rows, threads, Scratch::default, |sc, (ty, txs)| {
             let mut fresh = Vec::new();
             if !failed.load(Ordering::Relaxed) {
                 let Scratch { read, tile, lz4 } = sc;
@@ -661,14 +456,14 @@ impl Screen {
         let tiles = tiles
             .iter()
             .map(|(i, t)| {
-                let (x, y, w, h) = g.tile_rect(*i);
+                let r = g.tile_rect(*i);
                 Tile {
-                    x,
-                    y,
-                    width: w,
-                    height: h,
+                    x: r.x,
+                    y: r.y,
+                    width: r.width,
+                    height: r.height,
                     encoding: enc as i32,
-                    data: t.encoded(enc, w, h),
+                    data: t.encoded(enc, r.width, r.height),
                 }
             })
             .collect();
@@ -710,353 +505,11 @@ fn watch_boot_framebuffer(
     true
 }
 
-/// The smallest rectangle holding all of `rects` (not empty).
-fn bounding(rects: &[Rect]) -> Rect {
-    let x0 = rects.iter().map(|r| r.x).min().unwrap_or(0);
-    let y0 = rects.iter().map(|r| r.y).min().unwrap_or(0);
-    let x1 = rects
-        .iter()
-        .map(|r| r.x.saturating_add(r.width))
-        .max()
-        .unwrap_or(0);
-    let y1 = rects
-        .iter()
-        .map(|r| r.y.saturating_add(r.height))
-        .max()
-        .unwrap_or(0);
-    Rect {
-        x: x0,
-        y: y0,
-        width: x1 - x0,
-        height: y1 - y0,
-    }
-}
-
 fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
-}
-
-fn read_exact_at(file: &OwnedFd, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let n = rustix::io::pread(file, &mut buf[done..], offset + done as u64)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        done += n;
-    }
-    Ok(())
-}
-
-/// Bytes of a whole tile's pixels.
-const TILE_BYTES: usize = (TILE * TILE * 4) as usize;
-
-/// How many threads capturing `bytes` bytes of pixels may use: one per CPU, at most 4, and
-/// just one below 1 MiB, where starting threads costs more than it saves.
-fn capture_threads(bytes: usize) -> usize {
-    if bytes < 1 << 20 {
-        return 1;
-    }
-    // Asked once: the answer comes from reading cgroup files.
-    static CPUS: OnceLock<usize> = OnceLock::new();
-    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
-}
-
-/// A capture thread's reusable buffers.
-#[derive(Default)]
-struct Scratch {
-    read: Vec<u8>,
-    tile: Vec<u8>,
-    lz4: Vec<u8>,
-}
-
-/// `f` over `items` in order, split into one consecutive run per thread (at most
-/// `threads`; the calling thread takes the first run, and any run whose thread cannot be
-/// started). Each run has its own state from `init`.
-fn par_map<I: Sync, S, T: Send>(
-    items: &[I],
-    threads: usize,
-    init: impl Fn() -> S + Sync,
-    f: impl Fn(&mut S, &I) -> T + Sync,
-) -> Vec<T> {
-    let threads = threads.clamp(1, items.len().max(1));
-    let per = items.len().div_ceil(threads).max(1);
-    let run = |items: &[I]| {
-        let mut state = init();
-        items.iter().map(|i| f(&mut state, i)).collect::<Vec<T>>()
-    };
-    let run = &run;
-    std::thread::scope(|s| {
-        let mut runs = items.chunks(per);
-        let first = runs.next().unwrap_or(&[]);
-        let others: Vec<_> = runs
-            .map(|r| {
-                std::thread::Builder::new()
-                    .name("screen-encode".into())
-                    .spawn_scoped(s, move || run(r))
-                    .map_err(|_| r)
-            })
-            .collect();
-        let mut out = run(first);
-        for o in others {
-            match o {
-                Ok(h) => match h.join() {
-                    Ok(v) => out.extend(v),
-                    Err(p) => std::panic::resume_unwind(p),
-                },
-                Err(r) => out.extend(run(r)),
-            }
-        }
-        out
-    })
-}
-
-/// `f` over every item, shared out among up to `threads` threads (the calling thread is
-/// one) in order: each takes the next item not yet taken, so the items are started in
-/// order and a thread that is held up does not hold up a whole run of them. Each thread
-/// has its own state from `init`.
-fn par_for_each<I: Sync, S>(
-    items: &[I],
-    threads: usize,
-    init: impl Fn() -> S + Sync,
-    f: impl Fn(&mut S, &I) + Sync,
-) {
-    let next = AtomicUsize::new(0);
-    let work = || {
-        let mut state = init();
-        while let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
-            f(&mut state, item);
-        }
-    };
-    let work = &work;
-    std::thread::scope(|s| {
-        for _ in 1..threads.clamp(1, items.len().max(1)) {
-            // A thread that cannot be started leaves its share to the others.
-            let _ = std::thread::Builder::new()
-                .name("screen-encode".into())
-                .spawn_scoped(s, work);
-        }
-        work();
-    });
-}
-
-/// Every tile of a whole frame (`fb` holds `g.len()` bytes), encoded at `generation`.
-fn encode_all(g: &Geometry, fb: &[u8], generation: u64) -> Vec<Arc<TileData>> {
-    let all: Vec<usize> = (0..g.tile_count()).collect();
-    par_map(
-        &all,
-        capture_threads(g.len()),
-        Scratch::default,
-        |sc, &i| {
-            let (x, y, w, h) = g.tile_rect(i);
-            let start = y as usize * g.stride as usize;
-            pack_into(&mut sc.tile, &fb[start..], g.stride, x, w, h);
-            Arc::new(TileData::new(generation, &sc.tile, &mut sc.lz4))
-        },
-    )
-}
-
-/// The pixels of a `w`×`h` tile at column `x` of a band of rows starting at `band[0]`,
-/// into `out` (whose allocation is reused).
-fn pack_into(out: &mut Vec<u8>, band: &[u8], stride: u32, x: u32, w: u32, h: u32) {
-    out.clear();
-    for row in 0..h as usize {
-        let start = row * stride as usize + x as usize * 4;
-        out.extend_from_slice(&band[start..start + w as usize * 4]);
-    }
-}
-
-/// The tiles under `rects`, as (tile row, tile columns) with both in increasing order.
-fn tiles_under(g: &Geometry, rects: &[Rect]) -> Vec<(u32, Vec<u32>)> {
-    let mut wanted = std::collections::BTreeSet::new();
-    let (tx, ty) = (g.tiles_x(), g.height.div_ceil(TILE));
-    for r in rects {
-        if r.width == 0 || r.height == 0 || r.x >= g.width || r.y >= g.height {
-            continue;
-        }
-        let x2 = r.x.saturating_add(r.width).min(g.width) - 1;
-        let y2 = r.y.saturating_add(r.height).min(g.height) - 1;
-        for row in r.y / TILE..=(y2 / TILE).min(ty - 1) {
-            for col in r.x / TILE..=(x2 / TILE).min(tx - 1) {
-                wanted.insert((row, col));
-            }
-        }
-    }
-    let mut rows: Vec<(u32, Vec<u32>)> = Vec::new();
-    for (row, col) in wanted {
-        match rows.last_mut() {
-            Some((r, cols)) if *r == row => cols.push(col),
-            _ => rows.push((row, vec![col])),
-        }
-    }
-    rows
-}
-
-/// Read the tiles at columns `cols` (increasing) of tile row `ty` and call `f` with each
-/// tile's index and packed pixels (in `tile`, reused): with one read spanning them all when
-/// there are several, else row by row.
-fn read_tile_row(
-    file: &OwnedFd,
-    g: &Geometry,
-    ty: u32,
-    cols: &[u32],
-    buf: &mut Vec<u8>,
-    tile: &mut Vec<u8>,
-    mut f: impl FnMut(usize, &[u8]),
-) -> std::io::Result<()> {
-    let y = ty * TILE;
-    let h = TILE.min(g.height - y);
-    let (Some(&first), Some(&last)) = (cols.first(), cols.last()) else {
-        return Ok(());
-    };
-    let index = |col: u32| (ty * g.tiles_x() + col) as usize;
-    let row_start = g.offset + u64::from(y) * u64::from(g.stride);
-    if cols.len() >= 4 {
-        let x0 = first * TILE;
-        let x1 = (last * TILE + TILE).min(g.width);
-        let span = (h - 1) as usize * g.stride as usize + (x1 - x0) as usize * 4;
-        // Growing zeroes only the new part; the read overwrites all of it.
-        buf.resize(span, 0);
-        read_exact_at(file, &mut buf[..span], row_start + u64::from(x0) * 4)?;
-        for &col in cols {
-            let x = col * TILE;
-            let w = TILE.min(g.width - x);
-            pack_into(tile, buf, g.stride, x - x0, w, h);
-            f(index(col), tile);
-        }
-    } else {
-        for &col in cols {
-            let x = col * TILE;
-            let w = TILE.min(g.width - x);
-            tile.clear();
-            for row in 0..h {
-                let off = row_start + u64::from(row) * u64::from(g.stride) + u64::from(x) * 4;
-                read_into(file, tile, (w * 4) as usize, off)?;
-            }
-            f(index(col), tile);
-        }
-    }
-    Ok(())
-}
-
-/// Append `len` bytes read at `offset` to `buf`.
-fn read_into(file: &OwnedFd, buf: &mut Vec<u8>, len: usize, offset: u64) -> std::io::Result<()> {
-    let start = buf.len();
-    buf.resize(start + len, 0);
-    read_exact_at(file, &mut buf[start..], offset)
-}
-
-/// Re-read the whole framebuffer into `cur` and return the tiles that differ from `prev`
-/// (the previous read), encoded at `generation`. Bands of tile rows go to parallel threads,
-/// each reading, comparing and compressing its own band.
-fn scan(
-    file: &OwnedFd,
-    g: &Geometry,
-    prev: &[u8],
-    cur: &mut [u8],
-    generation: u64,
-) -> std::io::Result<Vec<(usize, Arc<TileData>)>> {
-    let band = TILE as usize * g.stride as usize;
-    let tile_rows = g.height.div_ceil(TILE) as usize;
-    let threads = capture_threads(g.len()).min(tile_rows);
-    let per = tile_rows.div_ceil(threads) * band;
-    let bands: Vec<(usize, &mut [u8])> = cur[..g.len()]
-        .chunks_mut(per)
-        .enumerate()
-        .map(|(k, c)| (k * per, c))
-        .collect();
-    let work =
-        |(start, chunk): (usize, &mut [u8])| -> std::io::Result<Vec<(usize, Arc<TileData>)>> {
-            let mut scratch = Vec::new();
-            let mut out = Vec::new();
-            // One tile row at a time, so the comparison finds what was just read in cache.
-            for (k, rows) in chunk.chunks_mut(band).enumerate() {
-                let at = start + k * band;
-                read_exact_at(file, rows, g.offset + at as u64)?;
-                out.extend(
-                    scan_band(g, at / band, &prev[at..at + rows.len()], rows)
-                        .into_iter()
-                        .map(|(i, px)| (i, Arc::new(TileData::new(generation, &px, &mut scratch)))),
-                );
-            }
-            Ok(out)
-        };
-    // Each band is taken once, by a started thread or, when it gets there first (or a
-    // thread cannot be started), by this one.
-    /// A band of `cur` (its byte offset, its bytes), until a thread takes it.
-    type Band<'a> = std::sync::Mutex<Option<(usize, &'a mut [u8])>>;
-    let bands: Vec<Band<'_>> = bands
-        .into_iter()
-        .map(|b| std::sync::Mutex::new(Some(b)))
-        .collect();
-    fn take<T>(b: &std::sync::Mutex<Option<T>>) -> Option<T> {
-        b.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-    std::thread::scope(|s| {
-        let handles: Vec<_> = bands[1..]
-            .iter()
-            .filter_map(|b| {
-                std::thread::Builder::new()
-                    .name("screen-scan".into())
-                    .spawn_scoped(s, || take(b).map(work))
-                    .ok()
-            })
-            .collect();
-        let mut out = Vec::new();
-        for b in &bands {
-            if let Some(b) = take(b) {
-                out.extend(work(b)?);
-            }
-        }
-        for h in handles {
-            match h.join() {
-                Ok(Some(r)) => out.extend(r?),
-                Ok(None) => {}
-                Err(p) => std::panic::resume_unwind(p),
-            }
-        }
-        Ok(out)
-    })
-}
-
-/// The tiles of a band of whole tile rows (starting at tile row `row0`) whose pixels in
-/// `cur` differ from `prev`, packed. Rows are compared whole first: an unchanged row costs
-/// one comparison.
-fn scan_band(g: &Geometry, row0: usize, prev: &[u8], cur: &[u8]) -> Vec<(usize, Vec<u8>)> {
-    let stride = g.stride as usize;
-    let band = TILE as usize * stride;
-    let tiles_x = g.tiles_x() as usize;
-    let width = g.width as usize * 4;
-    let mut out = Vec::new();
-    let mut changed = vec![false; tiles_x];
-    for (k, (c, p)) in cur.chunks(band).zip(prev.chunks(band)).enumerate() {
-        changed.fill(false);
-        let h = c.len().div_ceil(stride).min(TILE as usize);
-        for row in 0..h {
-            let at = row * stride;
-            if c[at..at + width] == p[at..at + width] {
-                continue;
-            }
-            for (tx, flag) in changed.iter_mut().enumerate() {
-                let a = at + tx * TILE as usize * 4;
-                let b = (a + TILE as usize * 4).min(at + width);
-                if !*flag && c[a..b] != p[a..b] {
-                    *flag = true;
-                }
-            }
-        }
-        for (tx, _) in changed.iter().enumerate().filter(|(_, f)| **f) {
-            let x = tx as u32 * TILE;
-            let w = TILE.min(g.width - x);
-            let mut px = Vec::new();
-            pack_into(&mut px, c, g.stride, x, w, h as u32);
-            out.push(((row0 + k) * tiles_x + tx, px));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -1065,6 +518,7 @@ mod tests {
     use crate::testutil::pattern;
     use std::io::{Seek, SeekFrom, Write};
     use std::os::unix::fs::FileExt;
+    use std::time::Duration;
 
     fn memfile(g: &Geometry) -> std::fs::File {
         let mut f = tempfile::tempfile().unwrap();
@@ -1392,20 +846,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn bounding_holds_every_rectangle() {
-        let r = |x, y, width, height| Rect {
-            x,
-            y,
-            width,
-            height,
-        };
-        assert_eq!(
-            bounding(&[r(0, 70, 200, 5), r(10, 3, 4, 4), r(50, 90, 10, 10)]),
-            r(0, 3, 200, 97)
-        );
-    }
-
     /// Updates until one says the capture is complete (`more` false).
     async fn until_complete(
         sub: &mut mpsc::Receiver<Result<FrameUpdate, tonic::Status>>,
@@ -1515,145 +955,5 @@ mod tests {
             .expect("an update")
             .unwrap()
             .unwrap()
-    }
-
-    /// A frame big enough to be scanned by several threads, with a padded stride and
-    /// partial tiles on the right and bottom edges: exactly the tiles holding a changed
-    /// byte come back, with exactly the new pixels.
-    #[test]
-    fn parallel_scan_finds_exactly_the_changed_tiles() {
-        let g = Geometry {
-            offset: 8192,
-            width: 1000,
-            height: 700,
-            stride: 1000 * 4 + 96,
-        };
-        let file = memfile(&g);
-        let before = pattern(g.len(), 7);
-        file.write_all_at(&before, g.offset).unwrap();
-        let fd: OwnedFd = file.try_clone().unwrap().into();
-        assert!(capture_threads(g.len()) >= 1);
-        let mut cur = vec![0u8; g.len()];
-        assert!(scan(&fd, &g, &before, &mut cur, 2).unwrap().is_empty());
-        assert_eq!(cur, before);
-
-        // One byte in each of these pixels; the stride padding changes too, and must not count.
-        let pixels = [(0, 0), (999, 699), (64, 63), (500, 640), (130, 300)];
-        let mut after = before.clone();
-        for &(x, y) in &pixels {
-            after[y * g.stride as usize + x * 4 + 1] ^= 0x5a;
-        }
-        for y in 0..g.height as usize {
-            after[y * g.stride as usize + 4000] ^= 0xff;
-        }
-        file.write_all_at(&after, g.offset).unwrap();
-        let mut found = scan(&fd, &g, &before, &mut cur, 3).unwrap();
-        found.sort_by_key(|(i, _)| *i);
-        let mut want: Vec<usize> = pixels
-            .iter()
-            .map(|&(x, y)| (y / 64) * 16 + x / 64)
-            .collect();
-        want.sort();
-        assert_eq!(found.iter().map(|(i, _)| *i).collect::<Vec<_>>(), want);
-        let all = encode_all(&g, &after, 3);
-        for (i, t) in &found {
-            assert_eq!(t.generation, 3);
-            let (_, _, w, h) = g.tile_rect(*i);
-            assert_eq!(t.raw(w, h), all[*i].raw(w, h), "tile {i}");
-            assert_eq!(t.hash, all[*i].hash, "tile {i}");
-            assert_eq!(t.raw(w, h).len(), (w * h * 4) as usize);
-        }
-    }
-
-    /// Dirty rectangles read as one span per tile row (4 or more tiles) or row by row
-    /// give the same pixels as a whole-frame read.
-    #[test]
-    fn dirty_tiles_read_the_same_pixels_either_way() {
-        let g = Geometry {
-            offset: 4096,
-            width: 700,
-            height: 150,
-            stride: 700 * 4 + 32,
-        };
-        let file = memfile(&g);
-        let frame = pattern(g.len(), 3);
-        file.write_all_at(&frame, g.offset).unwrap();
-        let fd: OwnedFd = file.try_clone().unwrap().into();
-        let all = encode_all(&g, &frame, 1);
-        let rows = tiles_under(
-            &g,
-            &[
-                Rect {
-                    x: 10,
-                    y: 0,
-                    width: 600,
-                    height: 1,
-                },
-                Rect {
-                    x: 690,
-                    y: 140,
-                    width: 100,
-                    height: 100,
-                },
-                Rect {
-                    x: 0,
-                    y: 70,
-                    width: 1,
-                    height: 1,
-                },
-                Rect {
-                    x: 800,
-                    y: 0,
-                    width: 5,
-                    height: 5,
-                },
-                Rect {
-                    x: 5,
-                    y: 5,
-                    width: 0,
-                    height: 5,
-                },
-            ],
-        );
-        assert_eq!(
-            rows,
-            vec![(0, (0..10).collect()), (1, vec![0]), (2, vec![10])]
-        );
-        let mut seen = Vec::new();
-        for (ty, cols) in &rows {
-            read_tile_row(
-                &fd,
-                &g,
-                *ty,
-                cols,
-                &mut Vec::new(),
-                &mut Vec::new(),
-                |i, px| {
-                    let (_, _, w, h) = g.tile_rect(i);
-                    assert_eq!(px[..], all[i].raw(w, h)[..], "tile {i}");
-                    assert_eq!(tile_hash(px), all[i].hash, "tile {i}");
-                    seen.push(i);
-                },
-            )
-            .unwrap();
-        }
-        assert_eq!(seen, vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 32]);
-    }
-
-    #[test]
-    fn hostile_geometry_is_refused() {
-        let fb = |offset, width, height, stride, bpp| proto::worker::Framebuffer {
-            offset,
-            width,
-            height,
-            stride,
-            bytes_per_pixel: bpp,
-        };
-        assert!(Geometry::validate(&fb(0, 100, 100, 400, 4), 40_000).is_some());
-        assert!(Geometry::validate(&fb(1, 100, 100, 400, 4), 40_000).is_none());
-        assert!(Geometry::validate(&fb(0, 100, 100, 399, 4), 1 << 20).is_none());
-        assert!(Geometry::validate(&fb(0, 0, 100, 400, 4), 1 << 20).is_none());
-        assert!(Geometry::validate(&fb(u64::MAX, 100, 100, 400, 4), u64::MAX).is_none());
-        assert!(Geometry::validate(&fb(0, 100, 100, 400, 3), 1 << 20).is_none());
     }
 }

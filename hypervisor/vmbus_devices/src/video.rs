@@ -8,11 +8,10 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use super::{i32_at, u32_at, u64_at};
-use crate::devices::bus::lock;
-use crate::vmbus::channel::{ChannelTx, OfferParams, Vsp, VspError};
-use crate::vmbus::proto::Guid;
-use crate::vmbus::ring::Packet;
+use crate::{i32_at, lock, u32_at, u64_at};
+use vmbus_core::Guid;
+use vmbus_core::ring::Packet;
+use vmbus_core::{Channel, OfferParams, Vsp, VspError};
 
 /// Interface class da0a7802-e377-4aac-8e77-0558eb1073f8.
 pub const CLASS: Guid = Guid::new(
@@ -423,7 +422,7 @@ impl Vsp for Video {
         }
     }
 
-    fn packet(&mut self, pkt: &Packet, tx: &mut ChannelTx) -> Result<(), VspError> {
+    fn packet(&mut self, pkt: &Packet, tx: &mut dyn Channel) -> Result<(), VspError> {
         let vram_size = u64::from(self.vram_mib) << 20;
         match parse(pkt.payload(), vram_size)? {
             GuestMessage::Version(v) => {
@@ -469,7 +468,7 @@ impl Vsp for Video {
         Ok(())
     }
 
-    fn poll_host(&mut self, _tx: &mut ChannelTx) -> Result<(), VspError> {
+    fn poll_host(&mut self, _tx: &mut dyn Channel) -> Result<(), VspError> {
         if let Some(at) = self.mode_set_at
             && at.elapsed() >= MODE_SETTLE
         {
@@ -495,6 +494,101 @@ impl Vsp for Video {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmbus_core::fake::FakeGuest;
+
+    /// Accepts VRAM anywhere in a 256 MiB window at 4 GiB - 256 MiB.
+    struct Window;
+    impl VramMapper for Window {
+        fn map(&self, gpa: u64) -> bool {
+            (0xf000_0000..0x1_0000_0000).contains(&gpa)
+        }
+    }
+
+    fn ty(p: &Packet) -> u32 {
+        u32_at(p.payload(), 8).unwrap()
+    }
+
+    #[test]
+    fn a_driver_session_through_the_channel_publishes_mode_and_damage() {
+        let shared = VideoShared::new(16 << 20);
+        shared.attach(Arc::new(Window));
+        let mut v = Video::new(shared.clone());
+        let mut g = FakeGuest::new();
+        g.open(&mut v).unwrap();
+        // Version 3.5 (what hyperv_drm asks first) is accepted, then dirt is asked for.
+        g.send_inband(1, &msg(VERSION_REQUEST, &0x0005_0003u32.to_le_bytes()))
+            .unwrap();
+        g.run(&mut v).unwrap();
+        let r = g.recv_all().unwrap();
+        assert_eq!(
+            r.iter().map(ty).collect::<Vec<_>>(),
+            vec![VERSION_RESPONSE, FEATURE_CHANGE]
+        );
+        assert_eq!(r[0].payload()[20], 1);
+        // A version it does not speak is refused without the feature change.
+        g.send_inband(2, &msg(VERSION_REQUEST, &0x0005_0004u32.to_le_bytes()))
+            .unwrap();
+        g.run(&mut v).unwrap();
+        let r = g.recv_all().unwrap();
+        assert_eq!((r.len(), r[0].payload()[20]), (1, 0));
+
+        // VRAM where the guest carved it: acknowledged with its context.
+        let mut loc = vec![0u8; 17];
+        loc[0..8].copy_from_slice(&0x77u64.to_le_bytes());
+        loc[8] = 1;
+        loc[9..17].copy_from_slice(&0xf800_0000u64.to_le_bytes());
+        g.send_inband(3, &msg(VRAM_LOCATION, &loc)).unwrap();
+        g.run(&mut v).unwrap();
+        let r = g.recv_all().unwrap();
+        assert_eq!(ty(&r[0]), VRAM_LOCATION_ACK);
+        assert_eq!(u64_at(r[0].payload(), 16), Some(0x77));
+        assert_eq!(shared.vram_gpa(), Some(0xf800_0000));
+
+        // The mode, then damage a subscriber sees clipped to it.
+        let mut s = vec![0u8; 27];
+        s[8] = 1;
+        s[9] = 1;
+        s[14] = 32;
+        s[15..19].copy_from_slice(&800u32.to_le_bytes());
+        s[19..23].copy_from_slice(&600u32.to_le_bytes());
+        s[23..27].copy_from_slice(&3200u32.to_le_bytes());
+        g.send_inband(4, &msg(SITUATION_UPDATE, &s)).unwrap();
+        g.run(&mut v).unwrap();
+        assert_eq!(ty(&g.recv().unwrap().unwrap()), SITUATION_UPDATE_ACK);
+        let first = shared
+            .wait(DisplayCursor::default(), Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(
+            first.mode,
+            Some(Mode {
+                width: 800,
+                height: 600,
+                stride: 3200
+            })
+        );
+        let mut d = vec![0u8, 1];
+        for x in [700i32, 500, 900, 650] {
+            d.extend_from_slice(&x.to_le_bytes());
+        }
+        g.send_inband(5, &msg(DIRT, &d)).unwrap();
+        g.run(&mut v).unwrap();
+        let next = shared.wait(first.cursor, Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            next.dirty,
+            vec![Rect {
+                x: 700,
+                y: 500,
+                width: 100,
+                height: 100
+            }]
+        );
+        // VRAM outside the window closes the channel; closing drops the mode.
+        loc[9..17].copy_from_slice(&0x1000u64.to_le_bytes());
+        g.send_inband(6, &msg(VRAM_LOCATION, &loc)).unwrap();
+        assert!(g.run(&mut v).is_err());
+        v.closed();
+        assert_eq!(shared.mode(), None);
+    }
 
     fn msg(ty: u32, p: &[u8]) -> Vec<u8> {
         framed(ty, p)
