@@ -1,19 +1,22 @@
 //! Everything that talks to agents, on a tokio runtime of its own: the UI thread only
 //! sends requests (never waits) and drains [`Update`]s, and every update wakes the UI with
 //! `request_repaint`. A slow or dead host costs the UI nothing.
+//!
+//! The host connections live here; a console's streams ([`crate::console`]) and uploads
+//! ([`crate::upload`]) are spawned from here and share only [`crate::conn`] with it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proto::client::{self, Clients, ConnectError};
+use proto::client::{self, Clients};
 use proto::v1::{CreateVmRequest, Disk, Event, GetHostInfoRequest, HostInfo, VmRef, VmSpec};
 use thiserror::Error;
 use tokio::task::JoinHandle;
-use tonic::{Code, Status};
 
 use crate::config::HostConfig;
+use crate::conn::{CALL_TIMEOUT, Slot, UiWaker, connect_error, plain_status};
 use crate::console::{ConsoleHandle, ConsoleShared};
 use crate::upload::{Progress, UploadControl, UploadRequest};
 
@@ -105,24 +108,26 @@ pub enum BackendError {
 #[derive(Clone)]
 pub struct Notifier {
     tx: std::sync::mpsc::Sender<Update>,
-    ctx: egui::Context,
+    waker: UiWaker,
 }
 
 impl Notifier {
     pub fn send(&self, u: Update) {
         if self.tx.send(u).is_ok() {
-            self.ctx.request_repaint();
+            self.waker.wake();
         }
     }
 
     /// Wake the UI without a message (e.g. new console tiles in shared state).
     pub fn wake(&self) {
-        self.ctx.request_repaint();
+        self.waker.wake();
+    }
+
+    /// Only the wake-up call, for tasks that report through shared state.
+    pub fn waker(&self) -> UiWaker {
+        self.waker.clone()
     }
 }
-
-/// The connection slot of one host: the current clients while it is online.
-pub type Slot = Arc<Mutex<Option<Clients>>>;
 
 struct HostEntry {
     slot: Slot,
@@ -151,7 +156,10 @@ impl Backend {
         Ok((
             Backend {
                 rt,
-                notify: Notifier { tx, ctx },
+                notify: Notifier {
+                    tx,
+                    waker: UiWaker::new(ctx),
+                },
                 hosts: HashMap::new(),
             },
             rx,
@@ -263,7 +271,7 @@ impl Backend {
                 .unwrap_or_default(),
             vm_id,
             shared,
-            self.notify.clone(),
+            self.notify.waker(),
         )
     }
 
@@ -284,7 +292,7 @@ impl Backend {
         let n = self.notify.clone();
         let p = progress.clone();
         self.rt.spawn(async move {
-            let r = crate::upload::run(slot, req, p, ctl_rx, n.clone()).await;
+            let r = crate::upload::run(slot, req, p, ctl_rx, n.waker()).await;
             match r {
                 Ok(disk) => {
                     let text = format!("uploaded as disk '{}'", disk.name);
@@ -388,8 +396,6 @@ impl Drop for Backend {
 }
 
 const OFFLINE: &str = "the host is offline; wait until it is connected again";
-/// Longest wait for a unary call.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for a host to answer its first call after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -474,55 +480,5 @@ async fn session(
                 }
             }
         }
-    }
-}
-
-/// Every message of an error's source chain, without repeats.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    proto::client::error_chain(e)
-}
-
-/// A connection failure in plain words.
-pub fn connect_error(e: &ConnectError) -> String {
-    let text = chain(e);
-    let lower = text.to_ascii_lowercase();
-    if lower.contains("refused") {
-        format!("nothing answers at this address ({text}); is parvis-agent running?")
-    } else if lower.contains("fingerprint") && lower.contains("pinned") {
-        format!(
-            "the host's certificate is not the one you trusted ({text}); if the agent was \
-             reinstalled on purpose, edit the host and confirm the new fingerprint"
-        )
-    } else {
-        text
-    }
-}
-
-/// A failed call in plain words.
-pub fn plain_status(what: &str, s: &Status) -> String {
-    let msg = if s.message().is_empty() {
-        format!("{:?}", s.code())
-    } else {
-        s.message().to_string()
-    };
-    match s.code() {
-        Code::Unauthenticated => format!(
-            "{what}: the host does not accept the token ({msg}); edit the host and paste the \
-             token parvis-agent printed"
-        ),
-        Code::Unavailable => {
-            let detail = std::error::Error::source(s).map(chain).unwrap_or_default();
-            if detail.is_empty() || msg.contains(&detail) {
-                format!("{what}: the host cannot be reached ({msg})")
-            } else {
-                format!("{what}: the host cannot be reached ({msg}: {detail})")
-            }
-        }
-        Code::DeadlineExceeded => format!("{what}: the host did not answer in time"),
-        Code::NotFound => format!("{what}: {msg} (it may have been deleted meanwhile)"),
-        Code::Unimplemented => format!(
-            "{what}: the host does not support this ({msg}); is its agent older than this console?"
-        ),
-        _ => format!("{what}: {msg}"),
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::backend::{Notifier, Slot, plain_status};
+use crate::conn::{Slot, UiWaker, plain_status};
 
 /// Most serial output kept for the serial tab.
 const SERIAL_KEEP: usize = 1 << 20;
@@ -123,7 +123,7 @@ pub(crate) fn spawn(
     slot: Slot,
     vm_id: String,
     shared: Arc<Mutex<ConsoleShared>>,
-    n: Notifier,
+    n: UiWaker,
 ) -> ConsoleHandle {
     let (input_tx, input_rx) = mpsc::unbounded_channel();
     let (serial_tx, serial_rx) = mpsc::unbounded_channel();
@@ -174,7 +174,7 @@ async fn clients(slot: &Slot) -> proto::client::Clients {
 
 /// Follow the VM's screen; reopen the stream when it ends (the VM stopped and may start
 /// again) or breaks.
-async fn screen_task(slot: Slot, vm_id: String, shared: Arc<Mutex<ConsoleShared>>, n: Notifier) {
+async fn screen_task(slot: Slot, vm_id: String, shared: Arc<Mutex<ConsoleShared>>, n: UiWaker) {
     let mut decoder = Decoder::default();
     loop {
         let mut c = clients(&slot).await;
@@ -362,7 +362,7 @@ async fn input_task(
     vm_id: String,
     mut rx: mpsc::UnboundedReceiver<InputEvent>,
     shared: Arc<Mutex<ConsoleShared>>,
-    n: Notifier,
+    n: UiWaker,
 ) {
     let mut quiet_until: Option<Instant> = None;
     while let Some(first) = rx.recv().await {
@@ -424,7 +424,7 @@ async fn serial_task(
     vm_id: String,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     shared: Arc<Mutex<ConsoleShared>>,
-    n: Notifier,
+    n: UiWaker,
 ) {
     loop {
         let mut c = clients(&slot).await;

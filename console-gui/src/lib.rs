@@ -1,11 +1,26 @@
 //! Parvis desktop console (Windows and Linux): Hyper-V Manager and VMConnect in one app.
 //!
-//! - [`app`]: the application (hosts, inventory, console tabs, dialogs, tasks pane);
+//! The rooms, top to bottom; a module uses only the ones below it:
+//!
+//! - [`app`]: the application. [`ConsoleApp`] owns the backend, the state and the panels;
+//!   `app/state.rs` holds hosts, jobs and the event log and applies backend updates to them
+//!   (no drawing, unit-tested); one file per panel (toolbar, tab bar, inventory, actions,
+//!   console tab, tasks pane, dialogs, dropped files). Panels read the state and queue
+//!   [`app::UiCommand`]s; the app runs them after the frame, so nothing that talks to the
+//!   network or changes hosts, jobs or tabs happens while drawing;
+//! - [`view`]: a console's screen in the UI (texture patches, scaling, keyboard capture,
+//!   pointer); uses [`console`] and [`keymap`];
 //! - [`backend`]: all network work, on a tokio runtime of its own, reporting to the UI
-//!   through a channel and `request_repaint`;
-//! - [`console`] and [`view`]: a VM's screen (tiles → texture patches), input, serial;
-//! - [`upload`]: checked, resumable VHD/VHDX import streamed from the file;
-//! - [`config`]: the saved hosts; [`keymap`]: keys to PC scan codes.
+//!   through a channel and `request_repaint`; the UI thread never waits for it. It starts
+//!   the host connections and spawns [`console`] streams and [`upload`]s;
+//! - [`console`]: a VM's framebuffer, input and serial streams (tiles decoded off the UI
+//!   thread into texture patches); [`upload`]: checked, resumable VHD/VHDX import streamed
+//!   from the file. Both use [`conn`] only, never [`backend`];
+//! - [`conn`]: what the network tasks share: a host's connection slot, the UI wake-up,
+//!   the call timeout, failed calls in plain words;
+//! - [`config`]: the saved hosts; [`keymap`]: keys to PC scan codes (leaves).
+//!
+//! So the imports run one way: `app` → `view`, `backend` → `console`, `upload` → `conn`.
 //!
 //! Depends on `proto` and portable crates only, so that it builds for Windows. No unsafe.
 
@@ -14,6 +29,7 @@
 pub mod app;
 pub mod backend;
 pub mod config;
+pub mod conn;
 pub mod console;
 pub mod keymap;
 pub mod upload;

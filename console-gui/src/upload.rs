@@ -17,7 +17,7 @@ use proto::v1::{
 use thiserror::Error;
 use tokio::sync::watch;
 
-use crate::backend::{CALL_TIMEOUT, Notifier, Slot, plain_status};
+use crate::conn::{CALL_TIMEOUT, Slot, UiWaker, plain_status};
 
 /// What to upload.
 #[derive(Debug, Clone)]
@@ -325,7 +325,7 @@ pub async fn run(
     req: UploadRequest,
     progress: std::sync::Arc<Progress>,
     mut ctl: watch::Receiver<UploadControl>,
-    n: Notifier,
+    n: UiWaker,
 ) -> Result<Disk, UploadError> {
     progress.set_phase(Phase::Checking);
     let path = req.path.clone();
@@ -477,7 +477,7 @@ async fn hash_to(
     to: u64,
     progress: &std::sync::Arc<Progress>,
     ctl: &watch::Receiver<UploadControl>,
-    n: &Notifier,
+    n: &UiWaker,
 ) -> Result<(), UploadError> {
     let at = lock(hash).at();
     if at >= to {
@@ -532,7 +532,7 @@ async fn send_all(
     req: &UploadRequest,
     progress: &std::sync::Arc<Progress>,
     ctl: &mut watch::Receiver<UploadControl>,
-    n: &Notifier,
+    n: &UiWaker,
     status: &mut UploadStatus,
     hash: &SharedHash,
 ) -> Result<(), UploadError> {
