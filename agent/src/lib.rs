@@ -14,6 +14,7 @@
 //! - [`worker`]: the agent's whole client of the worker protocol (control, input and display
 //!   connections, the guest memory file).
 //! - [`screen`], [`serial`]: framebuffer tiles and serial console fan-out.
+//! - [`stats`]: resource use of the host and its VMs over time.
 //! - [`security`]: bearer tokens and the TLS certificate.
 //! - [`fault`]: named fault points that crash tests arm.
 //! - [`service`]: the thin gRPC handlers; [`error`] maps every failure to a status.
@@ -28,6 +29,7 @@ pub mod security;
 pub mod serial;
 pub mod server;
 pub mod service;
+pub mod stats;
 pub mod store;
 pub mod tasks;
 pub mod vms;
@@ -62,4 +64,6 @@ pub struct Agent {
     pub disks: Arc<disks::DiskLibrary>,
     pub vms: Arc<vms::Vms>,
     pub host: host::HostFacts,
+    /// Resource use over time.
+    pub stats: Arc<stats::Stats>,
 }

@@ -242,10 +242,10 @@ pub fn display_blocking(socket: &Path) -> AgentResult<crate::screen::DisplaySour
         dec.push(&buf[..n]);
     };
     s.set_read_timeout(None).ok();
-    let control = s.try_clone().ok();
-    if let Some(c) = &control {
+    let control = s.try_clone().ok().map(|c| {
         c.set_write_timeout(Some(REQUEST_TIMEOUT)).ok();
-    }
+        DisplayControl::new(c)
+    });
     let (tx, rx) = std::sync::mpsc::channel();
     let rects = |rs: &[proto::worker::Rect]| -> Vec<Rect> {
         rs.iter()
@@ -316,6 +316,32 @@ pub fn display_blocking(socket: &Path) -> AgentResult<crate::screen::DisplaySour
         boot_dirty_log,
         control,
     })
+}
+
+/// The writing side of a display connection: what the screen tells the worker.
+#[derive(Debug)]
+pub struct DisplayControl(Option<std::os::unix::net::UnixStream>);
+
+impl DisplayControl {
+    pub fn new(stream: std::os::unix::net::UnixStream) -> Self {
+        DisplayControl(Some(stream))
+    }
+
+    /// Tell the worker whether the boot framebuffer's rows are wanted; whether it was told.
+    /// A failed write is the worker going away, which the display events' end reports.
+    pub fn watch_boot_framebuffer(&mut self, want: bool) -> bool {
+        use std::io::Write;
+        let Some(c) = &mut self.0 else { return false };
+        let req = Request {
+            id: 0,
+            kind: Some(request::Kind::WatchBootFramebuffer(want)),
+        };
+        if c.write_all(&encode(&req)).is_err() {
+            self.0 = None;
+            return false;
+        }
+        true
+    }
 }
 
 fn gone() -> AgentError {

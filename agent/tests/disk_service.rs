@@ -1242,6 +1242,7 @@ async fn the_service_knows_which_vms_use_a_disk() {
         disks,
         vms,
         host,
+        stats: Arc::default(),
     });
     let svc = DiskSvc::new(agent.clone());
 

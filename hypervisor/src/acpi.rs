@@ -386,6 +386,7 @@ mod tests {
             devices.push(Box::new(crate::devices::virtio_blk::VirtioBlkSlot::new(
                 i,
                 disk.clone(),
+                Default::default(),
             )));
         }
         AcpiConfig {

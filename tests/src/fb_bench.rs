@@ -115,7 +115,7 @@ pub struct FbResult {
 }
 
 /// `fake-worker`, built beside this program (same profile and target folder).
-fn fake_worker() -> Result<PathBuf> {
+pub fn fake_worker() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find this program")?;
     let dir = exe.parent().context("this program has no folder")?;
     let target = dir

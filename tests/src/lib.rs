@@ -18,6 +18,7 @@ pub mod fb_bench;
 pub mod fbstamp;
 pub mod live;
 pub mod markers;
+pub mod stats_bench;
 pub mod testhost;
 pub mod upload_bench;
 pub mod vmbus_bench;

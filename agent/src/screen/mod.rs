@@ -75,8 +75,8 @@ pub struct DisplaySource {
     /// never searched for changes.
     pub boot_dirty_log: bool,
     /// The display connection's writing side, to say whether the boot framebuffer's rows
-    /// are wanted (`watch_boot_framebuffer`).
-    pub control: Option<std::os::unix::net::UnixStream>,
+    /// are wanted.
+    pub control: Option<crate::worker::DisplayControl>,
 }
 
 /// A running VM's screen.
@@ -181,7 +181,9 @@ impl Screen {
                     Action::Switch(g) => self.switch(&file, g, &mut prev),
                     Action::Capture(g, rects) => self.capture_rects(&file, g, &rects),
                     Action::WatchRows(want) => {
-                        let told = watch_boot_framebuffer(&mut control, want);
+                        let told = control
+                            .as_mut()
+                            .is_some_and(|c| c.watch_boot_framebuffer(want));
                         state.told(want, told);
                     }
                     Action::Idle(d) => {
@@ -486,25 +488,6 @@ impl Screen {
     }
 }
 
-/// Tell the worker whether the boot framebuffer's rows are wanted; whether it was told. A
-/// failed write is the worker going away, which the display events' end reports.
-fn watch_boot_framebuffer(
-    control: &mut Option<std::os::unix::net::UnixStream>,
-    want: bool,
-) -> bool {
-    use std::io::Write;
-    let Some(c) = control else { return false };
-    let req = proto::worker::Request {
-        id: 0,
-        kind: Some(proto::worker::request::Kind::WatchBootFramebuffer(want)),
-    };
-    if c.write_all(&proto::framing::encode(&req)).is_err() {
-        *control = None;
-        return false;
-    }
-    true
-}
-
 fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -732,7 +715,7 @@ mod tests {
             Some(DisplaySource {
                 events,
                 boot_dirty_log: true,
-                control: Some(control),
+                control: Some(crate::worker::DisplayControl::new(control)),
             }),
         )
         .unwrap();

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use proto::v1::host_service_server::HostService;
 use proto::v1::{
-    Event, GetHostInfoRequest, HostInfo, Snapshot, VmState, WatchEventsRequest, event,
+    Event, GetHostInfoRequest, HostInfo, Snapshot, StatsUpdate, VmState, WatchEventsRequest,
+    WatchStatsRequest, event,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::Stream;
@@ -39,6 +40,7 @@ pub fn snapshot(agent: &Agent) -> Event {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
+type StatsStream = Pin<Box<dyn Stream<Item = Result<StatsUpdate, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl HostService for HostSvc {
@@ -89,6 +91,47 @@ impl HostService for HostSvc {
                 };
                 if tx.send(Ok(ev)).await.is_err() {
                     break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+
+    type WatchStatsStream = StatsStream;
+
+    async fn watch_stats(
+        &self,
+        req: Request<WatchStatsRequest>,
+    ) -> Result<Response<StatsStream>, Status> {
+        let source = req.into_inner().vm_id;
+        if !source.is_empty() {
+            self.agent.vms.get(&source)?;
+        }
+        let (history, mut rx) = self.agent.stats.watch(&source);
+        let (tx, out) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let first = StatsUpdate {
+                samples: history,
+                history: true,
+            };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    r = rx.recv() => match r {
+                        Ok((s, sample)) if s == source => {
+                            let u = StatsUpdate { samples: vec![sample], history: false };
+                            if tx.send(Ok(u)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(_) | Err(RecvError::Lagged(_)) => {}
+                        Err(RecvError::Closed) => break,
+                    },
+                    _ = tx.closed() => break,
                 }
             }
         });

@@ -72,6 +72,7 @@ impl VmService for VmSvc {
     async fn delete_vm(&self, req: Request<VmRef>) -> Result<Response<DeleteVmResponse>, Status> {
         let id = vm_id(&self.agent, &req.into_inner().vm_id)?;
         self.agent.vms.delete(&id).await?;
+        self.agent.stats.forget(&id);
         Ok(Response::new(DeleteVmResponse {}))
     }
 

@@ -242,6 +242,24 @@ impl Vms {
         run.ok_or_else(|| AgentError::precondition(format!("VM '{name}' is not running")))
     }
 
+    /// Every running VM's worker, for sampling.
+    pub fn running_vms(&self) -> Vec<crate::stats::RunningVm> {
+        self.lock()
+            .values()
+            .filter_map(|e| {
+                let run = e.run.as_ref()?;
+                Some(crate::stats::RunningVm {
+                    vm: crate::stats::VmId {
+                        id: e.config.id.clone(),
+                        pid: run.pid,
+                        memory_bytes: e.config.memory_bytes,
+                    },
+                    worker: run.conn.clone(),
+                })
+            })
+            .collect()
+    }
+
     /// VM ids whose configuration uses the disk.
     pub fn users_of(&self, disk_id: &str) -> Vec<String> {
         let mut v: Vec<String> = self

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
+pub mod counters;
 pub mod image;
 mod raw;
 pub mod storage;

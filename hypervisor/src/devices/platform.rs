@@ -184,8 +184,8 @@ mod tests {
             Arc::new(I8042Controller),
             pm.clone(),
             Arc::new(PvPanicPort),
-            Arc::new(VirtioBlkSlot::new(0, disk.clone())),
-            Arc::new(VirtioBlkSlot::new(1, disk.clone())),
+            Arc::new(VirtioBlkSlot::new(0, disk.clone(), Default::default())),
+            Arc::new(VirtioBlkSlot::new(1, disk.clone(), Default::default())),
         ];
         let mut w = Recorder::new();
         for d in &devices {
@@ -221,6 +221,10 @@ mod tests {
             .collect();
         assert_eq!(names, ["COM1", "pvpanic", "virtio-blk 0", "virtio-blk 1"]);
         // A second device claiming a range already wired is refused, not overlaid.
-        assert!(VirtioBlkSlot::new(1, disk).wire(&mut w).is_err());
+        assert!(
+            VirtioBlkSlot::new(1, disk, Default::default())
+                .wire(&mut w)
+                .is_err()
+        );
     }
 }

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use parvis_disk::counters::IoCounters;
 use parvis_disk::{BlockDevice, SECTOR_SIZE, check_range};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -132,6 +133,8 @@ impl Outcome {
 /// The virtio-blk device model.
 pub struct VirtioBlk {
     disk: Arc<dyn BlockDevice>,
+    /// What the guest read and wrote.
+    counters: Arc<IoCounters>,
     features: u64,
     config: [u8; CONFIG_LEN],
     acked_features: u64,
@@ -142,6 +145,12 @@ pub struct VirtioBlk {
 }
 
 impl VirtioBlk {
+    /// Count the guest's reads and writes in `counters`.
+    pub fn with_counters(mut self, counters: Arc<IoCounters>) -> Self {
+        self.counters = counters;
+        self
+    }
+
     /// A block device serving `disk`.
     pub fn new(disk: Arc<dyn BlockDevice>) -> Self {
         let logical = disk.logical_sector_size();
@@ -170,6 +179,7 @@ impl VirtioBlk {
         config[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
         Self {
             disk,
+            counters: Arc::default(),
             features,
             config,
             acked_features: 0,
@@ -336,6 +346,9 @@ impl VirtioBlk {
             written += n as u64;
             offset += n as u64;
         }
+        if written == len {
+            self.counters.read(len);
+        }
         Outcome {
             status: if written == len {
                 VIRTIO_BLK_S_OK
@@ -373,6 +386,7 @@ impl VirtioBlk {
             done += n as u64;
             offset += n as u64;
         }
+        self.counters.write(len);
         Outcome::status(VIRTIO_BLK_S_OK)
     }
 }
@@ -463,6 +477,7 @@ pub const FIRST_GSI: u32 = 5;
 pub struct VirtioBlkSlot {
     index: usize,
     disk: Arc<dyn BlockDevice>,
+    counters: Arc<IoCounters>,
 }
 
 impl std::fmt::Debug for VirtioBlkSlot {
@@ -474,8 +489,12 @@ impl std::fmt::Debug for VirtioBlkSlot {
 }
 
 impl VirtioBlkSlot {
-    pub fn new(index: usize, disk: Arc<dyn BlockDevice>) -> Self {
-        VirtioBlkSlot { index, disk }
+    pub fn new(index: usize, disk: Arc<dyn BlockDevice>, counters: Arc<IoCounters>) -> Self {
+        VirtioBlkSlot {
+            index,
+            disk,
+            counters,
+        }
     }
 
     fn base(&self) -> u64 {
@@ -517,7 +536,11 @@ impl PlatformDevice for VirtioBlkSlot {
 
     fn wire(&self, w: &mut dyn Wiring) -> Result<(), WireError> {
         let irq = w.edge_irq(self.gsi())?;
-        let dev = VirtioMmio::new(VirtioBlk::new(self.disk.clone()), w.memory(), irq);
+        let dev = VirtioMmio::new(
+            VirtioBlk::new(self.disk.clone()).with_counters(self.counters.clone()),
+            w.memory(),
+            irq,
+        );
         w.mmio(
             Arc::new(std::sync::Mutex::new(dev)),
             self.base(),

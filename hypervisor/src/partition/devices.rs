@@ -27,7 +27,11 @@ pub(super) fn platform(
         Arc::new(PvPanicPort),
     ];
     for (i, disk) in config.disks.iter().enumerate() {
-        devices.push(Arc::new(VirtioBlkSlot::new(i, disk.device.clone())));
+        devices.push(Arc::new(VirtioBlkSlot::new(
+            i,
+            disk.device.clone(),
+            disk.counters.clone(),
+        )));
     }
     if vmbus {
         devices.push(Arc::new(VmbusWindow));

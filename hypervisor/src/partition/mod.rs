@@ -19,6 +19,7 @@ use std::time::Duration;
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use parvis_disk::BlockDevice;
+use parvis_disk::counters::IoCounters;
 use vm_memory::{Bytes, VolatileMemory};
 use vmbus_core::SharedVsp;
 use vmbus_devices::video::VideoShared;
@@ -64,6 +65,8 @@ pub struct DiskAttachment {
     pub name: String,
     /// The backend.
     pub device: Arc<dyn BlockDevice>,
+    /// What the guest reads and writes, counted by its device.
+    pub counters: Arc<IoCounters>,
 }
 
 impl std::fmt::Debug for DiskAttachment {

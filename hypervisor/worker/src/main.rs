@@ -229,6 +229,7 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
     let s = file.merge(flags).resolve()?;
 
     let mut disks = Vec::new();
+    let mut disk_counters = Vec::new();
     for d in &s.disks {
         // Raw, VHD or VHDX, detected from the contents. A VHDX with an unreplayed log is
         // replayed only when the disk is attached writable (as Hyper-V does on attach); a
@@ -241,9 +242,12 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
         };
         let img = image::open(&d.path, &opts)
             .with_context(|| format!("cannot open disk {}", d.path.display()))?;
+        let counters = Arc::new(parvis_disk::counters::IoCounters::default());
+        disk_counters.push(counters.clone());
         disks.push(DiskAttachment {
             name: d.path.display().to_string(),
             device: Arc::new(img),
+            counters,
         });
     }
 
@@ -341,7 +345,8 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
             hub,
             framebuffer,
         )
-        .with_synth(synth.clone());
+        .with_synth(synth.clone())
+        .with_disk_counters(disk_counters.clone());
         if let (Some(log), Some(format)) =
             (partition.vram_dirty_log(), partition.config().framebuffer)
         {

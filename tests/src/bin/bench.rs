@@ -209,7 +209,9 @@ fn args() -> Result<Args> {
                      console: the desktop console, headless: UI frame time with 50 hosts / \
                      1,000 VMs, and console fps at 1920x1080 with full-screen tile updates\n\
                      fb: the agent's framebuffer stream at 1920x1080 (full-screen changes at \
-                     60 Hz, typing, idle): frames/s, bytes per update, latency p50/p99"
+                     60 Hz, typing, idle): frames/s, bytes per update, latency p50/p99\n\
+                     stats: the agent's CPU for sampling 50 running VMs' resource use\n\
+                     vmbus: VMBus keystroke and dirty-rectangle latency in the test host"
                 );
                 std::process::exit(0);
             }
@@ -220,7 +222,7 @@ fn args() -> Result<Args> {
 }
 
 /// What `--only` can name.
-const BENCHES: &[&str] = &["boot", "disk", "upload", "fb", "console", "vmbus"];
+const BENCHES: &[&str] = &["boot", "disk", "upload", "fb", "console", "vmbus", "stats"];
 
 fn main() -> ExitCode {
     match run() {
@@ -250,6 +252,13 @@ fn run() -> Result<bool> {
             .tempdir()?;
         let r = parvis_tests::fb_bench::run(tmp.path(), 1920, 1080, 5.0)?;
         parvis_tests::fb_bench::print(&r);
+    }
+    if want("stats") {
+        let tmp = tempfile::Builder::new()
+            .prefix("parvis-stats-bench-")
+            .tempdir()?;
+        let r = parvis_tests::stats_bench::run(tmp.path(), 50, 60.0)?;
+        parvis_tests::stats_bench::print(&r);
     }
     if want("vmbus") {
         let r = parvis_tests::vmbus_bench::run()?;

@@ -46,6 +46,12 @@ fn fail_framebuffer() -> bool {
     std::env::var("PARVIS_FAKE_WORKER_FAIL").is_ok_and(|v| v.split(',').any(|w| w == "framebuffer"))
 }
 
+/// When this worker started.
+fn started() -> &'static std::time::Instant {
+    static T: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    T.get_or_init(std::time::Instant::now)
+}
+
 const IDLE: u8 = 0;
 const FULL: u8 = 1;
 const TYPING: u8 = 2;
@@ -138,6 +144,12 @@ impl Shared {
             version: "fake-worker".into(),
             synthetic_video: true,
             boot_dirty_log: self.boot_rows.is_some(),
+            // A disk the guest reads at a steady 1 MiB/s in 100 requests per second.
+            disks: vec![proto::worker::DiskIo {
+                read_bytes: started().elapsed().as_millis() as u64 * 1024,
+                read_ops: started().elapsed().as_millis() as u64 / 10,
+                ..Default::default()
+            }],
             ..Default::default()
         }
     }
@@ -181,6 +193,7 @@ impl Shared {
 }
 
 fn main() -> Result<()> {
+    started();
     let args = parse_args()?;
     if args.width == 0 || args.height == 0 || args.width > 8192 || args.height > 8192 {
         bail!("bad framebuffer size");

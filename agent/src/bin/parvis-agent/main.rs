@@ -210,7 +210,16 @@ async fn agent_main(cli: Cli, layout: Layout) -> Result<()> {
         disks,
         vms,
         host: facts,
+        stats: Arc::default(),
     });
+    {
+        let vms = agent.vms.clone();
+        tokio::spawn(agent::stats::run(
+            agent.stats.clone(),
+            layout.disks(),
+            move || vms.running_vms(),
+        ));
+    }
     if let Some(dir) = &cli.demo {
         demo::ensure(&agent, dir).context("cannot set up the demo VM")?;
     }

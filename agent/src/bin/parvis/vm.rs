@@ -6,8 +6,8 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use proto::client::Clients;
 use proto::v1::{
-    CreateVmRequest, DiskAttachment, GetHostInfoRequest, ListDisksRequest, ListVmsRequest, Vm,
-    VmRef, VmSpec,
+    CreateVmRequest, DiskAttachment, GetHostInfoRequest, ListDisksRequest, ListVmsRequest,
+    StatsSample, Vm, VmRef, VmSpec, WatchStatsRequest,
 };
 use serde_json::json;
 
@@ -102,6 +102,21 @@ pub enum VmCommand {
         /// VM id or name.
         vm: String,
     },
+    /// Show a running VM's resource use: CPU, memory, disk reads and writes, over the last
+    /// minutes (the agent keeps an hour at 2 s and a day at 1 min).
+    Stats {
+        /// VM id or name.
+        vm: String,
+        /// The last this many minutes.
+        #[arg(long, default_value_t = 5)]
+        minutes: u64,
+        /// Keep printing each new sample (Ctrl-C stops).
+        #[arg(long)]
+        watch: bool,
+        /// Machine-readable output: the samples as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Save the VM's screen as a PNG image.
     Screenshot {
         /// VM id or name.
@@ -147,6 +162,15 @@ pub async fn run(cmd: VmCommand, host: Option<&str>) -> Result<i32> {
             }
             print_table(&rows);
             Ok(0)
+        }
+        VmCommand::Stats {
+            vm,
+            minutes,
+            watch,
+            json,
+        } => {
+            let id = vm_id(&mut c, &vm).await?;
+            stats(&mut c, &id, minutes, watch, json).await
         }
         VmCommand::Get { vm, json } => {
             let id = vm_id(&mut c, &vm).await?;
@@ -297,6 +321,97 @@ pub async fn vm_id(c: &mut Clients, query: &str) -> Result<String> {
         })
         .collect();
     resolve("VM", items.iter().copied(), query)
+}
+
+/// `parvis vm stats`: the samples of the last `minutes`, then (with `watch`) each new one.
+async fn stats(c: &mut Clients, id: &str, minutes: u64, watch: bool, json: bool) -> Result<i32> {
+    let mut stream = c
+        .host
+        .watch_stats(WatchStatsRequest {
+            vm_id: id.to_string(),
+        })
+        .await
+        .rpc("reading the VM's resource use")?;
+    let what = "reading the VM's resource use";
+    let first = stream
+        .message()
+        .await
+        .map_err(|s| remote::status_error(what, &s))?
+        .unwrap_or_default();
+    let since = time_ms_now() - (minutes * 60_000) as i64;
+    let recent: Vec<StatsSample> = first
+        .samples
+        .into_iter()
+        .filter(|s| s.time_ms >= since)
+        .collect();
+    if recent.is_empty() && !watch {
+        eprintln!("No samples yet: the agent samples a running VM every 2 s (is the VM running?).");
+        return Ok(0);
+    }
+    if !json {
+        print_stats_header();
+    }
+    for s in &recent {
+        print_sample(s, json)?;
+    }
+    if watch {
+        // Ctrl-C ends the process (nothing to clean up).
+        while let Some(u) = stream
+            .message()
+            .await
+            .map_err(|s| remote::status_error(what, &s))?
+        {
+            for s in &u.samples {
+                print_sample(s, json)?;
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn time_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn print_stats_header() {
+    println!(
+        "{:<8} {:>6} {:>9} {:>9} {:>10} {:>10} {:>7} {:>7}",
+        "TIME", "CPU", "MEMORY", "OF", "READ/S", "WRITE/S", "RD OP/S", "WR OP/S"
+    );
+}
+
+fn print_sample(s: &StatsSample, json: bool) -> Result<()> {
+    if json {
+        let v = json!({
+            "time_ms": s.time_ms,
+            "interval_s": s.interval_s,
+            "cpu_cores": s.cpu_cores,
+            "memory_used_bytes": s.memory_used_bytes,
+            "memory_total_bytes": s.memory_total_bytes,
+            "disk_read_bytes_per_s": s.disk_read_bytes_per_s,
+            "disk_write_bytes_per_s": s.disk_write_bytes_per_s,
+            "disk_read_ops_per_s": s.disk_read_ops_per_s,
+            "disk_write_ops_per_s": s.disk_write_ops_per_s,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    let t = time_ms(s.time_ms);
+    let clock = t.split_whitespace().nth(1).unwrap_or(&t).to_string();
+    println!(
+        "{:<8} {:>5.0}% {:>9} {:>9} {:>10} {:>10} {:>7} {:>7}",
+        clock,
+        s.cpu_cores * 100.0,
+        human(s.memory_used_bytes),
+        human(s.memory_total_bytes),
+        human(s.disk_read_bytes_per_s),
+        human(s.disk_write_bytes_per_s),
+        s.disk_read_ops_per_s,
+        s.disk_write_ops_per_s
+    );
+    Ok(())
 }
 
 fn vm_name(v: &Vm) -> &str {

@@ -37,6 +37,7 @@ use hypervisor::devices::serial::SerialDevice;
 use hypervisor::dirty::{DirtyReader, DirtyRows};
 use hypervisor::framebuffer::FbFormat;
 use hypervisor::partition::{Command, Gone, PartitionHandle, PartitionState};
+use parvis_disk::counters::IoCounters;
 use proto::framing::{self, Decoder};
 use proto::worker::{
     Error as WireError, ErrorCode, Event, Framebuffer, Reply, Request, Status, SyntheticVideo,
@@ -122,6 +123,8 @@ pub struct Vm {
     synth: SynthDevices,
     /// The boot framebuffer's written rows, when KVM logs them.
     boot_dirty: Option<DirtyRows>,
+    /// Each disk's I/O, in attachment order.
+    disks: Vec<Arc<IoCounters>>,
     /// Requests being handled (from decoding to the reply being written).
     busy: AtomicUsize,
 }
@@ -142,6 +145,7 @@ impl Vm {
             framebuffer,
             synth: SynthDevices::default(),
             boot_dirty: None,
+            disks: Vec::new(),
             busy: AtomicUsize::new(0),
         }
     }
@@ -149,6 +153,12 @@ impl Vm {
     /// Route input to these synthetic devices and serve their display updates.
     pub fn with_synth(mut self, synth: SynthDevices) -> Self {
         self.synth = synth;
+        self
+    }
+
+    /// Report these disks' I/O in the status.
+    pub fn with_disk_counters(mut self, disks: Vec<Arc<IoCounters>>) -> Self {
+        self.disks = disks;
         self
     }
 
@@ -370,6 +380,20 @@ impl Session {
             input_ready: self.vm.synth.keyboard.is_some(),
             synthetic_video: self.vm.synth.video.is_some(),
             boot_dirty_log: self.vm.boot_dirty.is_some(),
+            disks: self
+                .vm
+                .disks
+                .iter()
+                .map(|c| {
+                    let t = c.totals();
+                    proto::worker::DiskIo {
+                        read_bytes: t.read_bytes,
+                        write_bytes: t.write_bytes,
+                        read_ops: t.read_ops,
+                        write_ops: t.write_ops,
+                    }
+                })
+                .collect(),
         })
     }
 
