@@ -852,3 +852,81 @@ fn test_host_console_shows_the_running_guest() {
     let outcome = live.finish().expect("the test host finishes");
     assert_eq!(outcome.status, 0, "scenario:\n{}", outcome.log());
 }
+
+/// `parvis` (the CLI, the static build the test host uses) with the hosts file `hosts`.
+fn cli(hosts: &Path, args: &[&str]) -> std::process::Output {
+    let art = parvis_tests::build::artifacts().unwrap_or_else(|e| panic!("{e:#}"));
+    Command::new(art.bin.join("parvis"))
+        .args(args)
+        .env("PARVIS_CONFIG", hosts)
+        .env_remove("PARVIS_ADDR")
+        .env_remove("PARVIS_HOST")
+        .stdin(Stdio::null())
+        .output()
+        .expect("parvis runs")
+}
+
+#[test]
+fn the_cli_and_the_console_share_their_saved_hosts() {
+    let agent = Agent::start();
+    let mut check = Check::new(&agent.target());
+    check.create_vm(spec("shared", ""));
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts.json");
+    // A host added with the CLI…
+    let out = cli(
+        &hosts,
+        &[
+            "host",
+            "add",
+            "from-cli",
+            &agent.addr,
+            "--token",
+            &agent.token,
+            "--fingerprint",
+            &agent.fingerprint,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // …is the console's: it connects to it and lists its VM.
+    let mut h = app(Some(hosts.clone()));
+    wait(&mut h, "the CLI's host online in the console", 30, |h| {
+        host_status(h, "from-cli") == Some(HostStatus::Online)
+            && vm_names(h, "from-cli") == ["shared"]
+    });
+    // A host added in the console is the CLI's: it lists it and reaches its VMs through it.
+    click(&mut h, "Add host…");
+    type_into(&mut h, "Host name", "from-console");
+    type_into(&mut h, "Address", &agent.addr);
+    type_into(&mut h, "Token", &agent.token);
+    click(&mut h, "Connect to host");
+    let fp = agent.fingerprint.clone();
+    wait(&mut h, "the fingerprint shown for confirmation", 30, |h| {
+        h.query_by_label(&fp).is_some()
+    });
+    click(&mut h, "Trust and save");
+    wait(&mut h, "the console's host online", 30, |h| {
+        host_status(h, "from-console") == Some(HostStatus::Online)
+    });
+    let out = cli(&hosts, &["host", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h["name"].as_str())
+        .collect();
+    assert_eq!(names, ["from-cli", "from-console"]);
+    let out = cli(&hosts, &["--host", "from-console", "vm", "list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vms: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(vms[0]["name"], "shared", "{vms}");
+}
