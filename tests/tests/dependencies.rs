@@ -246,6 +246,7 @@ fn the_vmm_library_speaks_no_wire_protocol_and_its_parsers_stand_alone() {
     // What parses the guest's VMBus data knows neither KVM nor the VMM.
     assert!(ours(&g, "vmbus_core").is_empty());
     assert_eq!(ours(&g, "vmbus_devices"), set(&["vmbus_core"]));
+    assert_eq!(ours(&g, "scsi_disk"), set(&["parvis_disk"]));
     for krate in ["vmbus_core", "vmbus_devices"] {
         let deps = g.closure(krate);
         for bad in VMM_CRATES.iter().filter(|c| **c != "vmm-sys-util") {
@@ -263,6 +264,7 @@ fn parsers_forbid_unsafe_and_elsewhere_it_is_allowed_per_module() {
         "hypervisor/vmbus_core/src/lib.rs",
         "hypervisor/vmbus_devices/src/lib.rs",
         "hypervisor/disk/src/lib.rs",
+        "hypervisor/scsi_disk/src/lib.rs",
     ] {
         let text = std::fs::read_to_string(root.join(lib)).unwrap();
         assert!(
