@@ -79,20 +79,15 @@ impl ScsiDisk {
         Ok(Xfer::data_in(put(data_in, &data, alloc)))
     }
 
-    /// VPD 83h: an NAA designator with the WWN, then a T10 vendor ID designator ("Msft    "
-    /// + "Virtual Disk    " + the serial), both associated with the logical unit.
+    /// VPD 83h: one designator, the NAA WWN, associated with the logical unit. No T10
+    /// vendor ID designator beside it: Linux ranks a locally assigned NAA (3h) no higher
+    /// than a T10 vendor ID and then takes the longer one, so `/sys/block/*/device/wwid` and
+    /// udev's `wwn-` links would show the vendor string instead of the WWN.
     fn device_identification(&self) -> Vec<u8> {
-        let serial = self.identity.serial().as_bytes();
-        let mut d = Vec::with_capacity(12 + 4 + VENDOR.len() + PRODUCT.len() + serial.len());
+        let mut d = Vec::with_capacity(12);
         // Code set 1 (binary); association 0 (LU), designator type 3 (NAA); 8 bytes.
         d.extend_from_slice(&[0x01, 0x03, 0x00, 0x08]);
         d.extend_from_slice(&self.identity.wwn().to_be_bytes());
-        // Code set 2 (ASCII); association 0, designator type 1 (T10 vendor ID).
-        let t10_len = VENDOR.len() + PRODUCT.len() + serial.len();
-        d.extend_from_slice(&[0x02, 0x01, 0x00, t10_len as u8]);
-        d.extend_from_slice(VENDOR);
-        d.extend_from_slice(PRODUCT);
-        d.extend_from_slice(serial);
         d
     }
 

@@ -212,6 +212,11 @@ impl ScsiDisk {
         &self.identity
     }
 
+    /// The backend this disk runs on (the host flushes it when the disk is removed).
+    pub fn backend(&self) -> &Arc<dyn BlockDevice> {
+        &self.disk
+    }
+
     /// Execute one command.
     ///
     /// * `cdb`: the CDB as the guest sent it; bytes beyond the operation code's length are
