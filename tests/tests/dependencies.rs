@@ -239,6 +239,8 @@ fn the_vmm_library_speaks_no_wire_protocol_and_its_parsers_stand_alone() {
             "hypervisor",
             "parvis_disk",
             "proto",
+            "scsi_disk",
+            "storvsp",
             "vmbus_core",
             "vmbus_devices"
         ])
@@ -247,7 +249,11 @@ fn the_vmm_library_speaks_no_wire_protocol_and_its_parsers_stand_alone() {
     assert!(ours(&g, "vmbus_core").is_empty());
     assert_eq!(ours(&g, "vmbus_devices"), set(&["vmbus_core"]));
     assert_eq!(ours(&g, "scsi_disk"), set(&["parvis_disk"]));
-    for krate in ["vmbus_core", "vmbus_devices"] {
+    assert_eq!(
+        ours(&g, "storvsp"),
+        set(&["parvis_disk", "scsi_disk", "vmbus_core"])
+    );
+    for krate in ["vmbus_core", "vmbus_devices", "storvsp", "scsi_disk"] {
         let deps = g.closure(krate);
         for bad in VMM_CRATES.iter().filter(|c| **c != "vmm-sys-util") {
             assert!(!deps.contains(*bad), "{krate} must not depend on {bad}");
@@ -265,6 +271,7 @@ fn parsers_forbid_unsafe_and_elsewhere_it_is_allowed_per_module() {
         "hypervisor/vmbus_devices/src/lib.rs",
         "hypervisor/disk/src/lib.rs",
         "hypervisor/scsi_disk/src/lib.rs",
+        "hypervisor/storvsp/src/lib.rs",
     ] {
         let text = std::fs::read_to_string(root.join(lib)).unwrap();
         assert!(
