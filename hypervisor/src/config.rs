@@ -66,7 +66,31 @@ impl<'de> serde::Deserialize<'de> for ByteSize {
     }
 }
 
-/// One disk: `PATH[,ro][,sector-size=512|4096]`.
+/// The controller a disk hangs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskBus {
+    /// virtio-blk over virtio-mmio (`/dev/vdX` in a Linux guest).
+    #[default]
+    Virtio,
+    /// The VMBus synthetic SCSI controller (`hv_storvsc`, `/dev/sdX`); needs Hyper-V
+    /// enlightenments. Disks can be added and removed while the guest runs.
+    Scsi,
+}
+
+impl FromStr for DiskBus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "virtio" => Ok(DiskBus::Virtio),
+            "scsi" => Ok(DiskBus::Scsi),
+            _ => Err(format!("unknown bus '{s}' (use virtio or scsi)")),
+        }
+    }
+}
+
+/// One disk:
+/// `PATH[,ro][,sector-size=512|4096][,bus=virtio|scsi][,controller=N][,lun=N][,id=ID][,discard]`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
@@ -78,6 +102,77 @@ pub struct DiskSpec {
     /// Logical sector size the guest sees (raw images; VHDX images carry their own).
     #[serde(default)]
     pub sector_size: Option<u32>,
+    /// Which controller.
+    #[serde(default)]
+    pub bus: DiskBus,
+    /// SCSI controller number (0 to 3).
+    #[serde(default)]
+    pub controller: u8,
+    /// SCSI LUN (0 to 63); the next free one when not given.
+    #[serde(default)]
+    pub lun: Option<u8>,
+    /// Stable id the SCSI serial number and WWN derive from (default: the file name).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Let the guest discard (SCSI UNMAP): freed blocks are punched out of the image.
+    #[serde(default)]
+    pub discard: bool,
+}
+
+impl DiskSpec {
+    /// A read-write virtio-blk disk at `path` with everything else default.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DiskSpec {
+            path: path.into(),
+            read_only: false,
+            sector_size: None,
+            bus: DiskBus::Virtio,
+            controller: 0,
+            lun: None,
+            id: None,
+            discard: false,
+        }
+    }
+
+    /// The id the disk's SCSI identity derives from.
+    pub fn identity_key(&self) -> String {
+        self.id.clone().unwrap_or_else(|| {
+            self.path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| self.path.display().to_string())
+        })
+    }
+
+    /// Check the values a parser or a TOML file cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(s) = self.sector_size
+            && s != 512
+            && s != 4096
+        {
+            return Err(format!("sector size must be 512 or 4096, not {s}"));
+        }
+        if self.controller > 3 {
+            return Err(format!(
+                "SCSI controller must be 0 to 3, not {}",
+                self.controller
+            ));
+        }
+        if let Some(l) = self.lun
+            && l > 63
+        {
+            return Err(format!("SCSI LUN must be 0 to 63, not {l}"));
+        }
+        if self.bus == DiskBus::Virtio && (self.lun.is_some() || self.controller != 0) {
+            return Err("controller and lun apply to SCSI disks only (add bus=scsi)".into());
+        }
+        if let Some(id) = &self.id
+            && (id.is_empty() || id.len() > 128 || id.chars().any(char::is_control))
+        {
+            return Err("disk id must be 1 to 128 characters without control characters".into());
+        }
+        Ok(())
+    }
 }
 
 impl FromStr for DiskSpec {
@@ -88,26 +183,36 @@ impl FromStr for DiskSpec {
             .next()
             .filter(|p| !p.is_empty())
             .ok_or("empty disk path")?;
-        let mut d = DiskSpec {
-            path: path.into(),
-            read_only: false,
-            sector_size: None,
+        let mut d = DiskSpec::new(path);
+        let number = |k: &str, v: &str| -> Result<u32, String> {
+            v.parse().map_err(|_| format!("bad {k} '{v}'"))
         };
         for opt in parts {
             match opt.split_once('=') {
                 None if opt == "ro" => d.read_only = true,
                 None if opt == "rw" => d.read_only = false,
-                Some(("sector-size", v)) => {
-                    let n: u32 = v.parse().map_err(|_| format!("bad sector size '{v}'"))?;
-                    d.sector_size = Some(n);
+                None if opt == "discard" => d.discard = true,
+                Some(("sector-size", v)) => d.sector_size = Some(number("sector size", v)?),
+                Some(("bus", v)) => d.bus = v.parse()?,
+                Some(("controller", v)) => {
+                    d.controller = u8::try_from(number("controller", v)?)
+                        .map_err(|_| format!("bad controller '{v}'"))?;
                 }
+                Some(("lun", v)) => {
+                    d.lun = Some(
+                        u8::try_from(number("LUN", v)?).map_err(|_| format!("bad LUN '{v}'"))?,
+                    );
+                }
+                Some(("id", v)) => d.id = Some(v.to_string()),
                 _ => {
                     return Err(format!(
-                        "unknown disk option '{opt}' (use ro, sector-size=N)"
+                        "unknown disk option '{opt}' (use ro, sector-size=N, bus=virtio|scsi, \
+                         controller=N, lun=N, id=ID, discard)"
                     ));
                 }
             }
         }
+        d.check()?;
         Ok(d)
     }
 }
@@ -246,15 +351,7 @@ impl WorkerSettings {
             ));
         }
         for d in &self.disks {
-            if let Some(s) = d.sector_size
-                && s != 512
-                && s != 4096
-            {
-                return Err(bad(
-                    "disk",
-                    format!("sector size must be 512 or 4096, not {s}"),
-                ));
-            }
+            d.check().map_err(|e| bad("disk", e))?;
         }
         let framebuffer = if self.no_framebuffer {
             None
@@ -337,6 +434,27 @@ mod tests {
         assert!("".parse::<DiskSpec>().is_err());
         assert!("/a,bogus".parse::<DiskSpec>().is_err());
         assert!("/a,sector-size=x".parse::<DiskSpec>().is_err());
+        assert!("/a,sector-size=1024".parse::<DiskSpec>().is_err());
+        assert_eq!(d.bus, DiskBus::Virtio);
+        let s: DiskSpec = "/d/x.vhdx,bus=scsi,controller=1,lun=7,id=abc,discard"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (s.bus, s.controller, s.lun, s.discard),
+            (DiskBus::Scsi, 1, Some(7), true)
+        );
+        assert_eq!(s.identity_key(), "abc");
+        assert_eq!(DiskSpec::new("/d/x.vhdx").identity_key(), "x.vhdx");
+        for bad in [
+            "/a,bus=ide",
+            "/a,bus=scsi,lun=64",
+            "/a,bus=scsi,controller=4",
+            "/a,bus=scsi,lun=300",
+            "/a,lun=1",
+            "/a,bus=scsi,id=",
+        ] {
+            assert!(bad.parse::<DiskSpec>().is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -436,9 +554,8 @@ mod tests {
             "initrd"
         );
         let bad_disk = DiskSpec {
-            path: k,
-            read_only: false,
             sector_size: Some(1024),
+            ..DiskSpec::new(k)
         };
         assert_eq!(
             e(WorkerSettings {

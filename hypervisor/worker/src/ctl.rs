@@ -30,6 +30,10 @@ pub fn request_for(command: &str) -> Result<request::Kind, String> {
         }
         "pointer" => pointer(arg)
             .ok_or_else(|| format!("error: usage: pointer X Y [BUTTONS [WHEEL]], not '{line}'"))?,
+        "attach-disk" => attach_disk(arg).ok_or_else(|| {
+            format!("error: usage: attach-disk PATH ID [ro] [lun=N] [controller=N] [discard], not '{line}'")
+        })?,
+        "detach-disk" if !arg.is_empty() => request::Kind::DetachDisk(arg.to_string()),
         _ => return Err(format!("error: unknown command '{line}'")),
     })
 }
@@ -77,6 +81,26 @@ fn pointer(arg: &str) -> Option<request::Kind> {
 
 /// The line printed for the reply to `kind`.
 /// A reply's error words, if it failed.
+/// `PATH ID [ro] [lun=N] [controller=N] [discard]`.
+fn attach_disk(arg: &str) -> Option<request::Kind> {
+    let mut words = arg.split_whitespace();
+    let mut a = proto::worker::AttachDisk {
+        path: words.next()?.to_string(),
+        id: words.next()?.to_string(),
+        ..Default::default()
+    };
+    for w in words {
+        match w.split_once('=') {
+            None if w == "ro" => a.read_only = true,
+            None if w == "discard" => a.discard = true,
+            Some(("lun", v)) => a.lun = Some(v.parse().ok()?),
+            Some(("controller", v)) => a.controller = v.parse().ok()?,
+            _ => return None,
+        }
+    }
+    Some(request::Kind::AttachDisk(a))
+}
+
 fn failure(reply: &Reply) -> Option<&str> {
     reply.error.as_ref().map(|e| e.message.as_str())
 }
@@ -90,6 +114,10 @@ pub fn format_reply(kind: &request::Kind, reply: &Reply) -> String {
             Some(s) if s.paused => "ok paused".into(),
             Some(_) => "ok running".into(),
             None => "error: the worker sent no status".into(),
+        },
+        request::Kind::AttachDisk(_) => match &reply.disk {
+            Some(d) => format!("ok controller={} lun={}", d.controller, d.lun),
+            None => "error: the worker did not say where the disk went".into(),
         },
         _ => "ok".into(),
     }
@@ -474,6 +502,35 @@ mod tests {
         assert_eq!(
             request_for("frobnicate now"),
             Err("error: unknown command 'frobnicate now'".into())
+        );
+        assert_eq!(
+            request_for("attach-disk /d/x.vhdx disk-1 ro lun=3 discard"),
+            Ok(Kind::AttachDisk(proto::worker::AttachDisk {
+                path: "/d/x.vhdx".into(),
+                id: "disk-1".into(),
+                read_only: true,
+                lun: Some(3),
+                discard: true,
+                controller: 0,
+            }))
+        );
+        assert!(request_for("attach-disk /d/x.vhdx").is_err());
+        assert!(request_for("attach-disk /d/x.vhdx a lun=x").is_err());
+        assert_eq!(
+            request_for("detach-disk disk-1"),
+            Ok(Kind::DetachDisk("disk-1".into()))
+        );
+        let placed = Reply {
+            disk: Some(proto::worker::DiskIo {
+                controller: 0,
+                lun: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            format_reply(&request_for("attach-disk /a b").unwrap(), &placed),
+            "ok controller=0 lun=3"
         );
     }
 

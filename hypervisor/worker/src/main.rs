@@ -24,14 +24,16 @@ use hypervisor::config::{ByteSize, DiskSpec, Resolution, WorkerSettings};
 use hypervisor::devices::serial::{SerialOutput, pump_input};
 use hypervisor::hv::HvMode;
 use hypervisor::partition::{Command, GuestExit};
-use hypervisor::{DiskAttachment, Partition, PartitionConfig, RebootAction};
-use parvis_disk::image::{self, OpenOptions};
+use hypervisor::{Partition, PartitionConfig, RebootAction};
 use vmbus_devices::SynthDevices;
+
+use crate::storage::Storage;
 
 mod control;
 mod ctl;
 mod probe;
 mod status;
+mod storage;
 mod term;
 
 #[derive(Debug, Parser)]
@@ -81,7 +83,8 @@ struct RunArgs {
     /// Number of vCPUs (default 1).
     #[arg(long)]
     cpus: Option<u32>,
-    /// A virtio-blk disk: PATH[,ro][,sector-size=512|4096]. Repeat for more disks.
+    /// A disk: PATH[,ro][,sector-size=512|4096][,bus=virtio|scsi][,controller=N][,lun=N][,id=ID][,discard].
+    /// virtio-blk unless bus=scsi (the VMBus SCSI controller). Repeat for more disks.
     #[arg(long = "disk")]
     disks: Vec<DiskSpec>,
     /// Boot framebuffer size (default 1024x768).
@@ -228,29 +231,6 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
     };
     let s = file.merge(flags).resolve()?;
 
-    let mut disks = Vec::new();
-    let mut disk_counters = Vec::new();
-    for d in &s.disks {
-        // Raw, VHD or VHDX, detected from the contents. A VHDX with an unreplayed log is
-        // replayed only when the disk is attached writable (as Hyper-V does on attach); a
-        // read-only attachment never modifies the file.
-        let opts = OpenOptions {
-            read_only: d.read_only,
-            allow_replay: !d.read_only,
-            format: None,
-            raw_sector_size: d.sector_size,
-        };
-        let img = image::open(&d.path, &opts)
-            .with_context(|| format!("cannot open disk {}", d.path.display()))?;
-        let counters = Arc::new(parvis_disk::counters::IoCounters::default());
-        disk_counters.push(counters.clone());
-        disks.push(DiskAttachment {
-            name: d.path.display().to_string(),
-            device: Arc::new(img),
-            counters,
-        });
-    }
-
     let mut out = SerialOutput::default();
     // Serial output for control-socket subscribers.
     let hub = control::SerialHub::default();
@@ -282,8 +262,11 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
         out.add(Box::new(f));
     }
 
-    let synth = SynthDevices::new(s.hyperv != HvMode::Off, hypervisor::layout::VRAM_SIZE)
+    let vmbus = s.hyperv != HvMode::Off;
+    let synth = SynthDevices::new(vmbus, hypervisor::layout::VRAM_SIZE)
         .context("cannot create the synthetic devices")?;
+    let (storage, disks) = Storage::new(vmbus, &s.disks).context("cannot attach the disks")?;
+    let storage = Arc::new(storage);
     let partition = Partition::new(
         PartitionConfig {
             cpus: s.cpus,
@@ -295,7 +278,7 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
             framebuffer: s.framebuffer,
             on_reboot: s.on_reboot,
             hyperv: s.hyperv,
-            vmbus_devices: synth.vsps(),
+            vmbus_devices: synth.vsps().into_iter().chain(storage.vsps()).collect(),
             video: synth.video.clone(),
         },
         out,
@@ -346,7 +329,7 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
             framebuffer,
         )
         .with_synth(synth.clone())
-        .with_disk_counters(disk_counters.clone());
+        .with_storage(storage.clone());
         if let (Some(log), Some(format)) =
             (partition.vram_dirty_log(), partition.config().framebuffer)
         {

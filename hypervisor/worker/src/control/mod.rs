@@ -32,12 +32,12 @@ use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::storage::{Storage, StorageError};
 use hypervisor::devices::bus::lock;
 use hypervisor::devices::serial::SerialDevice;
 use hypervisor::dirty::{DirtyReader, DirtyRows};
 use hypervisor::framebuffer::FbFormat;
 use hypervisor::partition::{Command, Gone, PartitionHandle, PartitionState};
-use parvis_disk::counters::IoCounters;
 use proto::framing::{self, Decoder};
 use proto::worker::{
     Error as WireError, ErrorCode, Event, Framebuffer, Reply, Request, Status, SyntheticVideo,
@@ -91,6 +91,17 @@ fn internal(what: &str, e: impl std::fmt::Display) -> Fail {
     )
 }
 
+/// The client's words for a disk that cannot be attached or detached.
+fn storage_fail(e: StorageError) -> Fail {
+    match e {
+        StorageError::NoVmbus | StorageError::Virtio => Fail::unsupported(e.to_string()),
+        StorageError::Lun(storvsp::LunError::StillBusy(..)) => {
+            Fail::new(ErrorCode::NotReady, e.to_string())
+        }
+        _ => Fail::bad(e.to_string()),
+    }
+}
+
 /// Where host commands go: the partition's handle, or a fake in tests.
 pub trait Host: Send + Sync {
     /// Queue a command for the partition's event loop.
@@ -123,8 +134,8 @@ pub struct Vm {
     synth: SynthDevices,
     /// The boot framebuffer's written rows, when KVM logs them.
     boot_dirty: Option<DirtyRows>,
-    /// Each disk's I/O, in attachment order.
-    disks: Vec<Arc<IoCounters>>,
+    /// The disks (None: a VM without any, in tests).
+    storage: Option<Arc<Storage>>,
     /// Requests being handled (from decoding to the reply being written).
     busy: AtomicUsize,
 }
@@ -145,7 +156,7 @@ impl Vm {
             framebuffer,
             synth: SynthDevices::default(),
             boot_dirty: None,
-            disks: Vec::new(),
+            storage: None,
             busy: AtomicUsize::new(0),
         }
     }
@@ -156,9 +167,9 @@ impl Vm {
         self
     }
 
-    /// Report these disks' I/O in the status.
-    pub fn with_disk_counters(mut self, disks: Vec<Arc<IoCounters>>) -> Self {
-        self.disks = disks;
+    /// Report these disks in the status, and add and remove SCSI disks on them.
+    pub fn with_storage(mut self, storage: Arc<Storage>) -> Self {
+        self.storage = Some(storage);
         self
     }
 
@@ -355,11 +366,14 @@ impl Session {
                 self.subscribe_display().map(|s| reply.status = Some(s))
             }
             Some(Kind::WatchBootFramebuffer(on)) => self.watch_boot_framebuffer(on),
+            Some(Kind::AttachDisk(a)) => self.attach_disk(a).map(|d| reply.disk = Some(d)),
+            Some(Kind::DetachDisk(id)) => self.detach_disk(&id),
         };
         if let Err(e) = result {
             reply.error = Some(WireError::new(e.code, e.message));
             reply.status = None;
             reply.framebuffer = None;
+            reply.disk = None;
             fd = None;
         }
         (reply, fd)
@@ -380,21 +394,38 @@ impl Session {
             input_ready: self.vm.synth.keyboard.is_some(),
             synthetic_video: self.vm.synth.video.is_some(),
             boot_dirty_log: self.vm.boot_dirty.is_some(),
-            disks: self
-                .vm
-                .disks
-                .iter()
-                .map(|c| {
-                    let t = c.totals();
-                    proto::worker::DiskIo {
-                        read_bytes: t.read_bytes,
-                        write_bytes: t.write_bytes,
-                        read_ops: t.read_ops,
-                        write_ops: t.write_ops,
-                    }
-                })
-                .collect(),
+            disks: self.vm.storage.as_ref().map(|s| s.io()).unwrap_or_default(),
         })
+    }
+
+    fn storage(&self) -> Result<&Storage, Fail> {
+        self.vm
+            .storage
+            .as_deref()
+            .ok_or_else(|| Fail::unsupported("this VM has no disk controllers"))
+    }
+
+    fn attach_disk(&self, a: proto::worker::AttachDisk) -> Result<proto::worker::DiskIo, Fail> {
+        let storage = self.storage()?;
+        if a.path.is_empty() || a.id.is_empty() {
+            return Err(Fail::bad("a disk to attach needs a path and an id"));
+        }
+        let mut spec = hypervisor::config::DiskSpec::new(&a.path);
+        spec.read_only = a.read_only;
+        spec.bus = hypervisor::config::DiskBus::Scsi;
+        spec.controller = u8::try_from(a.controller).unwrap_or(u8::MAX);
+        spec.lun = a.lun.map(|l| u8::try_from(l).unwrap_or(u8::MAX));
+        spec.id = Some(a.id.clone());
+        spec.discard = a.discard;
+        spec.check().map_err(Fail::bad)?;
+        storage.attach(&spec).map_err(storage_fail)?;
+        storage
+            .slot(&a.id)
+            .ok_or_else(|| internal("the attached disk vanished", &a.id))
+    }
+
+    fn detach_disk(&self, id: &str) -> Result<(), Fail> {
+        self.storage()?.detach(id).map_err(storage_fail)
     }
 
     fn input(&self, i: proto::worker::Input) -> Result<(), Fail> {
