@@ -182,7 +182,16 @@ struct VmReading {
     pid: i32,
     at: Instant,
     ticks: u64,
-    disk: proto::worker::DiskIo,
+    disk: DiskTotals,
+}
+
+/// A VM's disk I/O summed over its disks.
+#[derive(Debug, Clone, Copy, Default)]
+struct DiskTotals {
+    read_bytes: u64,
+    write_bytes: u64,
+    read_ops: u64,
+    write_ops: u64,
 }
 
 /// The host's previous reading.
@@ -267,7 +276,7 @@ impl Sampler {
         now: Instant,
     ) -> Option<StatsSample> {
         let ticks = process_ticks(stat)?;
-        let mut disk = proto::worker::DiskIo::default();
+        let mut disk = DiskTotals::default();
         for d in disks {
             disk.read_bytes += d.read_bytes;
             disk.write_bytes += d.write_bytes;
@@ -409,6 +418,7 @@ mod tests {
             write_bytes: wb,
             read_ops: ro,
             write_ops: wo,
+            ..Default::default()
         };
         let stat = |t: u64| format!("7 (w) S 1 2 3 4 5 6 7 8 9 10 {t} 0 0 0");
         assert!(

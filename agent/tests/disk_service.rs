@@ -1219,7 +1219,7 @@ async fn create_resize_and_delete() {
 async fn the_service_knows_which_vms_use_a_disk() {
     use agent::service::disk::DiskSvc;
     use proto::v1::disk_service_server::DiskService;
-    use proto::v1::{DiskAttachment, DiskRef, ListDisksRequest, TaskRef, VmSpec};
+    use proto::v1::{DiskAttachment, DiskBus, DiskRef, ListDisksRequest, TaskRef, VmSpec};
     use tokio_stream::StreamExt;
     use tonic::Request;
 
@@ -1265,6 +1265,8 @@ async fn the_service_knows_which_vms_use_a_disk() {
             disks: vec![DiskAttachment {
                 disk_id: d.id.clone(),
                 read_only: false,
+                bus: DiskBus::Virtio as i32,
+                ..Default::default()
             }],
             boot_image: "linux".into(),
             ..Default::default()

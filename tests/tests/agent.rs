@@ -13,9 +13,10 @@ use anyhow::{Context, Result, bail, ensure};
 use parvis_tests::live::Live;
 use proto::client::{self, Clients, Target};
 use proto::v1::{
-    BeginUploadRequest, CreateVmRequest, DiskAttachment, DiskFormat, DiskRef, FramebufferRequest,
-    GetHostInfoRequest, ListDisksRequest, SerialInput, TaskRef, TaskState, TileEncoding,
-    UploadChunk, UploadRef, UploadState, Vm, VmRef, VmSpec, VmState, WatchEventsRequest, event,
+    BeginUploadRequest, CreateVmRequest, DiskAttachment, DiskBus, DiskFormat, DiskRef,
+    FramebufferRequest, GetHostInfoRequest, ListDisksRequest, SerialInput, TaskRef, TaskState,
+    TileEncoding, UploadChunk, UploadRef, UploadState, Vm, VmRef, VmSpec, VmState,
+    WatchEventsRequest, event,
 };
 use sha2::{Digest, Sha256};
 use tonic::Code;
@@ -266,6 +267,8 @@ async fn bad_requests(c: &mut Clients) -> Result<()> {
             disks: vec![DiskAttachment {
                 disk_id: "0123456789ab".into(),
                 read_only: false,
+                bus: DiskBus::Virtio as i32,
+                ..Default::default()
             }],
             ..spec("x", "")
         },
@@ -720,6 +723,8 @@ async fn boot_from_disk(c: &mut Clients, disk_id: &str) -> Result<()> {
                 disks: vec![DiskAttachment {
                     disk_id: disk_id.into(),
                     read_only: true,
+                    bus: DiskBus::Virtio as i32,
+                    ..Default::default()
                 }],
                 ..spec("from-upload", "console=ttyS0 parvis.test=disk")
             }),

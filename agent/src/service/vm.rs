@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use proto::v1::vm_service_server::VmService;
 use proto::v1::{
-    CreateVmRequest, DeleteVmResponse, ListVmsRequest, ListVmsResponse, UpdateVmRequest, Vm, VmRef,
+    AttachDiskRequest, CreateVmRequest, DeleteVmResponse, DetachDiskRequest, ListVmsRequest,
+    ListVmsResponse, UpdateVmRequest, Vm, VmRef,
 };
 use tonic::{Request, Response, Status};
 
@@ -104,5 +105,20 @@ impl VmService for VmSvc {
     async fn resume_vm(&self, req: Request<VmRef>) -> Result<Response<Vm>, Status> {
         let id = vm_id(&self.agent, &req.into_inner().vm_id)?;
         reply(self.agent.vms.resume(&id).await)
+    }
+
+    async fn attach_disk(&self, req: Request<AttachDiskRequest>) -> Result<Response<Vm>, Status> {
+        let r = req.into_inner();
+        let id = vm_id(&self.agent, &r.vm_id)?;
+        let disk = r
+            .disk
+            .ok_or_else(|| AgentError::invalid("disk", "missing"))?;
+        reply(self.agent.vms.attach_disk(&id, &disk).await)
+    }
+
+    async fn detach_disk(&self, req: Request<DetachDiskRequest>) -> Result<Response<Vm>, Status> {
+        let r = req.into_inner();
+        let id = vm_id(&self.agent, &r.vm_id)?;
+        reply(self.agent.vms.detach_disk(&id, &r.disk_id).await)
     }
 }

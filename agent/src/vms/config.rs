@@ -1,6 +1,6 @@
 //! A VM's stored configuration, and the checks a spec must pass.
 
-use proto::v1::{DiskAttachment, VmSpec};
+use proto::v1::{DiskAttachment, DiskBus, DiskFormat, VmSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AgentError, AgentResult};
@@ -37,6 +37,114 @@ pub struct DiskRef {
     pub disk_id: String,
     #[serde(default)]
     pub read_only: bool,
+    /// Configs written before buses existed booted their disks on virtio-blk: they still do.
+    #[serde(default)]
+    pub bus: Bus,
+    /// SCSI controller.
+    #[serde(default)]
+    pub controller: u8,
+    /// SCSI LUN (always set for SCSI disks once validated).
+    #[serde(default)]
+    pub lun: Option<u8>,
+}
+
+/// The controller a disk hangs on.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Bus {
+    #[default]
+    Virtio,
+    Scsi,
+}
+
+/// SCSI controllers a VM may have.
+pub const MAX_SCSI_CONTROLLERS: u8 = 4;
+/// LUNs per SCSI controller.
+pub const MAX_LUNS: u8 = 64;
+
+impl DiskRef {
+    pub fn attachment(&self) -> DiskAttachment {
+        DiskAttachment {
+            disk_id: self.disk_id.clone(),
+            read_only: self.read_only,
+            bus: match self.bus {
+                Bus::Virtio => DiskBus::Virtio,
+                Bus::Scsi => DiskBus::Scsi,
+            } as i32,
+            controller: u32::from(self.controller),
+            lun: self.lun.map(u32::from),
+        }
+    }
+
+    /// A stored reference from a request's attachment: `format` is the library disk's,
+    /// deciding the bus when the request leaves it open. `field` names the attachment in
+    /// errors.
+    pub fn from_attachment(
+        d: &DiskAttachment,
+        format: DiskFormat,
+        field: &str,
+    ) -> AgentResult<DiskRef> {
+        let bad = |r: String| AgentError::invalid(field, r);
+        let bus = match DiskBus::try_from(d.bus).unwrap_or(DiskBus::Unspecified) {
+            DiskBus::Virtio => Bus::Virtio,
+            DiskBus::Scsi => Bus::Scsi,
+            DiskBus::Unspecified if d.bus != 0 => {
+                return Err(bad(format!("bus {} is not virtio or SCSI", d.bus)));
+            }
+            DiskBus::Unspecified => match format {
+                DiskFormat::Vhd | DiskFormat::Vhdx => Bus::Scsi,
+                _ => Bus::Virtio,
+            },
+        };
+        if bus == Bus::Virtio && (d.controller != 0 || d.lun.is_some()) {
+            return Err(bad("controller and LUN apply to SCSI disks only".into()));
+        }
+        if d.controller >= u32::from(MAX_SCSI_CONTROLLERS) {
+            return Err(bad(format!(
+                "SCSI controller must be 0 to {}",
+                MAX_SCSI_CONTROLLERS - 1
+            )));
+        }
+        if let Some(l) = d.lun
+            && l >= u32::from(MAX_LUNS)
+        {
+            return Err(bad(format!("SCSI LUN must be 0 to {}", MAX_LUNS - 1)));
+        }
+        Ok(DiskRef {
+            disk_id: d.disk_id.clone(),
+            read_only: d.read_only,
+            bus,
+            controller: d.controller as u8,
+            lun: d.lun.map(|l| l as u8),
+        })
+    }
+}
+
+/// Give every SCSI disk of `disks` without a LUN the lowest free one on its controller; the
+/// index and reason of the first disk whose place is taken or that finds none free.
+pub fn place_disks(disks: &mut [DiskRef]) -> Result<(), (usize, String)> {
+    let mut used = std::collections::HashSet::new();
+    for (i, d) in disks.iter().enumerate() {
+        if d.bus == Bus::Scsi
+            && let Some(l) = d.lun
+            && !used.insert((d.controller, l))
+        {
+            return Err((
+                i,
+                format!("controller {} LUN {l} holds another disk", d.controller),
+            ));
+        }
+    }
+    for (i, d) in disks.iter_mut().enumerate() {
+        if d.bus == Bus::Scsi && d.lun.is_none() {
+            let free = (0..MAX_LUNS)
+                .find(|l| !used.contains(&(d.controller, *l)))
+                .ok_or((i, format!("controller {} has no free LUN", d.controller)))?;
+            used.insert((d.controller, free));
+            d.lun = Some(free);
+        }
+    }
+    Ok(())
 }
 
 impl VmConfig {
@@ -45,14 +153,7 @@ impl VmConfig {
             name: self.name.clone(),
             cpus: self.cpus,
             memory_bytes: self.memory_bytes,
-            disks: self
-                .disks
-                .iter()
-                .map(|d| DiskAttachment {
-                    disk_id: d.disk_id.clone(),
-                    read_only: d.read_only,
-                })
-                .collect(),
+            disks: self.disks.iter().map(DiskRef::attachment).collect(),
             boot_image: self.boot_image.clone(),
             cmdline: self.cmdline.clone(),
             display_width: self.display_width,
@@ -62,12 +163,12 @@ impl VmConfig {
     }
 }
 
-/// Check a spec and turn it into a config. `disk_exists` says whether a disk id is in the
-/// library; `name_taken` whether another VM has the name.
+/// Check a spec and turn it into a config. `disk_format` is the format of a disk in the
+/// library (None: no such disk); `name_taken` says whether another VM has the name.
 pub fn validate(
     spec: &VmSpec,
     host: &HostFacts,
-    disk_exists: impl Fn(&str) -> bool,
+    disk_format: impl Fn(&str) -> Option<DiskFormat>,
     name_taken: impl Fn(&str) -> bool,
 ) -> AgentResult<VmConfig> {
     fn bad(f: impl Into<String>, r: impl Into<String>) -> AgentError {
@@ -120,23 +221,28 @@ pub fn validate(
     let mut disks = Vec::new();
     for (i, d) in spec.disks.iter().enumerate() {
         let field = format!("spec.disks[{i}].disk_id");
-        if !crate::store::is_id(&d.disk_id) || !disk_exists(&d.disk_id) {
-            return Err(bad(
-                field,
-                format!(
-                    "no disk '{}' in the library",
-                    crate::error::quote(&d.disk_id)
-                ),
-            ));
-        }
+        let format = crate::store::is_id(&d.disk_id)
+            .then(|| disk_format(&d.disk_id))
+            .flatten()
+            .ok_or_else(|| {
+                bad(
+                    &field,
+                    format!(
+                        "no disk '{}' in the library",
+                        crate::error::quote(&d.disk_id)
+                    ),
+                )
+            })?;
         if disks.iter().any(|x: &DiskRef| x.disk_id == d.disk_id) {
             return Err(bad(field, "the same disk is attached twice"));
         }
-        disks.push(DiskRef {
-            disk_id: d.disk_id.clone(),
-            read_only: d.read_only,
-        });
+        disks.push(DiskRef::from_attachment(
+            d,
+            format,
+            &format!("spec.disks[{i}]"),
+        )?);
     }
+    place_disks(&mut disks).map_err(|(i, why)| bad(format!("spec.disks[{i}].lun"), why))?;
     let boot_image = if spec.boot_image.is_empty() {
         "default".to_string()
     } else {
@@ -211,7 +317,13 @@ mod tests {
     #[test]
     fn a_good_spec_gets_defaults() {
         let d = tempfile::tempdir().unwrap();
-        let c = validate(&spec(), &host(d.path()), |_| true, |_| false).unwrap();
+        let c = validate(
+            &spec(),
+            &host(d.path()),
+            |_| Some(DiskFormat::Raw),
+            |_| false,
+        )
+        .unwrap();
         assert_eq!((c.display_width, c.display_height), DEFAULT_DISPLAY);
         assert_eq!(c.boot_image, "default");
     }
@@ -220,7 +332,14 @@ mod tests {
     fn bad_specs_name_the_field() {
         let d = tempfile::tempdir().unwrap();
         let h = host(d.path());
-        let v = |s: VmSpec| validate(&s, &h, |id| id == "aaaaaaaaaaaa", |_| false);
+        let v = |s: VmSpec| {
+            validate(
+                &s,
+                &h,
+                |id| (id == "aaaaaaaaaaaa").then_some(DiskFormat::Raw),
+                |_| false,
+            )
+        };
         assert_eq!(field_of(v(VmSpec { cpus: 0, ..spec() })), "spec.cpus");
         assert_eq!(
             field_of(v(VmSpec {
@@ -246,7 +365,7 @@ mod tests {
         let missing = VmSpec {
             disks: vec![DiskAttachment {
                 disk_id: "bbbbbbbbbbbb".into(),
-                read_only: false,
+                ..Default::default()
             }],
             ..spec()
         };
@@ -254,7 +373,7 @@ mod tests {
         let traversal = VmSpec {
             disks: vec![DiskAttachment {
                 disk_id: "../../etc".into(),
-                read_only: false,
+                ..Default::default()
             }],
             ..spec()
         };
@@ -275,8 +394,90 @@ mod tests {
             "spec.display_width"
         );
         assert!(matches!(
-            validate(&spec(), &h, |_| true, |n| n == "web"),
+            validate(&spec(), &h, |_| None, |n| n == "web"),
             Err(AgentError::AlreadyExists(_))
         ));
+    }
+
+    #[test]
+    fn vhdx_disks_go_on_scsi_and_get_the_lowest_free_lun() {
+        let d = tempfile::tempdir().unwrap();
+        let h = host(d.path());
+        let format = |id: &str| match id {
+            "aaaaaaaaaaaa" | "cccccccccccc" => Some(DiskFormat::Vhdx),
+            "bbbbbbbbbbbb" => Some(DiskFormat::Raw),
+            "dddddddddddd" => Some(DiskFormat::Vhd),
+            _ => None,
+        };
+        let att = |id: &str, bus: DiskBus, lun: Option<u32>| DiskAttachment {
+            disk_id: id.into(),
+            bus: bus as i32,
+            lun,
+            ..Default::default()
+        };
+        let s = VmSpec {
+            disks: vec![
+                att("aaaaaaaaaaaa", DiskBus::Unspecified, None),
+                att("bbbbbbbbbbbb", DiskBus::Unspecified, None),
+                att("cccccccccccc", DiskBus::Scsi, Some(0)),
+                att("dddddddddddd", DiskBus::Virtio, None),
+            ],
+            ..spec()
+        };
+        let c = validate(&s, &h, format, |_| false).unwrap();
+        let got: Vec<(Bus, Option<u8>)> = c.disks.iter().map(|d| (d.bus, d.lun)).collect();
+        assert_eq!(
+            got,
+            [
+                (Bus::Scsi, Some(1)),
+                (Bus::Virtio, None),
+                (Bus::Scsi, Some(0)),
+                (Bus::Virtio, None)
+            ]
+        );
+        // What GetVm reports goes back in unchanged.
+        let again = validate(&c.spec(), &h, format, |_| false).unwrap();
+        assert_eq!(again.disks, c.disks);
+        // Two disks in one place, a LUN on virtio, numbers out of range.
+        let clash = VmSpec {
+            disks: vec![
+                att("aaaaaaaaaaaa", DiskBus::Scsi, Some(3)),
+                att("cccccccccccc", DiskBus::Scsi, Some(3)),
+            ],
+            ..spec()
+        };
+        assert_eq!(
+            field_of(validate(&clash, &h, format, |_| false)),
+            "spec.disks[1].lun"
+        );
+        for bad in [
+            att("bbbbbbbbbbbb", DiskBus::Virtio, Some(0)),
+            att("aaaaaaaaaaaa", DiskBus::Scsi, Some(64)),
+            DiskAttachment {
+                controller: 4,
+                ..att("aaaaaaaaaaaa", DiskBus::Scsi, None)
+            },
+            att(
+                "aaaaaaaaaaaa",
+                7.try_into().unwrap_or(DiskBus::Unspecified),
+                None,
+            ),
+        ] {
+            let mut b = bad.clone();
+            if bad.bus == 0 {
+                b.bus = 7;
+            }
+            let s = VmSpec {
+                disks: vec![b],
+                ..spec()
+            };
+            assert_eq!(
+                field_of(validate(&s, &h, format, |_| false)),
+                "spec.disks[0]"
+            );
+        }
+        // An old config without buses reads as virtio-blk.
+        let old: DiskRef = serde_json::from_str(r#"{"disk_id":"aaaaaaaaaaaa"}"#).unwrap();
+        assert_eq!((old.bus, old.lun), (Bus::Virtio, None));
     }
 }

@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proto::v1::{Vm, VmSpec, VmState};
+use proto::v1::{DiskAttachment, DiskFormat, Vm, VmSpec, VmState};
 use proto::worker::{Empty, request};
 use tokio::sync::watch;
 
+use config::{Bus, DiskRef, place_disks};
 pub use config::{VmConfig, validate};
 use process::{ExitRecord, RunRecord};
 
@@ -289,7 +290,7 @@ impl Vms {
         let mut config = validate(
             spec,
             &self.host,
-            |id| self.disks.get(id).is_ok(),
+            |id| self.disk_format(id),
             |n| self.name_taken(n, ""),
         )?;
         config.id = store::new_id();
@@ -327,15 +328,158 @@ impl Vms {
         let mut config = validate(
             spec,
             &self.host,
-            |d| self.disks.get(d).is_ok(),
+            |d| self.disk_format(d),
             |n| self.name_taken(n, id),
         )?;
         config.id = old.id;
         config.created_ms = old.created_ms;
+        self.save_config(id, config)
+    }
+
+    /// Store `config` as the VM's settings (the entry and `vm.json`).
+    fn save_config(&self, id: &str, config: VmConfig) -> AgentResult<Vm> {
         store::write_json(&self.layout.vm(id).join(CONFIG), &config)
             .map_err(|e| AgentError::internal("writing the VM's configuration", e))?;
         self.update(id, |e| e.config = config)
             .ok_or_else(|| AgentError::not_found("VM", id))
+    }
+
+    /// Add a library disk; on a running VM a SCSI disk goes to the guest at once.
+    pub async fn attach_disk(&self, id: &str, d: &DiskAttachment) -> AgentResult<Vm> {
+        let op = self.entry(id, |e| e.op.clone())?;
+        let _g = op.lock().await;
+        let format = (store::is_id(&d.disk_id))
+            .then(|| self.disk_format(&d.disk_id))
+            .flatten()
+            .ok_or_else(|| {
+                AgentError::invalid(
+                    "disk.disk_id",
+                    format!(
+                        "no disk '{}' in the library",
+                        crate::error::quote(&d.disk_id)
+                    ),
+                )
+            })?;
+        let new = DiskRef::from_attachment(d, format, "disk")?;
+        let (state, name, mut config) =
+            self.entry(id, |e| (e.state, e.config.name.clone(), e.config.clone()))?;
+        let label = self.disk_label(&d.disk_id);
+        if config.disks.iter().any(|x| x.disk_id == d.disk_id) {
+            return Err(AgentError::invalid(
+                "disk.disk_id",
+                format!("disk '{label}' is attached to VM '{name}' already"),
+            ));
+        }
+        config.disks.push(new);
+        place_disks(&mut config.disks).map_err(|(_, why)| AgentError::invalid("disk.lun", why))?;
+        let added = config.disks.last().cloned().expect("just pushed");
+        match state {
+            VmState::Off | VmState::Crashed => return self.save_config(id, config),
+            VmState::Running | VmState::Paused => {}
+            other => {
+                return Err(AgentError::precondition(format!(
+                    "VM '{name}' is {}; cannot add a disk now",
+                    state_word(other)
+                )));
+            }
+        }
+        if added.bus != Bus::Scsi {
+            return Err(AgentError::precondition(format!(
+                "VM '{name}' is running: only SCSI disks can be added while it runs \
+                 (virtio-blk disks need the VM off)"
+            )));
+        }
+        if let Some(why) = self.disks.busy_reason(&d.disk_id) {
+            return Err(AgentError::precondition(format!(
+                "disk '{label}' is {why}; cannot add it to VM '{name}'"
+            )));
+        }
+        let path = self
+            .disks
+            .path_of(&d.disk_id)
+            .map_err(|_| AgentError::precondition(format!("disk '{label}' is gone")))?;
+        let running = self.running(id)?;
+        // Claimed under the lock every start checks, so no VM starting meanwhile writes it too.
+        let previous = {
+            let mut map = self.lock();
+            let only_new = VmConfig {
+                disks: vec![added.clone()],
+                ..config.clone()
+            };
+            if let Some((_, other)) = disk_conflict(&map, id, &only_new) {
+                return Err(AgentError::precondition(format!(
+                    "disk '{label}' is in use by VM '{}', which is {}; cannot add it to VM '{name}'",
+                    other.0,
+                    state_word(other.1)
+                )));
+            }
+            let e = map
+                .get_mut(id)
+                .ok_or_else(|| AgentError::not_found("VM", id))?;
+            std::mem::replace(&mut e.config, config.clone())
+        };
+        let call = running
+            .conn
+            .call(request::Kind::AttachDisk(proto::worker::AttachDisk {
+                path: path.to_string_lossy().into_owned(),
+                read_only: added.read_only,
+                id: added.disk_id.clone(),
+                controller: u32::from(added.controller),
+                lun: added.lun.map(u32::from),
+                discard: !added.read_only,
+            }))
+            .await;
+        if let Err(e) = call {
+            self.update(id, |e| e.config = previous);
+            return Err(e);
+        }
+        self.save_config(id, config)
+    }
+
+    /// Take a disk away; on a running VM only a SCSI disk, which the guest loses at once.
+    pub async fn detach_disk(&self, id: &str, disk_id: &str) -> AgentResult<Vm> {
+        let op = self.entry(id, |e| e.op.clone())?;
+        let _g = op.lock().await;
+        let (state, name, mut config) =
+            self.entry(id, |e| (e.state, e.config.name.clone(), e.config.clone()))?;
+        let label = self.disk_label(disk_id);
+        let i = config
+            .disks
+            .iter()
+            .position(|d| d.disk_id == disk_id)
+            .ok_or_else(|| {
+                AgentError::invalid(
+                    "disk_id",
+                    format!(
+                        "disk '{}' is not attached to VM '{name}'",
+                        crate::error::quote(&label)
+                    ),
+                )
+            })?;
+        let gone = config.disks.remove(i);
+        match state {
+            VmState::Off | VmState::Crashed => {}
+            VmState::Running | VmState::Paused if gone.bus == Bus::Scsi => {
+                let running = self.running(id)?;
+                running
+                    .conn
+                    .call(request::Kind::DetachDisk(gone.disk_id.clone()))
+                    .await?;
+            }
+            VmState::Running | VmState::Paused => {
+                return Err(AgentError::precondition(format!(
+                    "VM '{name}' is running: disk '{label}' is on virtio-blk, which can only \
+                     be removed with the VM off"
+                )));
+            }
+            other => {
+                return Err(AgentError::precondition(format!(
+                    "VM '{name}' is {}; cannot remove a disk now",
+                    state_word(other)
+                )));
+            }
+        }
+        self.save_config(id, config)
     }
 
     pub async fn delete(&self, id: &str) -> AgentResult<()> {
@@ -350,6 +494,14 @@ impl Vms {
         self.lock().remove(id);
         self.events.vm_deleted(id.to_string());
         Ok(())
+    }
+
+    /// The format of a library disk (None: no such disk).
+    fn disk_format(&self, id: &str) -> Option<DiskFormat> {
+        self.disks
+            .get(id)
+            .ok()
+            .map(|d| DiskFormat::try_from(d.format).unwrap_or(DiskFormat::Unspecified))
     }
 
     /// A disk's name for messages (its id if it is gone).
@@ -391,7 +543,7 @@ impl Vms {
                     d.disk_id
                 ))
             })?;
-            disks.push((path, d.read_only));
+            disks.push((path, d.clone()));
             if let Some(why) = self.disks.busy_reason(&d.disk_id) {
                 return Err(AgentError::precondition(format!(
                     "disk '{}' is {why}; cannot start VM '{}'",
@@ -853,6 +1005,9 @@ mod tests {
                     .map(|(d, ro)| DiskRef {
                         disk_id: (*d).into(),
                         read_only: *ro,
+                        bus: Bus::Virtio,
+                        controller: 0,
+                        lun: None,
                     })
                     .collect(),
                 boot_image: "default".into(),

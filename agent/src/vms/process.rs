@@ -9,6 +9,7 @@ use proto::v1::VmState;
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 
+use super::config::{Bus, DiskRef};
 use super::{SERIAL_LOG, SOCKET, STATUS, VmConfig, WORKER_LOG, scrub};
 use crate::host::BootFiles;
 
@@ -105,6 +106,28 @@ async fn poll_pid(pid: i32) {
     }
 }
 
+/// The worker's `--disk` options after the path for `d`: SCSI disks carry their place,
+/// their library id (the guest-visible serial number and WWN derive from it) and, when
+/// writable, discard (the guest's TRIM frees space in the image).
+pub fn disk_options(d: &DiskRef) -> String {
+    let mut o = String::new();
+    if d.read_only {
+        o.push_str(",ro");
+    }
+    if d.bus == Bus::Scsi {
+        o.push_str(&format!(
+            ",bus=scsi,controller={},lun={},id={}",
+            d.controller,
+            d.lun.unwrap_or(0),
+            d.disk_id
+        ));
+        if !d.read_only {
+            o.push_str(",discard");
+        }
+    }
+    o
+}
+
 /// SIGKILL a worker.
 pub fn kill(pid: i32) {
     if let Some(p) = rustix::process::Pid::from_raw(pid) {
@@ -119,7 +142,7 @@ pub fn spawn(
     dir: &Path,
     config: &VmConfig,
     boot: &BootFiles,
-    disks: &[(PathBuf, bool)],
+    disks: &[(PathBuf, DiskRef)],
 ) -> std::io::Result<Child> {
     let _ = std::fs::remove_file(dir.join(STATUS));
     let _ = std::fs::remove_file(dir.join(SOCKET));
@@ -148,11 +171,9 @@ pub fn spawn(
             "{}x{}",
             config.display_width, config.display_height
         ));
-    for (path, ro) in disks {
+    for (path, d) in disks {
         let mut spec = path.as_os_str().to_owned();
-        if *ro {
-            spec.push(",ro");
-        }
+        spec.push(disk_options(d));
         cmd.arg("--disk").arg(spec);
     }
     cmd.arg("--serial")

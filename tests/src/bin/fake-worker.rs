@@ -62,6 +62,8 @@ struct Args {
     width: u32,
     height: u32,
     dirty_log: bool,
+    /// SCSI disks given at start: (id, LUN).
+    scsi: Vec<(String, u32)>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -69,12 +71,25 @@ fn parse_args() -> Result<Args> {
     let mut status = None;
     let (mut width, mut height) = (1024, 768);
     let mut dirty_log = true;
+    let mut scsi = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--control" => control = it.next().map(PathBuf::from),
             "--status-file" => status = it.next().map(PathBuf::from),
             "--no-dirty-log" => dirty_log = false,
+            // SCSI disks at boot: PATH,…,bus=scsi,…,lun=N,id=ID.
+            "--disk" => {
+                let spec = it.next().context("--disk needs a value")?;
+                let opt = |k: &str| {
+                    spec.split(',')
+                        .find_map(|o| o.strip_prefix(k).map(str::to_string))
+                };
+                if spec.contains(",bus=scsi") {
+                    let lun = opt("lun=").and_then(|l| l.parse().ok()).unwrap_or(0);
+                    scsi.push((opt("id=").unwrap_or_default(), lun));
+                }
+            }
             "--framebuffer" => {
                 let v = it.next().context("--framebuffer needs WxH")?;
                 let (w, h) = v.split_once('x').context("--framebuffer needs WxH")?;
@@ -90,6 +105,7 @@ fn parse_args() -> Result<Args> {
         width,
         height,
         dirty_log,
+        scsi,
     })
 }
 
@@ -107,6 +123,8 @@ struct Shared {
     /// "synthetic video driver" draws: its mapping of the VRAM is not logged).
     written: Arc<WrittenPages>,
     boot_rows: Option<DirtyRows>,
+    /// SCSI disks attached while running: (id, LUN).
+    hot_disks: Mutex<Vec<(String, u32)>>,
 }
 
 /// Pages written since the last look, one bit each.
@@ -221,6 +239,7 @@ fn main() -> Result<()> {
         boot_rows: args
             .dirty_log
             .then(|| DirtyRows::new(written, FbFormat::xrgb(args.width, args.height))),
+        hot_disks: Mutex::new(args.scsi.clone()),
     });
     {
         let s = shared.clone();
@@ -455,6 +474,47 @@ fn session(conn: UnixStream, s: &Arc<Shared>) {
                     ));
                 }
                 Some(request::Kind::WatchBootFramebuffer(on)) => watch = Some(on),
+                // Like the real worker: the image must open, ids and LUNs are unique, the
+                // lowest free LUN is taken when none is given.
+                Some(request::Kind::AttachDisk(a)) => {
+                    let mut disks = s.hot_disks.lock().unwrap_or_else(|e| e.into_inner());
+                    let lun = a.lun.unwrap_or_else(|| {
+                        (0..64)
+                            .find(|l| disks.iter().all(|d| d.1 != *l))
+                            .unwrap_or(64)
+                    });
+                    if !std::path::Path::new(&a.path).is_file() {
+                        reply.error = Some(WireError::new(
+                            ErrorCode::BadRequest,
+                            "the disk image cannot be opened (the worker's log says why)",
+                        ));
+                    } else if disks.iter().any(|d| d.0 == a.id || d.1 == lun) || lun > 63 {
+                        reply.error = Some(WireError::new(ErrorCode::BadRequest, "LUN taken"));
+                    } else {
+                        disks.push((a.id.clone(), lun));
+                        reply.disk = Some(proto::worker::DiskIo {
+                            id: a.id,
+                            bus: proto::worker::DiskBus::Scsi as i32,
+                            controller: a.controller,
+                            lun,
+                            ..Default::default()
+                        });
+                    }
+                }
+                Some(request::Kind::DetachDisk(id)) => {
+                    let mut disks = s.hot_disks.lock().unwrap_or_else(|e| e.into_inner());
+                    match disks.iter().position(|d| d.0 == id) {
+                        Some(i) => {
+                            disks.remove(i);
+                        }
+                        None => {
+                            reply.error = Some(WireError::new(
+                                ErrorCode::BadRequest,
+                                format!("no SCSI disk with id '{id}' is attached"),
+                            ))
+                        }
+                    }
+                }
                 Some(_) => {}
                 None => reply.error = Some(WireError::new(ErrorCode::BadRequest, "empty request")),
             }

@@ -6,8 +6,9 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use proto::client::Clients;
 use proto::v1::{
-    CreateVmRequest, DiskAttachment, GetHostInfoRequest, ListDisksRequest, ListVmsRequest,
-    StatsSample, Vm, VmRef, VmSpec, WatchStatsRequest,
+    AttachDiskRequest, CreateVmRequest, DetachDiskRequest, DiskAttachment, DiskBus,
+    GetHostInfoRequest, ListDisksRequest, ListVmsRequest, StatsSample, Vm, VmRef, VmSpec,
+    WatchStatsRequest,
 };
 use serde_json::json;
 
@@ -42,9 +43,10 @@ pub enum VmCommand {
         /// Memory, e.g. 512M or 2G (a bare number is MiB).
         #[arg(long, default_value = "512M")]
         memory: String,
-        /// A disk from the host's library by id or name, `,ro` for read-only; repeat for more
-        /// (the first is /dev/vda).
-        #[arg(long = "disk", value_name = "DISK[,ro]")]
+        /// A disk from the host's library by id or name; options after commas: `ro`
+        /// (read-only), `scsi` or `virtio` (default: SCSI for VHD/VHDX, virtio-blk for raw),
+        /// `lun=N` and `controller=N` (SCSI). Repeat for more, in boot order.
+        #[arg(long = "disk", value_name = "DISK[,ro][,scsi|virtio][,lun=N]")]
         disks: Vec<String>,
         /// Boot image on the host (default: the host's only one).
         #[arg(long)]
@@ -117,6 +119,11 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Add or remove a disk; SCSI disks also while the VM runs (the guest sees it at once).
+    Disk {
+        #[command(subcommand)]
+        cmd: VmDiskCommand,
+    },
     /// Save the VM's screen as a PNG image.
     Screenshot {
         /// VM id or name.
@@ -126,6 +133,31 @@ pub enum VmCommand {
         /// Seconds to wait for the screen.
         #[arg(long, default_value_t = 10)]
         timeout: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmDiskCommand {
+    /// Attach a disk from the library.
+    Add {
+        /// VM id or name.
+        vm: String,
+        /// The disk's id or name, with options as for `vm create --disk`.
+        #[arg(value_name = "DISK[,ro][,scsi|virtio][,lun=N]")]
+        disk: String,
+        /// Machine-readable output: the VM as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach a disk (it stays in the library).
+    Remove {
+        /// VM id or name.
+        vm: String,
+        /// The disk's id or name.
+        disk: String,
+        /// Machine-readable output: the VM as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -250,6 +282,7 @@ pub async fn run(cmd: VmCommand, host: Option<&str>) -> Result<i32> {
             let id = vm_id(&mut c, &vm).await?;
             console::serial(&mut c, &id, &vm).await
         }
+        VmCommand::Disk { cmd } => disk(&mut c, cmd).await,
         VmCommand::Screenshot { vm, file, timeout } => {
             let id = vm_id(&mut c, &vm).await?;
             console::screenshot(&mut c, &id, &file, timeout).await
@@ -433,10 +466,101 @@ fn parse_display(d: &str) -> Result<(u32, u32)> {
     Ok((w, h))
 }
 
+async fn disk(c: &mut Clients, cmd: VmDiskCommand) -> Result<i32> {
+    let (v, json) = match cmd {
+        VmDiskCommand::Add { vm, disk, json } => {
+            let id = vm_id(c, &vm).await?;
+            let mut a = disk_attachments(c, std::slice::from_ref(&disk)).await?;
+            let v =
+                c.vm.attach_disk(AttachDiskRequest {
+                    vm_id: id,
+                    disk: a.pop(),
+                })
+                .await
+                .rpc(&format!("adding a disk to VM '{vm}'"))?;
+            if !json {
+                let s = v.spec.clone().unwrap_or_default();
+                if let Some(d) = s.disks.last() {
+                    println!(
+                        "Added disk '{}' to VM '{}' as {}.",
+                        d.disk_id,
+                        vm_name(&v),
+                        place(d)
+                    );
+                }
+            }
+            (v, json)
+        }
+        VmDiskCommand::Remove { vm, disk, json } => {
+            let id = vm_id(c, &vm).await?;
+            let disk_id = resolve_disk(c, &disk).await?;
+            let v =
+                c.vm.detach_disk(DetachDiskRequest { vm_id: id, disk_id })
+                    .await
+                    .rpc(&format!("removing disk '{disk}' from VM '{vm}'"))?;
+            if !json {
+                println!("Removed disk '{disk}' from VM '{}'.", vm_name(&v));
+            }
+            (v, json)
+        }
+    };
+    if json {
+        print_json(&vm_json(&v))?;
+    }
+    Ok(0)
+}
+
+async fn resolve_disk(c: &mut Clients, query: &str) -> Result<String> {
+    let disks = c
+        .disk
+        .list_disks(ListDisksRequest {})
+        .await
+        .rpc("listing disks")?
+        .disks;
+    resolve(
+        "disk",
+        disks.iter().map(|d| (d.id.as_str(), d.name.as_str())),
+        query,
+    )
+}
+
+/// `DISK[,ro][,scsi|virtio][,lun=N][,controller=N]`: the disk's id or name and the
+/// attachment's options.
+fn parse_disk_option(spec: &str) -> Result<(&str, DiskAttachment)> {
+    let mut parts = spec.split(',');
+    let disk = parts.next().unwrap_or_default();
+    if disk.is_empty() {
+        bail!("'{spec}' names no disk");
+    }
+    let mut a = DiskAttachment::default();
+    let number = |k: &str, v: &str| -> Result<u32> {
+        v.parse()
+            .with_context(|| format!("'{v}' is not a {k} number in '{spec}'"))
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            None if matches!(opt, "ro" | "readonly" | "read-only") => a.read_only = true,
+            None if opt == "rw" => a.read_only = false,
+            None if opt == "scsi" => a.bus = DiskBus::Scsi as i32,
+            None if opt == "virtio" => a.bus = DiskBus::Virtio as i32,
+            Some(("lun", v)) => a.lun = Some(number("LUN", v)?),
+            Some(("controller", v)) => a.controller = number("controller", v)?,
+            _ => bail!(
+                "unknown disk option '{opt}' in '{spec}' (ro, rw, scsi, virtio, lun=N, controller=N)"
+            ),
+        }
+    }
+    Ok((disk, a))
+}
+
 async fn disk_attachments(c: &mut Clients, specs: &[String]) -> Result<Vec<DiskAttachment>> {
     if specs.is_empty() {
         return Ok(Vec::new());
     }
+    let parsed = specs
+        .iter()
+        .map(|s| parse_disk_option(s))
+        .collect::<Result<Vec<_>>>()?;
     let disks = c
         .disk
         .list_disks(ListDisksRequest {})
@@ -448,19 +572,26 @@ async fn disk_attachments(c: &mut Clients, specs: &[String]) -> Result<Vec<DiskA
         .map(|d| (d.id.as_str(), d.name.as_str()))
         .collect();
     let mut out = Vec::new();
-    for s in specs {
-        let (disk, read_only) = match s.rsplit_once(',') {
-            Some((d, "ro" | "readonly" | "read-only")) => (d, true),
-            Some((d, "rw")) => (d, false),
-            Some((_, opt)) => bail!("unknown disk option '{opt}' in '{s}' (ro or rw)"),
-            None => (s.as_str(), false),
-        };
-        out.push(DiskAttachment {
-            disk_id: resolve("disk", items.iter().copied(), disk)?,
-            read_only,
-        });
+    for (disk, mut a) in parsed {
+        a.disk_id = resolve("disk", items.iter().copied(), disk)?;
+        out.push(a);
     }
     Ok(out)
+}
+
+/// Where a disk sits, in words: "SCSI 0:2" (controller:LUN) or "virtio-blk".
+fn place(d: &DiskAttachment) -> String {
+    match DiskBus::try_from(d.bus) {
+        Ok(DiskBus::Scsi) => format!("SCSI {}:{}", d.controller, d.lun.unwrap_or(0)),
+        _ => "virtio-blk".into(),
+    }
+}
+
+fn bus_word(d: &DiskAttachment) -> &'static str {
+    match DiskBus::try_from(d.bus) {
+        Ok(DiskBus::Scsi) => "scsi",
+        _ => "virtio",
+    }
 }
 
 async fn default_boot_image(c: &mut Clients) -> Result<String> {
@@ -503,9 +634,10 @@ fn print_vm(v: &Vm) {
     }
     for (i, d) in s.disks.iter().enumerate() {
         println!(
-            "{:<18}{}{}",
+            "{:<18}{} on {}{}",
             if i == 0 { "disks:" } else { "" },
             d.disk_id,
+            place(d),
             if d.read_only { " (read-only)" } else { "" }
         );
     }
@@ -549,6 +681,9 @@ pub fn vm_json(v: &Vm) -> serde_json::Value {
         "disks": s.disks.iter().map(|d| json!({
             "disk_id": d.disk_id,
             "read_only": d.read_only,
+            "bus": bus_word(d),
+            "controller": d.controller,
+            "lun": d.lun,
         })).collect::<Vec<_>>(),
         "boot_image": s.boot_image,
         "cmdline": s.cmdline,
@@ -570,5 +705,23 @@ mod tests {
         assert_eq!(parse_display("800x600").unwrap(), (800, 600));
         assert_eq!(parse_display("1920X1080").unwrap(), (1920, 1080));
         assert!(parse_display("800").is_err());
+    }
+
+    #[test]
+    fn disk_options() {
+        let (d, a) = parse_disk_option("web,ro,scsi,lun=3").unwrap();
+        assert_eq!(d, "web");
+        assert!(a.read_only);
+        assert_eq!(
+            (a.bus, a.lun, a.controller),
+            (DiskBus::Scsi as i32, Some(3), 0)
+        );
+        let (_, a) = parse_disk_option("web").unwrap();
+        assert_eq!((a.bus, a.lun), (DiskBus::Unspecified as i32, None));
+        let (_, a) = parse_disk_option("web,virtio,rw").unwrap();
+        assert_eq!(a.bus, DiskBus::Virtio as i32);
+        assert!(parse_disk_option("web,ide").is_err());
+        assert!(parse_disk_option("web,lun=x").is_err());
+        assert!(parse_disk_option(",ro").is_err());
     }
 }
