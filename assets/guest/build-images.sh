@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Build the Parvis test-guest images (Debian kernel + busybox initramfs) into
 #   ${PARVIS_CACHE:-$HOME/.cache/parvis}/images/
-# Outputs: vmlinuz vmlinux kernel-release l2-initramfs.cpio l1-initramfs.cpio manifest.txt
+# Outputs: vmlinuz vmlinux kernel-release l2-initramfs.cpio l2-storvsc.cpio l1-initramfs.cpio
+# manifest.txt
 # Idempotent: a no-op (well under a second) when the outputs exist and were built
-# from the current build-images.sh, l1-init.sh, l2-init.sh and parvis-drm.c. Logs go to stderr;
+# from the current build-images.sh, l1-init.sh, l2-init.sh, storvsc-init.sh, parvis-drm.c and
+# parvis-io.c. Logs go to stderr;
 # the only line on stdout is the images directory.
 # Options: --force (or PARVIS_FORCE_REBUILD=1) rebuilds unconditionally.
 # Needs: apt-get, apt-cache, dpkg-deb, cpio, xz, sha256sum, flock, GNU grep, gcc (static libc).
@@ -12,8 +14,8 @@ set -euo pipefail
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE_ROOT=${PARVIS_CACHE:-$HOME/.cache/parvis}
 OUT=$CACHE_ROOT/images
-OUTPUTS=(vmlinuz vmlinux kernel-release l2-initramfs.cpio l1-initramfs.cpio manifest.txt)
-INPUTS=(build-images.sh l1-init.sh l2-init.sh parvis-drm.c)
+OUTPUTS=(vmlinuz vmlinux kernel-release l2-initramfs.cpio l2-storvsc.cpio l1-initramfs.cpio manifest.txt)
+INPUTS=(build-images.sh l1-init.sh l2-init.sh storvsc-init.sh parvis-drm.c parvis-io.c)
 FORCE=${PARVIS_FORCE_REBUILD:-0}
 
 log() { printf 'build-images: %s\n' "$*" >&2; }
@@ -255,6 +257,18 @@ L2_MODULES=(
 	kernel/drivers/input/evdev.ko
 	kernel/drivers/acpi/button.ko
 	kernel/drivers/gpu/drm/hyperv/
+	kernel/drivers/scsi/hv_storvsc.ko
+	kernel/drivers/scsi/sd_mod.ko
+)
+
+# What a Hyper-V-made initramfs holds: VMBus, its storage driver, the disk and ext4
+# drivers; no virtio.
+STORVSC_MODULES=(
+	kernel/drivers/hv/hv_vmbus.ko
+	kernel/drivers/scsi/hv_storvsc.ko
+	kernel/drivers/scsi/sd_mod.ko
+	kernel/fs/ext4/ext4.ko
+	kernel/crypto/crc32c_generic.ko
 )
 L1_MODULES=(
 	kernel/arch/x86/kvm/kvm.ko
@@ -334,10 +348,24 @@ populate_root "$WORK/l2root" l2-init.sh "${L2_MODULES[@]}"
 # The DRM test helper (synthetic video tests): a static program, no kernel headers needed.
 gcc -static -O2 -Wall -Werror -o "$WORK/l2root/bin/parvis-drm" "$SCRIPT_DIR/parvis-drm.c" ||
 	die "cannot build parvis-drm.c (needs gcc and a static libc, Debian libc6-dev)"
-for m in virtio_mmio virtio_blk virtio_pci ext4 crc32c_generic pvpanic_mmio hyperv_drm hid_hyperv hyperv_keyboard; do
+# The disk benchmark: static too, Linux AIO through raw system calls (no libaio).
+gcc -static -O2 -Wall -Werror -pthread -o "$WORK/l2root/bin/parvis-io" "$SCRIPT_DIR/parvis-io.c" ||
+	die "cannot build parvis-io.c"
+for m in virtio_mmio virtio_blk virtio_pci ext4 crc32c_generic pvpanic_mmio hyperv_drm hid_hyperv \
+	hyperv_keyboard hv_storvsc sd_mod; do
 	check_modprobe "$WORK/l2root" "$m"
 done
 pack_cpio "$WORK/l2root" "$NEW/l2-initramfs.cpio"
+
+log "L2 storvsc-only initramfs"
+populate_root "$WORK/sroot" storvsc-init.sh "${STORVSC_MODULES[@]}"
+for m in hv_vmbus hv_storvsc sd_mod ext4 crc32c_generic; do
+	check_modprobe "$WORK/sroot" "$m"
+done
+if (cd "$WORK/sroot/lib/modules/$KREL" && find . -name 'virtio*' | grep -q .); then
+	die "the storvsc-only initramfs must hold no virtio module"
+fi
+pack_cpio "$WORK/sroot" "$NEW/l2-storvsc.cpio"
 
 log "L1 initramfs"
 populate_root "$WORK/l1root" l1-init.sh "${L1_MODULES[@]}"
@@ -345,7 +373,8 @@ for m in kvm_amd 9pnet_virtio 9p virtio_pci virtio_net; do
 	check_modprobe "$WORK/l1root" "$m"
 done
 mkdir -p "$WORK/l1root/images"
-cp "$NEW/vmlinux" "$NEW/vmlinuz" "$NEW/l2-initramfs.cpio" "$NEW/kernel-release" "$WORK/l1root/images/"
+cp "$NEW/vmlinux" "$NEW/vmlinuz" "$NEW/l2-initramfs.cpio" "$NEW/l2-storvsc.cpio" "$NEW/kernel-release" \
+	"$WORK/l1root/images/"
 pack_cpio "$WORK/l1root" "$NEW/l1-initramfs.cpio"
 
 # ---------------------------------------------------------------- manifest
@@ -355,10 +384,10 @@ pack_cpio "$WORK/l1root" "$NEW/l1-initramfs.cpio"
 	echo "kernel-release $KREL"
 	echo "deb $KPKG $KVER $(sha256sum "$KDEB" | cut -d' ' -f1)"
 	echo "deb busybox-static $BVER $(sha256sum "$BDEB" | cut -d' ' -f1)"
-	for f in vmlinuz vmlinux kernel-release l2-initramfs.cpio l1-initramfs.cpio; do
+	for f in vmlinuz vmlinux kernel-release l2-initramfs.cpio l2-storvsc.cpio l1-initramfs.cpio; do
 		echo "file $f $(stat -c %s "$NEW/$f") $(sha256sum "$NEW/$f" | cut -d' ' -f1)"
 	done
-	for r in l2 l1; do
+	for r in l2 s l1; do
 		echo "modules-$r $(cd "$WORK/${r}root/lib/modules/$KREL" && find kernel -name '*.ko' -printf '%f\n' | sort | tr '\n' ' ')"
 	done
 } >"$NEW/manifest.txt"

@@ -20,12 +20,16 @@ read -r cmdline </proc/cmdline
 tests=shell
 drm_args=
 echo_count=100
+io_dev=
+io_time=5
 for w in $cmdline; do
 	case "$w" in
 	parvis.test=*) tests=${w#parvis.test=} ;;
 	parvis.quiet) echo 1 >/proc/sys/kernel/printk ;;
 	parvis.drm=*) drm_args=$(echo "${w#parvis.drm=}" | tr ':' ' ') ;;
 	parvis.echo=*) echo_count=${w#parvis.echo=} ;;
+	parvis.io=*) io_dev=${w#parvis.io=} ;;
+	parvis.iotime=*) io_time=${w#parvis.iotime=} ;;
 	esac
 done
 
@@ -227,6 +231,25 @@ act_shell() {
 	setsid cttyhack sh -l
 }
 
+# The demo: the synthetic keyboard, mouse and video when the VM has VMBus, a shell on the
+# screen (tty1, what the console shows and types into) and one on the serial console.
+act_demo() {
+	if vmbus_up 2>/dev/null; then
+		load evdev hyperv_keyboard hid_hyperv hid_generic hyperv_drm
+		coldplug
+		wait_for /dev/dri/card0 100
+	fi
+	{
+		printf '\033[2J\033[H'
+		echo "Parvis demo VM: Debian's kernel $(uname -r) and a busybox userland."
+		echo "This screen is the VM's, streamed by the agent; type here once you click it."
+		echo
+	} >/dev/tty1 2>/dev/null
+	setsid sh -c 'exec sh -l <>/dev/tty1 >&0 2>&1' &
+	echo "PARVIS-DEMO-READY"
+	act_shell
+}
+
 act_hold() {
 	while :; do sleep 3600; done
 }
@@ -276,6 +299,147 @@ act_vmbus() {
 	done
 	echo "PARVIS-VMBUS-DEVICES=${devs%,}"
 	echo "PARVIS-VMBUS-HYP=$(grep 'HYP:' /proc/interrupts | tr -s ' ')"
+}
+
+# scsi_up: VMBus, then the synthetic SCSI controller's driver and the disk driver.
+scsi_up() {
+	vmbus_up || return 1
+	load hv_storvsc sd_mod
+	coldplug
+	return 0
+}
+
+# scsi_disks: "name,H:C:T:L" for every SCSI disk, one per line, sorted by address.
+scsi_disks() {
+	for b in /sys/block/sd*; do
+		[ -e "$b/device" ] || continue
+		a=$(readlink "$b/device")
+		echo "${a##*/} ${b##*/}"
+	done | sort | while read -r a n; do echo "$n,$a"; done
+}
+
+# scsi_report(name): one PARVIS-SCSI-DISK line: name, address, size, vendor, model, wwid,
+# discard limit.
+scsi_report() {
+	d=/sys/block/$1
+	a=$(readlink "$d/device")
+	v=$(cat "$d/device/vendor" 2>/dev/null)
+	m=$(cat "$d/device/model" 2>/dev/null)
+	# shellcheck disable=SC2086 # trim the padding
+	echo "PARVIS-SCSI-DISK=$1,${a##*/},$(($(cat "$d/size") * 512)),$(echo $v),$(echo $m),$(cat "$d/device/wwid" 2>/dev/null),$(cat "$d/queue/discard_max_bytes")"
+}
+
+# scsi_dmesg: every kernel line about storage that reports a problem.
+scsi_dmesg() {
+	dmesg | grep -iE 'storvsc|hv_storvsc|sd [0-9]+:|scsi|blk_update_request|I/O error' |
+		grep -iE 'error|fail|fault|timeout|abort|reset|invalid' |
+		while read -r l; do echo "PARVIS-SCSI-DMESG=$l"; done
+	echo "PARVIS-SCSI-DMESG-END"
+}
+
+# Storage over VMBus: the controller probes, each disk reports its identity, is read whole
+# (sha256) and written at 1 MiB; a disk that allows discard then has 16 MiB at 8 MiB
+# discarded.
+act_scsi() {
+	scsi_up || return 0
+	n=0
+	until [ "$(scsi_disks | wc -l)" -ge 1 ]; do
+		n=$((n + 1))
+		if [ $n -gt 300 ]; then
+			echo "PARVIS-SCSI-ERROR=no SCSI disk after 30s"
+			scsi_dmesg
+			return 0
+		fi
+		sleep 0.1
+	done
+	sleep 1
+	l=$(dmesg | grep -m1 'storvsc_host_t')
+	echo "PARVIS-SCSI-HOST=${l##*] }"
+	for e in $(scsi_disks); do scsi_report "${e%%,*}"; done
+	for e in $(scsi_disks); do
+		n=${e%%,*}
+		sum=$(sha256sum "/dev/$n") || { echo "PARVIS-SCSI-ERROR=read failed on $n"; continue; }
+		echo "PARVIS-SCSI-SHA256=$n,${sum%% *}"
+		if printf 'PARVIS-GUEST-WROTE-THIS' |
+			dd of="/dev/$n" bs=1 seek=1048576 count=23 conv=notrunc 2>/dev/null && sync; then
+			echo "PARVIS-SCSI-WRITTEN=$n"
+		fi
+	done
+	for e in $(scsi_disks); do
+		n=${e%%,*}
+		[ "$(cat "/sys/block/$n/queue/discard_max_bytes")" -gt 0 ] || continue
+		if blkdiscard -o 8388608 -l 16777216 "/dev/$n"; then
+			echo "PARVIS-SCSI-DISCARDED=$n"
+		else
+			echo "PARVIS-SCSI-ERROR=blkdiscard failed on $n"
+		fi
+	done
+	sync
+	scsi_dmesg
+}
+
+# SCSI hot plug: report the disks present, then wait for one more to appear (write a marker
+# to it) and for it to go away again.
+act_scsihot() {
+	scsi_up || return 0
+	wait_for /dev/sda 300
+	sleep 1
+	before=$(scsi_disks | tr '\n' ' ')
+	echo "PARVIS-SCSI-HOT-READY=$before"
+	n=0
+	new=
+	while [ -z "$new" ]; do
+		for e in $(scsi_disks); do
+			case " $before " in *" $e "*) ;; *) new=$e ;; esac
+		done
+		n=$((n + 1))
+		if [ $n -gt 1200 ]; then
+			echo "PARVIS-SCSI-ERROR=no new disk after 120s"
+			scsi_dmesg
+			return 0
+		fi
+		[ -n "$new" ] || sleep 0.1
+	done
+	name=${new%%,*}
+	wait_for "/dev/$name" 100
+	scsi_report "$name"
+	if printf 'PARVIS-HOT-ADDED-DISK-WROTE-THIS' |
+		dd of="/dev/$name" bs=1 seek=4096 count=32 conv=notrunc 2>/dev/null && sync; then
+		echo "PARVIS-SCSI-HOT-WRITTEN=$name"
+	fi
+	echo "PARVIS-SCSI-HOT-ADDED=$name"
+	n=0
+	while [ -e "/sys/block/$name" ]; do
+		n=$((n + 1))
+		if [ $n -gt 1200 ]; then
+			echo "PARVIS-SCSI-ERROR=$name still there after 120s"
+			scsi_dmesg
+			return 0
+		fi
+		sleep 0.1
+	done
+	echo "PARVIS-SCSI-HOT-REMOVED=$name"
+	echo "PARVIS-SCSI-HOT-LEFT=$(scsi_disks | tr '\n' ' ')"
+	scsi_dmesg
+}
+
+# Disk benchmark: parvis-io on the first SCSI disk or /dev/vda (parvis.io=DEVICE overrides,
+# parvis.iotime=SECONDS per measurement).
+act_iobench() {
+	dev=$io_dev
+	case "$dev" in
+	/dev/sd*) scsi_up && wait_for "$dev" 300 ;;
+	/dev/vd*) disk_ready ;;
+	'')
+		if scsi_up 2>/dev/null && wait_for /dev/sda 100; then
+			dev=/dev/sda
+		elif disk_ready; then
+			dev=/dev/vda
+		fi
+		;;
+	esac
+	[ -b "$dev" ] || { echo "PARVIS-IO-ERROR=no disk $dev"; return 0; }
+	parvis-io "$dev" "$io_time"
 }
 
 # event_for(phys-prefix|name): the /dev/input/eventN whose input device matches.
@@ -388,6 +552,7 @@ for a in "$@"; do
 	ticks) act_ticks ;;
 	panic) act_panic ;;
 	shell) act_shell ;;
+	demo) act_demo ;;
 	hold) act_hold ;;
 	coldplug) act_coldplug ;;
 	hyperv) act_hyperv ;;
@@ -395,6 +560,9 @@ for a in "$@"; do
 	input) act_input ;;
 	drm) act_drm ;;
 	echo) act_echo ;;
+	scsi) act_scsi ;;
+	scsihot) act_scsihot ;;
+	iobench) act_iobench ;;
 	'') ;;
 	*) echo "PARVIS-UNKNOWN-ACTION=$a" ;;
 	esac

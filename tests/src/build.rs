@@ -60,6 +60,7 @@ fn build_images() -> Result<PathBuf> {
         "vmlinux",
         "vmlinuz",
         "l2-initramfs.cpio",
+        "l2-storvsc.cpio",
         "l1-initramfs.cpio",
     ] {
         if !dir.join(f).is_file() {

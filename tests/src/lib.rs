@@ -19,6 +19,7 @@ pub mod fbstamp;
 pub mod live;
 pub mod markers;
 pub mod stats_bench;
+pub mod storage_bench;
 pub mod testhost;
 pub mod upload_bench;
 pub mod vmbus_bench;

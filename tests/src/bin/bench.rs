@@ -222,7 +222,9 @@ fn args() -> Result<Args> {
 }
 
 /// What `--only` can name.
-const BENCHES: &[&str] = &["boot", "disk", "upload", "fb", "console", "vmbus", "stats"];
+const BENCHES: &[&str] = &[
+    "boot", "disk", "upload", "fb", "console", "vmbus", "stats", "storage",
+];
 
 fn main() -> ExitCode {
     match run() {
@@ -263,6 +265,10 @@ fn run() -> Result<bool> {
     if want("vmbus") {
         let r = parvis_tests::vmbus_bench::run()?;
         parvis_tests::vmbus_bench::print(&r);
+    }
+    if want("storage") {
+        let r = parvis_tests::storage_bench::run(args.runs as usize)?;
+        parvis_tests::storage_bench::print(&r);
     }
     if want("upload") {
         let tmp = tempfile::Builder::new()
