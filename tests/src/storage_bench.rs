@@ -31,7 +31,7 @@ PW="--kernel $K --initrd $I --memory 256M --cpus 2 --no-framebuffer"
 r=1
 while [ $r -le "$RUNS" ]; do
     echo "BENCH: run $r: storvsc"
-    timeout -s KILL 400 parvis-worker $PW --hyperv kernel --disk "$T/disk.raw,bus=scsi" \
+    timeout -s KILL 400 parvis-worker $PW --hyperv kernel --log info --disk "$T/disk.raw,bus=scsi" \
         --cmdline "$C parvis.io=/dev/sda parvis.iotime=$SECS" </dev/null >storvsc.$r.out 2>storvsc.$r.err
     echo "BENCH: run $r: parvis virtio-blk"
     timeout -s KILL 400 parvis-worker $PW --disk "$T/disk.raw" \
@@ -46,6 +46,26 @@ while [ $r -le "$RUNS" ]; do
 done
 "#;
 
+/// The storvsc runs' channel counters (the worker's "VMBus channel closed" line for the
+/// busiest channel): packets, wakeups of the channel thread (the guest's signals that
+/// mattered), interrupts raised.
+fn channel_counters(err: &str) -> Option<(u64, u64, u64)> {
+    err.lines()
+        .filter(|l| l.contains("VMBus channel closed"))
+        .filter_map(|l| {
+            let field = |k: &str| -> Option<u64> {
+                let at = l.find(&format!("{k}="))? + k.len() + 1;
+                l[at..]
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            };
+            Some((field("packets")?, field("wakeups")?, field("interrupts")?))
+        })
+        .max_by_key(|c| c.0)
+}
+
 /// One configuration's figures (best of the runs).
 #[derive(Debug, Default, Clone)]
 pub struct Figures {
@@ -56,7 +76,7 @@ pub struct Figures {
 }
 
 /// (label, figures) for storvsc, Parvis virtio-blk and QEMU virtio-blk.
-pub type StorageResult = Vec<(&'static str, Figures)>;
+pub type StorageResult = (Vec<(&'static str, Figures)>, Vec<(u64, u64, u64)>);
 
 const CONFIGS: [(&str, &str); 3] = [
     ("storvsc", "Parvis SCSI (storvsc)"),
@@ -85,6 +105,9 @@ pub fn run(runs: usize) -> Result<StorageResult> {
         .run(|share| pack_qemu(&qemu, &share.join("q")))
         .context("the storage benchmark scenario could not run")?;
     let mut result = Vec::new();
+    let counters = (1..=runs)
+        .filter_map(|r| channel_counters(&outcome.file(&format!("storvsc.{r}.err"))))
+        .collect();
     for (label, _) in CONFIGS {
         let mut best: Option<Figures> = None;
         for r in 1..=runs {
@@ -104,11 +127,11 @@ pub fn run(runs: usize) -> Result<StorageResult> {
         }
         result.push((label, best.unwrap_or_default()));
     }
-    Ok(result)
+    Ok((result, counters))
 }
 
 /// Print the table and the ratios to QEMU.
-pub fn print(r: &StorageResult) {
+pub fn print((r, counters): &StorageResult) {
     println!(
         "\n== Guest disk I/O (test host: nested KVM under TCG; parvis-io, {SECONDS} s each, best of runs) =="
     );
@@ -145,4 +168,12 @@ pub fn print(r: &StorageResult) {
         );
     }
     println!("targets: storvsc >= 1.0x QEMU on sequential, >= 0.8x on 4 KiB random");
+    for (i, (p, w, irq)) in counters.iter().enumerate() {
+        println!(
+            "storvsc run {}: {p} packets, {w} channel wakeups ({:.1} packets each), {irq} interrupts ({:.1} packets each)",
+            i + 1,
+            *p as f64 / (*w).max(1) as f64,
+            *p as f64 / (*irq).max(1) as f64
+        );
+    }
 }

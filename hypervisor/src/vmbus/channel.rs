@@ -29,6 +29,8 @@ pub struct ChannelTx {
     relid: u32,
     target_vp: Arc<AtomicU32>,
     doorbell: Arc<Wakeup>,
+    /// Interrupts raised (for the close log line).
+    signals: u64,
 }
 
 impl std::fmt::Debug for ChannelTx {
@@ -41,7 +43,8 @@ impl std::fmt::Debug for ChannelTx {
 
 impl ChannelTx {
     /// Interrupt the guest for this channel.
-    pub fn signal(&self) {
+    pub fn signal(&mut self) {
+        self.signals += 1;
         self.synic.signal_event(
             self.target_vp.load(Ordering::SeqCst),
             VMBUS_SINT,
@@ -248,7 +251,9 @@ fn run(
         relid,
         target_vp,
         doorbell: doorbell.clone(),
+        signals: 0,
     };
+    let (mut packets, mut wakeups) = (0u64, 0u64);
     let result = (|| {
         lock_vsp(&vsp).opened(&mut tx)?;
         let mut fds = vec![doorbell.as_fd(), stop_evt.as_fd()];
@@ -260,13 +265,27 @@ fn run(
             if let Some(w) = &wakeup {
                 w.take();
             }
-            while let Some((pkt, sig)) = inbound.read()? {
-                if sig {
-                    tx.signal();
+            // While this thread reads, the guest need not signal: it checks the mask before
+            // every HvSignalEvent, so a busy channel costs it no exit per packet.
+            inbound.set_interrupt_mask(true);
+            wakeups += 1;
+            loop {
+                while let Some((pkt, sig)) = inbound.read()? {
+                    if sig {
+                        tx.signal();
+                    }
+                    lock_vsp(&vsp).packet(&pkt, &mut tx)?;
+                    packets += 1;
                 }
-                lock_vsp(&vsp).packet(&pkt, &mut tx)?;
+                lock_vsp(&vsp).poll_host(&mut tx)?;
+                // Unmask, then look once more: a packet written just before the unmask
+                // came without a signal.
+                inbound.set_interrupt_mask(false);
+                if inbound.is_empty()? {
+                    break;
+                }
+                inbound.set_interrupt_mask(true);
             }
-            lock_vsp(&vsp).poll_host(&mut tx)?;
             // The timeout covers a doorbell the guest skipped (it signals only on an
             // empty-to-non-empty transition).
             wait_readable(&fds, Duration::from_millis(50));
@@ -274,5 +293,14 @@ fn run(
         Ok(())
     })();
     lock_vsp(&vsp).closed();
+    // What the channel cost the guest in exits and interrupts: with `packets` per wakeup
+    // high, a busy guest seldom had to signal.
+    tracing::info!(
+        relid,
+        packets,
+        wakeups,
+        interrupts = tx.signals,
+        "VMBus channel closed"
+    );
     result
 }

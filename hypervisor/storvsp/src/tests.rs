@@ -566,3 +566,33 @@ fn a_reopened_channel_starts_over() {
     assert_eq!(r.dev.offer().class, SCSI_CLASS);
     assert_ne!(instance_guid(0), instance_guid(1));
 }
+
+#[test]
+fn a_batch_of_commands_costs_the_guest_one_interrupt() {
+    let mut r = Rig::new(0);
+    r.handle
+        .attach(0, scsi(VecDisk::new(1 << 20, false), "a"))
+        .unwrap();
+    r.init();
+    let before = r.guest.host().signals;
+    for i in 0..8u32 {
+        let pfns = r.guest.alloc(1).unwrap();
+        let l = PageList::new(0, 4096, pfns).unwrap();
+        let p = srb_packet(0, &read10(i * 8, 8), 1, 4096);
+        r.guest
+            .send_gpa_direct(100 + u64::from(i), std::slice::from_ref(&l), &p)
+            .unwrap();
+    }
+    r.guest.run(&mut r.dev).unwrap();
+    let done = r.guest.recv_all().unwrap();
+    assert_eq!(done.len(), 8);
+    assert!(
+        done.iter()
+            .all(|p| p.payload()[12 + 2] == srb_status::SUCCESS)
+    );
+    assert_eq!(
+        r.guest.host().signals - before,
+        1,
+        "one interrupt for the batch"
+    );
+}
