@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::conn::{Slot, UiWaker, plain_status};
+use crate::conn::{Slot, UiWaker, plain_status, wait_clients};
 
 /// Most serial output kept for the serial tab.
 const SERIAL_KEEP: usize = 1 << 20;
@@ -162,28 +162,19 @@ fn lock(s: &Mutex<ConsoleShared>) -> std::sync::MutexGuard<'_, ConsoleShared> {
     s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Wait until the host is connected.
-async fn clients(slot: &Slot) -> proto::client::Clients {
-    loop {
-        if let Some(c) = slot.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
 /// Follow the VM's screen; reopen the stream when it ends (the VM stopped and may start
 /// again) or breaks.
 async fn screen_task(slot: Slot, vm_id: String, shared: Arc<Mutex<ConsoleShared>>, n: UiWaker) {
     let mut decoder = Decoder::default();
     loop {
-        let mut c = clients(&slot).await;
+        let mut c = wait_clients(&slot).await;
         let req = FramebufferRequest {
             vm_id: vm_id.clone(),
             encoding: TileEncoding::Lz4 as i32,
         };
         match c.console.stream_framebuffer(req).await {
             Ok(s) => {
+                lock(&shared).screen_error = None;
                 let mut s = s.into_inner();
                 loop {
                     match s.message().await {
@@ -207,14 +198,14 @@ async fn screen_task(slot: Slot, vm_id: String, shared: Arc<Mutex<ConsoleShared>
                         }
                         Err(st) => {
                             lock(&shared).screen_error =
-                                Some(plain_status("the screen stream broke", &st));
+                                Some(plain_status("the screen stream broke", &st).line);
                             break;
                         }
                     }
                 }
             }
             Err(st) => {
-                lock(&shared).screen_error = Some(plain_status("cannot show the screen", &st));
+                lock(&shared).screen_error = Some(plain_status("cannot show the screen", &st).line);
             }
         }
         n.wake();
@@ -369,7 +360,7 @@ async fn input_task(
         if quiet_until.is_some_and(|t| Instant::now() < t) {
             continue;
         }
-        let mut c = clients(&slot).await;
+        let mut c = wait_clients(&slot).await;
         let (tx, stream_rx) = mpsc::unbounded_channel::<InputEvent>();
         let with_id = |mut e: InputEvent| {
             e.vm_id = vm_id.clone();
@@ -409,7 +400,8 @@ async fn input_task(
                 sh.input_error = None;
             }
             Err(st) => {
-                sh.input_error = Some(plain_status("keyboard and mouse do not reach this VM", &st));
+                sh.input_error =
+                    Some(plain_status("keyboard and mouse do not reach this VM", &st).line);
                 quiet_until = Some(Instant::now() + Duration::from_secs(3));
             }
         }
@@ -427,7 +419,7 @@ async fn serial_task(
     n: UiWaker,
 ) {
     loop {
-        let mut c = clients(&slot).await;
+        let mut c = wait_clients(&slot).await;
         let (tx, stream_rx) = mpsc::unbounded_channel::<SerialInput>();
         let _ = tx.send(SerialInput {
             vm_id: vm_id.clone(),
@@ -464,7 +456,7 @@ async fn serial_task(
                                 break;
                             }
                             Err(st) => {
-                                lock(&shared).serial_error = Some(plain_status("the serial console broke", &st));
+                                lock(&shared).serial_error = Some(plain_status("the serial console broke", &st).line);
                                 break;
                             }
                         },
@@ -477,7 +469,7 @@ async fn serial_task(
             }
             Err(st) => {
                 lock(&shared).serial_error =
-                    Some(plain_status("cannot open the serial console", &st));
+                    Some(plain_status("cannot open the serial console", &st).line);
             }
         }
         n.wake();

@@ -14,13 +14,15 @@
 //!   through a channel and `request_repaint`; the UI thread never waits for it. It starts
 //!   the host connections and spawns [`console`] streams and [`upload`]s;
 //! - [`console`]: a VM's framebuffer, input and serial streams (tiles decoded off the UI
-//!   thread into texture patches); [`upload`]: checked, resumable VHD/VHDX import streamed
-//!   from the file. Both use [`conn`] only, never [`backend`];
+//!   thread into texture patches); [`stats`]: a host's or VM's resource use as the agent
+//!   streams it; [`upload`]: checked, resumable VHD/VHDX import streamed from the file.
+//!   They use [`conn`] only, never [`backend`];
 //! - [`conn`]: what the network tasks share: a host's connection slot, the UI wake-up,
-//!   the call timeout, failed calls in plain words;
+//!   the call timeout, failures in plain words (one sentence, the technical chain beside);
 //! - [`config`]: the saved hosts; [`keymap`]: keys to PC scan codes (leaves).
 //!
-//! So the imports run one way: `app` → `view`, `backend` → `console`, `upload` → `conn`.
+//! So the imports run one way: `app` → `view`, `backend` → `console`, `stats`, `upload` →
+//! `conn`.
 //!
 //! Depends on `proto` and portable crates only, so that it builds for Windows. No unsafe.
 
@@ -32,6 +34,8 @@ pub mod config;
 pub mod conn;
 pub mod console;
 pub mod keymap;
+pub mod report;
+pub mod stats;
 pub mod upload;
 pub mod view;
 
@@ -45,7 +49,7 @@ pub fn native_options() -> eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("Parvis")
             .with_inner_size([1280.0, 860.0])
-            .with_min_inner_size([640.0, 400.0])
+            .with_min_inner_size([720.0, 480.0])
             .with_drag_and_drop(true),
         ..Default::default()
     }

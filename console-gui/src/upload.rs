@@ -17,7 +17,7 @@ use proto::v1::{
 use thiserror::Error;
 use tokio::sync::watch;
 
-use crate::conn::{CALL_TIMEOUT, Slot, UiWaker, plain_status};
+use crate::conn::{CALL_TIMEOUT, Plain, Slot, UiWaker, plain_status};
 
 /// What to upload.
 #[derive(Debug, Clone)]
@@ -205,8 +205,23 @@ pub enum UploadError {
     },
     #[error("{0}")]
     Agent(String),
+    /// The host refused a call (the technical chain in its details).
+    #[error("{0}")]
+    Refused(Plain),
     #[error("the upload was cancelled")]
     Cancelled,
+}
+
+impl UploadError {
+    /// The failure for the tasks pane: its sentence, and the technical chain when there is
+    /// one.
+    pub fn plain(&self) -> Plain {
+        match self {
+            UploadError::Refused(p) => p.clone(),
+            UploadError::File { source, .. } => Plain::new(self.to_string(), source.to_string()),
+            e => Plain::new(e.to_string(), String::new()),
+        }
+    }
 }
 
 /// The image's format, as found in the file.
@@ -387,7 +402,7 @@ pub async fn run(
             let s = tokio::time::timeout(CALL_TIMEOUT, begin)
                 .await
                 .map_err(|_| UploadError::Agent("the host did not answer in time".into()))?
-                .map_err(|s| UploadError::Agent(plain_status("the host refused the upload", &s)))?
+                .map_err(|s| UploadError::Refused(plain_status("the host refused the upload", &s)))?
                 .into_inner();
             if let (Some(f), Some((canon, mtime))) = (records, &ident) {
                 let mut all = load_records(f);
@@ -430,7 +445,7 @@ pub async fn run(
         status = tokio::time::timeout(CALL_TIMEOUT, finish)
             .await
             .map_err(|_| UploadError::Agent("the host did not answer in time".into()))?
-            .map_err(|s| UploadError::Agent(plain_status("the host refused the checksum", &s)))?
+            .map_err(|s| UploadError::Refused(plain_status("the host refused the checksum", &s)))?
             .into_inner();
     }
     progress.set_phase(Phase::Verifying);
@@ -443,7 +458,7 @@ pub async fn run(
                 upload_id: id.clone(),
             })
             .await
-            .map_err(|s| UploadError::Agent(plain_status("cannot read the upload", &s)))?
+            .map_err(|s| UploadError::Refused(plain_status("cannot read the upload", &s)))?
             .into_inner();
     }
     if status.state != UploadState::Done as i32 || status.disk_id.is_empty() {
@@ -462,7 +477,7 @@ pub async fn run(
             disk_id: status.disk_id.clone(),
         })
         .await
-        .map_err(|s| UploadError::Agent(plain_status("cannot read the new disk", &s)))?
+        .map_err(|s| UploadError::Refused(plain_status("cannot read the new disk", &s)))?
         .into_inner();
     forget_record(records, &id);
     progress.set_phase(Phase::Done);
@@ -590,7 +605,7 @@ async fn send_all(
             }
             Err(Stop::File(e)) => return Err(e),
             Err(Stop::Rpc(s)) if !proto::client::upload_retryable(&s) || failures >= 8 => {
-                return Err(UploadError::Agent(plain_status("the upload failed", &s)));
+                return Err(UploadError::Refused(plain_status("the upload failed", &s)));
             }
             Err(Stop::User | Stop::Rpc(_)) => {
                 let user = *ctl.borrow() != UploadControl::Run;
@@ -622,7 +637,7 @@ async fn send_all(
                             c = clients(slot, ctl).await?;
                         }
                         Err(s) => {
-                            return Err(UploadError::Agent(plain_status(
+                            return Err(UploadError::Refused(plain_status(
                                 "cannot resume the upload",
                                 &s,
                             )));
@@ -722,7 +737,7 @@ async fn wait_task(c: &mut Clients, task_id: &str) -> Result<(), UploadError> {
             task_id: task_id.to_string(),
         })
         .await
-        .map_err(|s| UploadError::Agent(plain_status("cannot follow the verification", &s)))?
+        .map_err(|s| UploadError::Refused(plain_status("cannot follow the verification", &s)))?
         .into_inner();
     loop {
         match s.message().await {
@@ -743,7 +758,7 @@ async fn wait_task(c: &mut Clients, task_id: &str) -> Result<(), UploadError> {
             }
             Ok(None) => return Ok(()),
             Err(st) => {
-                return Err(UploadError::Agent(plain_status(
+                return Err(UploadError::Refused(plain_status(
                     "lost the verification",
                     &st,
                 )));

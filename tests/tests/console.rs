@@ -5,6 +5,9 @@
 //! also launches the real window under Xvfb and saves a screenshot to
 //! `tests/output/console-running-guest.png`.
 //!
+//! Agents whose worker is the `fake-worker` program run "VMs" (a framebuffer, a guest disk
+//! read at 1 MiB/s) without KVM: they show resource graphs, running VMs and their console.
+//!
 //! Run: `cargo test -p parvis-tests --test console` (the test-host one takes minutes;
 //! `-- --skip test_host` leaves it out).
 
@@ -18,10 +21,11 @@ use console_gui::app::{JobState, Selection};
 use console_gui::backend::HostStatus;
 use console_gui::config::{Config, HostConfig};
 use console_gui::upload::Phase;
+use egui::accesskit::Role;
 use egui_kittest::Harness;
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use proto::client::{self, Clients, Target};
-use proto::v1::{CreateVmRequest, UploadRef, UploadState, VmSpec, VmState};
+use proto::v1::{CreateVmRequest, UploadRef, UploadState, VmRef, VmSpec, VmState};
 
 // ---- A real agent on loopback ----------------------------------------------------------------
 
@@ -30,6 +34,8 @@ struct Agent {
     addr: String,
     token: String,
     fingerprint: String,
+    /// The agent's state folder.
+    state: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -44,13 +50,23 @@ impl Agent {
     /// `parvis-agent` with TLS on 127.0.0.1 (a free port), no usable worker: it serves
     /// hosts, VMs, disks and uploads; VMs cannot run.
     fn start() -> Agent {
+        Agent::with_worker("/bin/false")
+    }
+
+    /// An agent whose VMs run on `fake-worker` (no KVM needed): they have a screen and
+    /// resource use, and their guest reads its disk at 1 MiB/s.
+    fn with_fake_worker() -> Agent {
+        Agent::with_worker(env!("CARGO_BIN_EXE_fake-worker"))
+    }
+
+    fn with_worker(worker: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         std::fs::create_dir_all(state.join("boot/default")).unwrap();
         std::fs::write(state.join("boot/default/kernel"), b"not a kernel").unwrap();
         let (child, target) = parvis_tests::agent_proc::spawn_agent(
             &state,
-            &["--worker", "/bin/false"],
+            &["--worker", worker],
             Some(&dir.path().join("agent.log")),
         )
         .unwrap_or_else(|e| panic!("{e:#}"));
@@ -61,6 +77,7 @@ impl Agent {
             fingerprint: target
                 .fingerprint
                 .expect("the agent printed its fingerprint"),
+            state,
             _dir: dir,
         }
     }
@@ -144,6 +161,52 @@ impl Check {
         });
     }
 
+    fn get_vm(&mut self, id: &str) -> proto::v1::Vm {
+        let c = &mut self.c;
+        self.rt
+            .block_on(c.vm.get_vm(VmRef {
+                vm_id: id.to_string(),
+            }))
+            .expect("GetVm")
+            .into_inner()
+    }
+
+    fn start_vm(&mut self, id: &str) {
+        let c = &mut self.c;
+        self.rt
+            .block_on(c.vm.start_vm(VmRef {
+                vm_id: id.to_string(),
+            }))
+            .expect("StartVm");
+    }
+
+    fn stop_vm(&mut self, id: &str) {
+        let c = &mut self.c;
+        let _ = self.rt.block_on(c.vm.stop_vm(VmRef {
+            vm_id: id.to_string(),
+        }));
+    }
+
+    fn create_disk(&mut self, name: &str, format: proto::v1::DiskFormat) -> String {
+        let c = &mut self.c;
+        let variant = if format == proto::v1::DiskFormat::Raw {
+            proto::v1::DiskVariant::Fixed
+        } else {
+            proto::v1::DiskVariant::Dynamic
+        };
+        self.rt
+            .block_on(c.disk.create_disk(proto::v1::CreateDiskRequest {
+                name: name.into(),
+                format: format as i32,
+                variant: variant as i32,
+                size: 16 << 20,
+                logical_sector_size: 0,
+            }))
+            .expect("CreateDisk")
+            .into_inner()
+            .id
+    }
+
     fn upload_state(&mut self, id: &str) -> proto::v1::UploadStatus {
         let c = &mut self.c;
         self.rt
@@ -173,8 +236,12 @@ fn spec(name: &str, cmdline: &str) -> VmSpec {
 type App = Harness<'static, ConsoleApp>;
 
 fn app(config: Option<PathBuf>) -> App {
+    app_sized(config, [1400.0, 900.0])
+}
+
+fn app_sized(config: Option<PathBuf>, size: [f32; 2]) -> App {
     Harness::builder()
-        .with_size([1400.0, 900.0])
+        .with_size(size)
         .with_accessibility_check(false)
         .build_eframe(move |cc| ConsoleApp::new(&cc.egui_ctx, config).expect("the app starts"))
 }
@@ -226,13 +293,62 @@ fn type_into(h: &mut App, label: &str, text: &str) {
 
 /// Some widget's label contains `text`.
 fn has_text(h: &App, text: &str) -> bool {
-    h.get_all_by_label_contains(text).next().is_some()
+    h.query_all_by_label_contains(text).next().is_some()
 }
 
 /// Click, then let new windows lay themselves out (a window is invisible in its first frame).
 fn click(h: &mut App, label: &str) {
     h.get_by_label(label).click();
     steps(h, 4);
+}
+
+/// The value field (a DragValue) labelled `label`; the same words may label other things.
+fn spin<'a>(h: &'a App, label: &'a str) -> egui_kittest::Node<'a> {
+    h.get_all_by_label(label)
+        .find(|n| n.accesskit_node().role() == Role::SpinButton)
+        .unwrap_or_else(|| panic!("no value field labelled {label}"))
+}
+
+/// Click the entry `label` of the open right-click menu (the toolbar may show the same
+/// action; the menu is drawn last).
+fn menu_click(h: &mut App, label: &str) {
+    h.get_all_by_label(label)
+        .last()
+        .unwrap_or_else(|| panic!("no menu entry {label}"))
+        .click();
+    steps(h, 4);
+}
+
+fn disabled(h: &App, label: &str) -> bool {
+    h.get_by_label(label).accesskit_node().is_disabled()
+}
+
+/// The text of the first label containing `text`.
+fn text_with(h: &App, text: &str) -> Option<String> {
+    h.query_all_by_label_contains(text).next().map(|n| {
+        let n = n.accesskit_node();
+        n.value().or_else(|| n.label()).unwrap_or_default()
+    })
+}
+
+/// One sentence for people: no status dumps, transport chains or line breaks.
+fn assert_plain(what: &str, s: &str) {
+    assert!(!s.is_empty(), "{what}: empty");
+    for bad in [
+        "Status {",
+        "transport error",
+        "tcp connect",
+        "os error",
+        "rustls",
+        "h2 protocol",
+        "Unauthenticated",
+        "code:",
+        "\n",
+    ] {
+        assert!(!s.contains(bad), "{what}: {bad:?} in {s:?}");
+    }
+    assert!(!s.contains(". "), "{what}: more than one sentence: {s:?}");
+    assert!(s.len() < 200, "{what}: too long for one sentence: {s:?}");
 }
 
 fn host_status(h: &App, name: &str) -> Option<HostStatus> {
@@ -470,6 +586,48 @@ fn dropped_vhdx_uploads_and_becomes_a_vm() {
     let disk = host.disks.values().find(|d| d.name == "web.vhdx").unwrap();
     assert_eq!(vm.spec.as_ref().unwrap().disks[0].disk_id, disk.id);
     assert_eq!(disk.virtual_size, 64 << 20);
+
+    // The disk library lists it, with its format and sizes and the VM that uses it.
+    click(&mut h, "Disk library");
+    wait(&mut h, "the uploaded disk listed with its VM", 10, |h| {
+        h.query_by_label("web.vhdx").is_some() && h.query_by_label("web").is_some()
+    });
+    assert!(h.query_by_label("VHDX, dynamic").is_some());
+    assert!(h.query_by_label("64.0 MiB").is_some());
+    // Its right-click menu: a disk in use cannot be deleted, and says why.
+    h.get_by_label("web.vhdx").click_secondary();
+    steps(&mut h, 4);
+    assert!(
+        disabled(&h, "Delete disk…"),
+        "a disk in use is not deletable"
+    );
+    // Convert it into a VHD, from the menu.
+    menu_click(&mut h, "Convert…");
+    assert!(has_text(&h, "A new disk is made"));
+    click(&mut h, "Convert");
+    wait(&mut h, "the converted disk listed", 60, |h| {
+        h.query_by_label("web.vhd").is_some() && last_job(h).2 != JobState::Running
+    });
+    assert_eq!(last_job(&h).1, "Convert disk 'web.vhdx' to VHD");
+    assert!(
+        matches!(last_job(&h).2, JobState::Succeeded(_)),
+        "{:?}",
+        last_job(&h).2
+    );
+    assert!(h.query_by_label("VHD, dynamic").is_some());
+    // Delete the copy, which no VM uses.
+    h.get_by_label("web.vhd").click_secondary();
+    steps(&mut h, 4);
+    assert!(
+        h.get_all_by_label("Delete disk…")
+            .all(|n| !n.accesskit_node().is_disabled())
+    );
+    menu_click(&mut h, "Delete disk…");
+    click(&mut h, "Delete");
+    wait(&mut h, "the copy deleted", 30, |h| {
+        h.query_by_label("web.vhd").is_none()
+    });
+    assert!(h.query_by_label("web.vhdx").is_some(), "the original stays");
 }
 
 #[test]
@@ -501,6 +659,13 @@ fn uploads_pause_resume_and_cancel() {
     let (_, done, total, id) = upload_phase(&h, job).unwrap();
     assert_eq!(done, 2 << 20);
     assert!(total > done);
+    // The disk library shows the upload while it runs.
+    click(&mut h, "Disk library");
+    assert!(
+        h.query_by_label("first.vhdx").is_some(),
+        "the running upload is listed"
+    );
+    assert!(has_text(&h, "importing: paused"));
     let s = check.upload_state(&id);
     assert_eq!(s.state, UploadState::Receiving as i32);
     assert_eq!(s.verified_offset, 2 << 20, "the agent holds what was sent");
@@ -518,6 +683,16 @@ fn uploads_pause_resume_and_cancel() {
     if h.query_by_label("Not now").is_some() {
         click(&mut h, "Not now");
     }
+    wait(&mut h, "the finished upload in the library", 10, |h| {
+        h.state()
+            .host_by_name("lab")
+            .is_some_and(|x| x.disks.values().any(|d| d.name == "first.vhdx"))
+    });
+    assert!(
+        !has_text(&h, "importing"),
+        "a finished upload is a disk, not an import"
+    );
+    click(&mut h, "Inventory");
 
     // Cancel mid-way: the agent drops the upload.
     let second = dir.path().join("second.vhdx");
@@ -651,6 +826,457 @@ fn dead_hosts_are_shown_offline_and_the_ui_keeps_responding() {
         "a frame took {slowest:?} while hosts were slow or dead"
     );
     drop(silent);
+}
+
+/// Select `name`'s row (a host or a VM) in the inventory.
+fn select(h: &mut App, name: &str) {
+    click(h, name);
+}
+
+#[test]
+fn the_details_pane_graphs_fill_from_the_agent() {
+    let agent = Agent::with_fake_worker();
+    let mut check = Check::new(&agent.target());
+    let id = check.create_vm(VmSpec {
+        memory_bytes: 64 << 20,
+        ..spec("sampled", "")
+    });
+    check.start_vm(&id);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), vec![agent.host("lab")]);
+    let mut h = app(Some(cfg));
+    wait(&mut h, "the host online with its running VM", 30, |h| {
+        vm_state(h, "lab", "sampled") == Some(VmState::Running as i32)
+    });
+    select(&mut h, "sampled");
+    assert!(
+        has_text(&h, "VM 'sampled'"),
+        "the details pane names the VM"
+    );
+    // The agent's history first, then a sample every 2 s: the guest reads 1 MiB/s.
+    wait(&mut h, "the VM's graphs filled", 30, |h| {
+        h.state().watched_stats().is_some_and(|(n, last)| {
+            n >= 3 && last.is_some_and(|s| s.disk_read_bytes_per_s > 512 << 10)
+        })
+    });
+    let (_, last) = h.state().watched_stats().unwrap();
+    let last = last.unwrap();
+    assert_eq!(last.memory_total_bytes, 64 << 20);
+    let disk = text_with(&h, "Disk: read ").expect("the disk graph's title");
+    assert!(
+        disk.contains("MiB/s") || disk.contains("KiB/s"),
+        "the disk graph says how fast: {disk}"
+    );
+    assert!(has_text(&h, "CPU: "));
+    assert!(has_text(&h, "guest RAM 64.0 MiB"));
+    assert!(has_text(&h, "Disk operations: "));
+    assert!(has_text(&h, "vda (virtio-blk)") || has_text(&h, "No disks"));
+
+    // The settings of a running VM are greyed, saying why.
+    click(&mut h, "Settings…");
+    assert!(has_text(
+        &h,
+        "VM 'sampled' is running; shut it down to change its settings."
+    ));
+    assert!(spin(&h, "CPUs").accesskit_node().is_disabled());
+    assert!(disabled(&h, "Save"));
+    click(&mut h, "Cancel");
+
+    // The host's pane: what it is, and its own graphs (CPU, memory, free space).
+    select(&mut h, "lab");
+    assert!(has_text(&h, "Host lab"));
+    wait(&mut h, "the host's graphs filled", 30, |h| {
+        h.state().watched_stats().is_some_and(|(n, last)| {
+            n >= 1 && last.is_some_and(|s| s.disk_total_bytes > 0 && s.memory_total_bytes > 0)
+        })
+    });
+    assert!(has_text(&h, "Disk space for the library: "));
+    assert!(has_text(&h, "Memory: "));
+    check.stop_vm(&id);
+}
+
+/// The running VM's disks in the details pane: a SCSI disk added and removed while it runs,
+/// a virtio-blk one's Remove greyed with the reason.
+#[test]
+fn disks_join_and_leave_a_running_vm_from_the_details_pane() {
+    let agent = Agent::with_fake_worker();
+    let mut check = Check::new(&agent.target());
+    let raw = check.create_disk("scratch", proto::v1::DiskFormat::Raw);
+    check.create_disk("data", proto::v1::DiskFormat::Vhdx);
+    let id = check.create_vm(VmSpec {
+        memory_bytes: 64 << 20,
+        disks: vec![proto::v1::DiskAttachment {
+            disk_id: raw.clone(),
+            ..Default::default()
+        }],
+        ..spec("busy", "")
+    });
+    check.start_vm(&id);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), vec![agent.host("lab")]);
+    let mut h = app(Some(cfg));
+    wait(&mut h, "the host online with its running VM", 30, |h| {
+        vm_state(h, "lab", "busy") == Some(VmState::Running as i32)
+    });
+    select(&mut h, "busy");
+    assert!(
+        has_text(&h, "vda (virtio-blk)"),
+        "the raw disk sits on virtio-blk"
+    );
+    assert!(disabled(&h, "Remove"), "virtio-blk stays while the VM runs");
+    // Add the VHDX: on a running VM it goes on SCSI, at the first LUN.
+    click(&mut h, "Add disk (SCSI)…");
+    menu_click(&mut h, "data (16.0 MiB)");
+    wait(&mut h, "the disk added", 30, |h| has_text(h, "SCSI 0:0"));
+    let v = check.get_vm(&id);
+    let disks = v.spec.unwrap().disks;
+    assert_eq!(disks.len(), 2);
+    assert_eq!(disks[1].bus, proto::v1::DiskBus::Scsi as i32);
+    // And take it away again: its Remove is the enabled one.
+    let remove = h
+        .get_all_by_label("Remove")
+        .find(|n| !n.accesskit_node().is_disabled())
+        .expect("the SCSI disk's Remove is enabled");
+    remove.click();
+    steps(&mut h, 4);
+    wait(&mut h, "the disk removed", 30, |h| !has_text(h, "SCSI 0:0"));
+    assert_eq!(check.get_vm(&id).spec.unwrap().disks.len(), 1);
+    check.stop_vm(&id);
+}
+
+#[test]
+fn vm_settings_reach_the_agent_and_a_refusal_shows_its_reason() {
+    let agent = Agent::start();
+    let mut check = Check::new(&agent.target());
+    let id = check.create_vm(spec("alpha", ""));
+    check.create_vm(spec("beta", ""));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), vec![agent.host("lab")]);
+    let mut h = app(Some(cfg));
+    wait(&mut h, "online with two VMs", 30, |h| {
+        vm_names(h, "lab").len() == 2
+    });
+    select(&mut h, "alpha");
+    click(&mut h, "Settings…");
+    assert!(has_text(&h, "Settings of VM 'alpha' on lab"));
+    assert!(disabled(&h, "Save"), "nothing changed yet");
+    // Checked here as the agent checks it: a name another VM has.
+    h.get_by_label("VM name").focus();
+    h.step();
+    for _ in 0.."alpha".len() {
+        h.key_press(egui::Key::Backspace);
+    }
+    type_into(&mut h, "VM name", "beta");
+    steps(&mut h, 2);
+    assert!(has_text(&h, "a VM named 'beta' already exists"));
+    assert!(disabled(&h, "Save"));
+    h.get_by_label("VM name").focus();
+    h.step();
+    for _ in 0.."beta".len() {
+        h.key_press(egui::Key::Backspace);
+    }
+    type_into(&mut h, "VM name", "alpha");
+    // A change the agent takes: CPUs, memory, autostart.
+    spin(&h, "CPUs").set_value_accesskit(2.0);
+    h.step();
+    spin(&h, "Memory (MiB)").set_value_accesskit(320.0);
+    h.step();
+    click(&mut h, "Start the VM when the host's agent starts");
+    assert!(!disabled(&h, "Save"));
+    click(&mut h, "Save");
+    wait(
+        &mut h,
+        "the settings saved and the dialog closed",
+        30,
+        |h| !h.state().dialog_open(),
+    );
+    let vm = check.get_vm(&id).spec.unwrap();
+    assert_eq!(
+        (vm.cpus, vm.memory_bytes, vm.autostart),
+        (2, 320 << 20, true)
+    );
+    assert_eq!(last_job(&h).1, "Change the settings of VM 'alpha'");
+    wait(&mut h, "the inventory showing the new settings", 10, |h| {
+        h.state()
+            .host_by_name("lab")
+            .is_some_and(|x| x.vms[&id].spec.as_ref().is_some_and(|s| s.cpus == 2))
+    });
+
+    // A change the agent refuses (its boot image went away meanwhile): the dialog stays
+    // and says why, in the agent's words.
+    std::fs::remove_dir_all(agent.state.join("boot/default")).unwrap();
+    click(&mut h, "Settings…");
+    spin(&h, "CPUs").set_value_accesskit(3.0);
+    h.step();
+    click(&mut h, "Save");
+    wait(&mut h, "the refusal shown", 30, |h| {
+        has_text(h, "no boot image 'default' on this host")
+    });
+    assert!(h.state().dialog_open(), "the dialog stays open");
+    let line = text_with(&h, "no boot image").unwrap();
+    assert!(
+        line.starts_with("cannot change the settings of VM 'alpha' on lab"),
+        "{line}"
+    );
+    assert_plain("the refusal", &line);
+    assert_eq!(check.get_vm(&id).spec.unwrap().cpus, 2, "nothing changed");
+    click(&mut h, "Cancel");
+}
+
+#[test]
+fn a_host_that_cannot_run_vms_says_so() {
+    // The agent probes its worker; /bin/false answers nothing, so KVM counts as unusable.
+    let agent = Agent::start();
+    let mut check = Check::new(&agent.target());
+    check.create_vm(spec("alpha", ""));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), vec![agent.host("lab")]);
+    let mut h = app(Some(cfg));
+    wait(&mut h, "online", 30, |h| {
+        host_status(h, "lab") == Some(HostStatus::Online) && vm_names(h, "lab").len() == 1
+    });
+    assert!(
+        h.query_by_label("online, cannot run VMs").is_some(),
+        "the host row does not just say online"
+    );
+    select(&mut h, "lab");
+    let why = text_with(&h, "This host cannot run VMs: ").expect("the host pane says so");
+    assert!(
+        why.ends_with('.') && why.len() > "This host cannot run VMs: .".len(),
+        "{why}"
+    );
+    assert_plain("the host's capability", why.trim_end_matches('.'));
+
+    // A start there fails with that reason in one sentence naming the VM and the host.
+    select(&mut h, "alpha");
+    click(&mut h, "Start");
+    wait(&mut h, "the start to fail", 30, |h| {
+        matches!(last_job(h).2, JobState::Failed(_))
+    });
+    let JobState::Failed(e) = last_job(&h).2 else {
+        unreachable!()
+    };
+    assert!(
+        e.starts_with("cannot start the VM 'alpha' on lab: host lab cannot run VMs"),
+        "{e}"
+    );
+    assert_plain("the failed start", &e);
+    let job = &h.state().jobs()[0];
+    assert!(
+        job.details.contains("FailedPrecondition"),
+        "the chain is in the details: {}",
+        job.details
+    );
+    wait(&mut h, "the VM crashed", 10, |h| {
+        vm_state(h, "lab", "alpha") == Some(VmState::Crashed as i32)
+    });
+    assert!(has_text(&h, "It could not run: host lab cannot run VMs"));
+    assert!(
+        !h.state().event_log().any(|l| l.contains("exit record")),
+        "the technical reason stays out of the event log"
+    );
+}
+
+#[test]
+fn the_console_tab_of_an_off_vm_starts_it() {
+    let agent = Agent::with_fake_worker();
+    let mut check = Check::new(&agent.target());
+    let id = check.create_vm(spec("desk", ""));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), vec![agent.host("lab")]);
+    let mut h = app(Some(cfg));
+    wait(&mut h, "online", 30, |h| vm_names(h, "lab").len() == 1);
+    select(&mut h, "desk");
+    click(&mut h, "Open console");
+    // Give the screen stream time to be refused (the VM is off): nothing of it shows.
+    let settle = Instant::now() + Duration::from_secs(3);
+    wait(&mut h, "a moment", 10, |_| Instant::now() > settle);
+    assert!(
+        h.query_by_label("VM 'desk' is off.").is_some(),
+        "one clear state"
+    );
+    assert!(!has_text(&h, "Waiting for"), "no endless wait");
+    assert!(!has_text(&h, "not running"), "no error for an off VM");
+    assert!(!has_text(&h, &id), "the VM is named, not numbered");
+    for action in [
+        "Send keys",
+        "Type clipboard text",
+        "Screenshot",
+        "Screenshot as…",
+    ] {
+        assert!(disabled(&h, action), "{action} before there is a screen");
+    }
+    click(&mut h, "Start");
+    wait(&mut h, "the VM running and its screen shown", 60, |h| {
+        vm_state(h, "lab", "desk") == Some(VmState::Running as i32)
+            && h.state().consoles()[0].screen.texture_updates > 0
+    });
+    assert_eq!(last_job(&h).1, "Start VM 'desk'");
+    wait(&mut h, "input enabled", 10, |h| !disabled(h, "Send keys"));
+    assert!(!disabled(&h, "Screenshot"));
+    assert!(h.query_by_label("VM 'desk' is off.").is_none());
+    check.stop_vm(&id);
+    wait(&mut h, "the off state again", 30, |h| {
+        h.query_by_label("VM 'desk' is off.").is_some()
+    });
+    assert!(disabled(&h, "Send keys"));
+}
+
+#[test]
+fn a_dead_host_a_wrong_token_and_a_changed_certificate_read_as_one_sentence() {
+    let agent = Agent::start();
+    let other = Agent::start();
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        vec![
+            HostConfig {
+                name: "dead".into(),
+                addr: refused,
+                ..agent.host("dead")
+            },
+            HostConfig {
+                token: "pvs_not-the-token".into(),
+                ..agent.host("wrong-token")
+            },
+            HostConfig {
+                fingerprint: Some(other.fingerprint.clone()),
+                ..agent.host("moved")
+            },
+        ],
+    );
+    let mut h = app(Some(cfg));
+    wait(&mut h, "all three offline", 40, |h| {
+        ["dead", "wrong-token", "moved"]
+            .iter()
+            .all(|n| matches!(host_status(h, n), Some(HostStatus::Offline { .. })))
+    });
+    let offline = |h: &App, n: &str| match host_status(h, n) {
+        Some(HostStatus::Offline { error, details, .. }) => (error, details),
+        s => panic!("{n}: {s:?}"),
+    };
+    let (dead, tech) = offline(&h, "dead");
+    assert!(dead.starts_with("nothing answers at 127.0.0.1:"), "{dead}");
+    assert!(
+        dead.contains("check that parvis-agent is running"),
+        "{dead}"
+    );
+    assert!(
+        tech.to_ascii_lowercase().contains("refused"),
+        "details: {tech}"
+    );
+    let (token, tech) = offline(&h, "wrong-token");
+    assert!(
+        token.contains("does not accept this console's token"),
+        "{token}"
+    );
+    assert!(token.contains("paste the token"), "{token}");
+    assert!(tech.contains("Unauthenticated"), "details: {tech}");
+    let (cert, tech) = offline(&h, "moved");
+    assert!(
+        cert.contains("certificate is not the one you trusted"),
+        "{cert}"
+    );
+    assert!(cert.contains("confirm the new fingerprint"), "{cert}");
+    assert!(tech.contains("fingerprint"), "details: {tech}");
+    for (n, e) in [("dead", &dead), ("wrong-token", &token), ("moved", &cert)] {
+        assert_plain(n, e);
+        assert!(has_text(&h, &format!("offline: {e}")), "{n}'s row shows it");
+    }
+    // The host pane has the sentence and, folded away, the technical details.
+    select(&mut h, "moved");
+    assert!(has_text(
+        &h,
+        "Offline: the host's certificate is not the one you trusted"
+    ));
+    assert!(h.query_by_label("Technical details").is_some());
+}
+
+#[test]
+fn at_720_px_every_action_is_reachable_and_the_table_fills_the_width() {
+    let agent = Agent::start();
+    let mut check = Check::new(&agent.target());
+    check.create_vm(spec("alpha", ""));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), vec![agent.host("lab")]);
+    let (w, ht) = (720.0, 640.0);
+    let mut h = app_sized(Some(cfg), [w, ht]);
+    wait(&mut h, "online", 30, |h| vm_names(h, "lab").len() == 1);
+    let inside = |h: &App, label: &str| {
+        let r = h.get_by_label(label).rect();
+        assert!(
+            r.min.x >= 0.0 && r.max.x <= w && r.min.y >= 0.0 && r.max.y <= ht,
+            "{label} is outside the {w}x{ht} window: {r:?}"
+        );
+    };
+    for t in [
+        "Add host…",
+        "Inventory",
+        "Disk library",
+        "Clear finished",
+        "Search:",
+    ] {
+        inside(&h, t);
+    }
+    select(&mut h, "lab");
+    for a in ["New VM…", "Import disk…", "Edit host…", "Remove host…"] {
+        inside(&h, a);
+    }
+    select(&mut h, "alpha");
+    for a in [
+        "Open console",
+        "Start",
+        "Shut down",
+        "Force off",
+        "Pause",
+        "Resume",
+        "Reset",
+        "Settings…",
+        "Delete…",
+    ] {
+        inside(&h, a);
+    }
+    // The table takes the whole width, not a fixed 600 px.
+    let uptime = h.get_by_label("Uptime").rect();
+    assert!(
+        uptime.max.x > w - 60.0,
+        "the table ends at {}",
+        uptime.max.x
+    );
+    // A row's right-click menu has the same actions.
+    h.get_by_label("alpha").click_secondary();
+    steps(&mut h, 4);
+    assert!(
+        h.get_all_by_label("Settings…").count() == 2,
+        "toolbar and menu"
+    );
+    h.key_press(egui::Key::Escape);
+    steps(&mut h, 3);
+    // Dialogs fit, centred: the settings' buttons are on screen.
+    click(&mut h, "Settings…");
+    for b in ["Save", "Cancel"] {
+        inside(&h, b);
+    }
+    click(&mut h, "Cancel");
+    // The console tab's actions too.
+    click(&mut h, "Open console");
+    for a in [
+        "Screen",
+        "Serial console",
+        "Fit to window",
+        "1:1",
+        "Send keys",
+        "Type clipboard text",
+        "Screenshot",
+        "Screenshot as…",
+        "Start",
+    ] {
+        inside(&h, a);
+    }
 }
 
 // ---- The test host: a running guest ---------------------------------------------------------

@@ -8,9 +8,10 @@ use std::path::PathBuf;
 
 use proto::v1::VmSpec;
 
+use super::dialogs::Dialog;
 use super::words::now_ms;
 use super::{ConsoleApp, ConsoleTab};
-use crate::backend::{HostId, JobId, VmAction};
+use crate::backend::{DiskAction, HostId, JobId, JobNames, VmAction, VmDiskChange};
 use crate::config::HostConfig;
 use crate::upload::UploadControl;
 
@@ -41,6 +42,24 @@ pub enum UiCommand {
     },
     /// Create a VM (a job).
     CreateVm { host: HostId, spec: VmSpec },
+    /// Change a VM's settings (a job the settings dialog waits for).
+    UpdateVm {
+        host: HostId,
+        vm_id: String,
+        spec: VmSpec,
+    },
+    /// Add a disk to a VM or take one away (a job).
+    VmDisk {
+        host: HostId,
+        vm_id: String,
+        change: VmDiskChange,
+    },
+    /// Delete, convert or resize a disk in a host's library (a job).
+    DiskAction {
+        host: HostId,
+        disk_id: String,
+        action: DiskAction,
+    },
     /// Open (or bring to front) a VM's console.
     OpenConsole { host: HostId, vm_id: String },
     /// Close a console tab; its streams stop.
@@ -101,7 +120,74 @@ impl ConsoleApp {
                 let job = self
                     .state
                     .new_job(host, format!("Create VM '{}'", spec.name));
-                self.backend.create_vm(job, host, spec);
+                let host_name = self.state.host_name(host);
+                self.backend.create_vm(job, host, spec, host_name);
+            }
+            UiCommand::UpdateVm { host, vm_id, spec } => {
+                let names = self.names(host, &self.state.vm_name(host, &vm_id));
+                let job = self.state.new_job(
+                    host,
+                    format!("Change the settings of VM '{}'", names.object),
+                );
+                if let Some(Dialog::Settings(d)) = &mut self.dialog
+                    && d.host == host
+                    && d.vm_id == vm_id
+                {
+                    d.pending = Some(job);
+                }
+                self.backend.update_vm(job, host, vm_id, spec, names);
+            }
+            UiCommand::VmDisk {
+                host,
+                vm_id,
+                change,
+            } => {
+                let names = self.names(host, &self.state.vm_name(host, &vm_id));
+                let disk_id = match &change {
+                    VmDiskChange::Attach(a) => a.disk_id.clone(),
+                    VmDiskChange::Detach(id) => id.clone(),
+                };
+                let disk_name = self
+                    .state
+                    .host(host)
+                    .and_then(|h| h.disks.get(&disk_id))
+                    .map_or_else(|| disk_id.clone(), |d| d.name.clone());
+                let title = match &change {
+                    VmDiskChange::Attach(_) => {
+                        format!("Add disk '{disk_name}' to VM '{}'", names.object)
+                    }
+                    VmDiskChange::Detach(_) => {
+                        format!("Remove disk '{disk_name}' from VM '{}'", names.object)
+                    }
+                };
+                let job = self.state.new_job(host, title);
+                self.backend
+                    .vm_disk(job, host, vm_id, change, disk_name, names);
+            }
+            UiCommand::DiskAction {
+                host,
+                disk_id,
+                action,
+            } => {
+                let disk_name = self
+                    .state
+                    .host(host)
+                    .and_then(|h| h.disks.get(&disk_id))
+                    .map_or_else(|| disk_id.clone(), |d| d.name.clone());
+                let title = match &action {
+                    DiskAction::Delete => format!("Delete disk '{disk_name}'"),
+                    DiskAction::Convert { format, .. } => format!(
+                        "Convert disk '{disk_name}' to {}",
+                        format.as_str_name().trim_start_matches("DISK_FORMAT_")
+                    ),
+                    DiskAction::Resize { new_size, .. } => format!(
+                        "Resize disk '{disk_name}' to {}",
+                        super::words::human(*new_size)
+                    ),
+                };
+                let names = self.names(host, &disk_name);
+                let job = self.state.new_job(host, title);
+                self.backend.disk_action(job, host, disk_id, action, names);
             }
             UiCommand::OpenConsole { host, vm_id } => self.open_console(host, &vm_id),
             UiCommand::CloseConsole(tab) => {
@@ -142,6 +228,16 @@ impl ConsoleApp {
             UiCommand::ClearFinished => self.state.clear_finished(),
             UiCommand::Note(line) => self.state.note(line),
             UiCommand::ConsoleNote(line) => self.state.log.push_front(line),
+        }
+    }
+
+    /// Names for a job's sentences about `object` on `host`.
+    pub(super) fn names(&self, host: HostId, object: &str) -> JobNames {
+        let h = self.state.host(host);
+        JobNames {
+            object: object.to_string(),
+            host: self.state.host_name(host),
+            cannot_run: h.and_then(super::state::Host::cannot_run),
         }
     }
 

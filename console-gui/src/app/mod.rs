@@ -1,10 +1,12 @@
 //! The application: hosts and their VMs, console tabs, dialogs, and the tasks pane.
 //!
 //! - `state`: hosts, jobs and the event log, and how backend updates change them (no
-//!   drawing; tested without a window);
-//! - one file per panel: `toolbar`, `tab_bar`, `inventory` (with `actions` for the
-//!   selection), `console_tab`, `tasks`, `dialogs`, `drops` (dropped files and their
-//!   overlay); `words` and `widgets` are the helpers they share;
+//!   drawing; tested without a window); `rules`: the checks a VM's settings must pass;
+//! - one file per panel: `toolbar`, `tab_bar`, `inventory` (the table) with `details` (the
+//!   selected host's or VM's pane, drawing `graph`s), `library` (the disk library page),
+//!   `console_tab`, `tasks`, `dialogs`, `drops` (dropped files and their overlay);
+//!   `actions` lists what can be done to a host, VM or disk, for toolbars and right-click
+//!   menus alike; `theme`, `words` and `widgets` are the helpers they share;
 //! - `command`: the [`UiCommand`]s panels queue while drawing. Panels read the state and
 //!   change only their own view state (search text, which dialog is open, the selection,
 //!   a tab's pane); everything that talks to the backend or changes hosts, jobs or tabs is
@@ -20,24 +22,31 @@ use proto::v1::Vm;
 
 use crate::backend::{Backend, BackendError, HostId, HostStatus, JobId, Update, VmAction};
 use crate::config::{Config, HostConfig};
+use crate::stats::StatsFeed;
 use crate::upload::{UploadControl, UploadRequest};
 use crate::view::ScreenView;
 
 mod actions;
 mod command;
 mod console_tab;
+mod details;
 mod dialogs;
 mod drops;
+mod graph;
 mod inventory;
+mod library;
+mod rules;
 mod state;
 mod tab_bar;
 mod tasks;
+mod theme;
 mod toolbar;
 mod widgets;
 mod words;
 
 pub use command::{TabRef, UiCommand};
 pub use state::{ConsolePane, ConsoleTab, Host, Job, JobState, Selection};
+pub use tab_bar::MainPage;
 pub use words::{duration, human, state_word};
 
 use dialogs::Dialog;
@@ -52,10 +61,15 @@ pub struct ConsoleApp {
     state: State,
     pub selection: Option<Selection>,
     tabs: Vec<ConsoleTab>,
-    /// 0: inventory; i + 1: `tabs[i]`.
+    /// 0: the main page (`main`); i + 1: `tabs[i]`.
     active: usize,
-    /// The inventory's search text, collapsed hosts and where host rows were drawn.
+    pub main: MainPage,
+    /// The inventory's search text, collapsed hosts, where host rows were drawn, the
+    /// details pane's settings.
     inventory: inventory::InventoryView,
+    library: library::LibraryView,
+    /// The resource use of the selected host or VM, while the inventory shows it.
+    stats: Option<(StatsKey, StatsFeed)>,
     dialog: Option<Dialog>,
     /// A file picked in the import dialog (filled by the dialog's thread).
     picked: Arc<Mutex<Option<Picked>>>,
@@ -77,6 +91,7 @@ impl ConsoleApp {
     /// to all of them at once.
     pub fn new(ctx: &egui::Context, config_path: Option<PathBuf>) -> Result<Self, BackendError> {
         let (backend, updates) = Backend::new(ctx.clone())?;
+        theme::apply(ctx);
         let mut app = ConsoleApp {
             backend,
             updates,
@@ -85,7 +100,10 @@ impl ConsoleApp {
             selection: None,
             tabs: Vec::new(),
             active: 0,
+            main: MainPage::Inventory,
             inventory: inventory::InventoryView::default(),
+            library: library::LibraryView::default(),
+            stats: None,
             dialog: None,
             picked: Arc::default(),
             commands: Vec::new(),
@@ -115,7 +133,8 @@ impl ConsoleApp {
     }
 
     /// Once a console shows a screen (for 2 s), save a screenshot of the whole window as a
-    /// PNG and close the app.
+    /// PNG, with what the window shows as JSON beside it (`report::write`, the PNG's path
+    /// with `.json`), and close the app.
     pub fn window_screenshot(&mut self, path: PathBuf) {
         self.window_shot = Some((path, None));
     }
@@ -142,6 +161,13 @@ impl ConsoleApp {
                 Some(t) if t.elapsed() >= Duration::from_secs(2) => {
                     let path = path.clone();
                     self.window_shot = None;
+                    let json = path.with_extension("json");
+                    match crate::report::write(self, &json) {
+                        Ok(()) => {
+                            tracing::info!("wrote what the window shows to {}", json.display())
+                        }
+                        Err(e) => tracing::error!("cannot write {}: {e}", json.display()),
+                    }
                     let c = ctx.clone();
                     ctx.request_screenshot(move |image| {
                         match crate::console::save_png(&path, &image) {
@@ -185,6 +211,19 @@ impl ConsoleApp {
 
     pub fn backend(&self) -> &Backend {
         &self.backend
+    }
+
+    /// The resource use the details pane shows: how many samples, and the newest.
+    pub fn watched_stats(&self) -> Option<(usize, Option<proto::v1::StatsSample>)> {
+        self.stats.as_ref().map(|(_, f)| {
+            let s = f.series.lock().unwrap_or_else(|e| e.into_inner());
+            (s.samples.len(), s.last().cloned())
+        })
+    }
+
+    /// Whether a dialog is open.
+    pub fn dialog_open(&self) -> bool {
+        self.dialog.is_some()
     }
 
     // ---- Changes ------------------------------------------------------------------------
@@ -250,7 +289,28 @@ impl ConsoleApp {
             c.make_ascii_uppercase();
         }
         let job = self.state.new_job(host, format!("{verb} VM '{name}'"));
-        self.backend.vm_action(job, host, vm_id.to_string(), action);
+        let names = self.names(host, &name);
+        self.backend
+            .vm_action(job, host, vm_id.to_string(), action, names);
+    }
+
+    /// Follow the resource use of what the inventory shows details of (nothing while
+    /// another page is shown); a feed of something no longer shown is dropped.
+    fn follow_stats(&mut self) {
+        let want = (self.active == 0 && self.main == MainPage::Inventory)
+            .then_some(self.selection.as_ref())
+            .flatten()
+            .map(|s| match s {
+                Selection::Host(h) => (*h, None),
+                Selection::Vm(h, id) => (*h, Some(id.clone())),
+            });
+        if self.stats.as_ref().map(|(k, _)| k) == want.as_ref() {
+            return;
+        }
+        self.stats = want.map(|k| {
+            let feed = self.backend.watch_stats(k.0, k.1.clone());
+            (k, feed)
+        });
     }
 
     /// Open (or bring to front) the console of a VM.
@@ -360,16 +420,38 @@ impl ConsoleApp {
         );
         self.startup_actions(&ctx);
 
+        self.follow_stats();
         egui::Panel::top("menu").show(ui, |ui| toolbar::show(ui, &self.state, &mut self.dialog));
         egui::Panel::bottom("tasks")
             .resizable(true)
-            .default_size(170.0)
+            .default_size((ui.available_height() * 0.2).clamp(90.0, 170.0))
+            .size_range(80.0..=(ui.available_height() * 0.5).max(80.0))
             .show(ui, |ui| tasks::show(ui, &self.state, &mut self.commands));
         egui::CentralPanel::default().show(ui, |ui| {
-            tab_bar::show(ui, &self.tabs, &mut self.active, &mut self.commands);
+            tab_bar::show(
+                ui,
+                &self.tabs,
+                &mut self.active,
+                &mut self.main,
+                &mut self.commands,
+            );
             ui.separator();
-            if self.active == 0 || self.active > self.tabs.len() {
+            if self.active > self.tabs.len() {
                 self.active = 0;
+            }
+            if self.active == 0 && self.main == MainPage::Library {
+                library::show(
+                    ui,
+                    &self.state,
+                    &mut self.library,
+                    &mut self.dialog,
+                    &mut self.commands,
+                );
+            } else if self.active == 0 {
+                let series = self
+                    .stats
+                    .as_ref()
+                    .map(|(_, f)| f.series.lock().unwrap_or_else(|e| e.into_inner()));
                 inventory::show(
                     ui,
                     &self.state,
@@ -377,6 +459,7 @@ impl ConsoleApp {
                     &mut self.selection,
                     &mut self.dialog,
                     &mut self.commands,
+                    series.as_deref(),
                 );
             } else {
                 console_tab::show(
@@ -387,6 +470,10 @@ impl ConsoleApp {
                 );
             }
         });
+        if self.active != 0 || self.main != MainPage::Inventory {
+            // Dropped files go to the selected host while the inventory is not shown.
+            self.inventory.host_rects.clear();
+        }
         dialogs::show(&ctx, &mut self.dialog, &self.state, &mut self.commands);
         drops::overlay(
             &ctx,
@@ -411,6 +498,9 @@ impl eframe::App for ConsoleApp {
     }
 }
 
+/// Whose resource use is followed: a host, or a VM on it.
+type StatsKey = (HostId, Option<String>);
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -432,10 +522,14 @@ mod tests {
         }
     }
 
-    fn frame(ctx: &egui::Context, app: &mut ConsoleApp, input: egui::RawInput) {
+    /// Draw a frame; how long until egui wants the next one.
+    fn frame(ctx: &egui::Context, app: &mut ConsoleApp, input: egui::RawInput) -> Duration {
         let mut out = ctx.run_ui(input, |ui| app.show(ui));
         // No renderer here to take the font texture.
         out.textures_delta.clear();
+        out.viewport_output
+            .get(&egui::ViewportId::ROOT)
+            .map_or(Duration::MAX, |v| v.repaint_delay)
     }
 
     fn static_app(ctx: &egui::Context) -> (ConsoleApp, HostId) {
@@ -473,7 +567,12 @@ mod tests {
         frame(&ctx, &mut app, egui::RawInput::default());
         app.tabs[0].pane = ConsolePane::Serial;
         frame(&ctx, &mut app, egui::RawInput::default());
-        assert_eq!(app.frames, 4);
+        app.active = 0;
+        app.main = MainPage::Library;
+        frame(&ctx, &mut app, egui::RawInput::default());
+        // A dialog that opens is laid out once unseen first (egui's sizing pass), so a
+        // frame may be drawn twice.
+        assert!((5..=7).contains(&app.frames), "{} frames", app.frames);
 
         // A dropped file goes to the selected host once the frame is drawn.
         let input = egui::RawInput {
@@ -484,5 +583,82 @@ mod tests {
         assert!(app.commands.is_empty());
         assert_eq!(app.jobs()[0].title, "Import web.vhdx");
         assert!(app.jobs()[0].upload.is_some());
+    }
+
+    #[test]
+    fn the_dialogs_and_the_disk_library_draw() {
+        let ctx = egui::Context::default();
+        let (mut app, host) = static_app(&ctx);
+        app.state.host_mut(host).unwrap().disks.insert(
+            "d".into(),
+            proto::v1::Disk {
+                id: "d".into(),
+                name: "web.vhdx".into(),
+                virtual_size: 64 << 20,
+                ..Default::default()
+            },
+        );
+        let state = &app.state;
+        let dialogs = [
+            dialogs::SettingsDialog::open(state, host, "a").map(Dialog::Settings),
+            dialogs::DiskDialog::convert(state, host, "d").map(Dialog::Disk),
+            dialogs::DiskDialog::resize(state, host, "d").map(Dialog::Disk),
+            dialogs::DiskDialog::delete(state, host, "d").map(Dialog::Disk),
+            dialogs::CreateDialog::from_disk(state, host, "d").map(Dialog::Create),
+        ];
+        for d in dialogs {
+            assert!(d.is_some(), "every dialog opens for a known VM or disk");
+            app.dialog = d;
+            frame(&ctx, &mut app, egui::RawInput::default());
+            frame(&ctx, &mut app, egui::RawInput::default());
+            assert!(app.dialog.is_some(), "a dialog stays until it is answered");
+        }
+        app.dialog = None;
+        app.main = MainPage::Library;
+        frame(&ctx, &mut app, egui::RawInput::default());
+        assert!(dialogs::SettingsDialog::open(&app.state, host, "gone").is_none());
+    }
+
+    #[test]
+    fn an_idle_console_asks_for_no_frames() {
+        let ctx = egui::Context::default();
+        let (mut app, host) = static_app(&ctx);
+        app.state
+            .host_mut(host)
+            .unwrap()
+            .vms
+            .get_mut("a")
+            .unwrap()
+            .state = VmState::Off as i32;
+        // The details pane of a VM follows its resource use (a feed that waits here).
+        app.selection = Some(Selection::Vm(host, "a".into()));
+        for _ in 0..4 {
+            frame(&ctx, &mut app, egui::RawInput::default());
+        }
+        assert!(
+            app.stats.is_some(),
+            "the selection's resource use is followed"
+        );
+        let wait = frame(&ctx, &mut app, egui::RawInput::default());
+        assert_eq!(wait, Duration::MAX, "nothing changes, so nothing is drawn");
+        // A running VM's uptime ticks once a second, no more.
+        app.state
+            .host_mut(host)
+            .unwrap()
+            .vms
+            .get_mut("a")
+            .unwrap()
+            .state = VmState::Running as i32;
+        // (The change itself is drawn at once, and a grid whose columns change width is laid
+        // out again.)
+        for _ in 0..2 {
+            frame(&ctx, &mut app, egui::RawInput::default());
+        }
+        let wait = frame(&ctx, &mut app, egui::RawInput::default());
+        assert!(wait >= Duration::from_millis(900), "{wait:?}");
+        // Another page: the feed stops.
+        app.main = MainPage::Library;
+        frame(&ctx, &mut app, egui::RawInput::default());
+        assert!(app.stats.is_none());
     }
 }

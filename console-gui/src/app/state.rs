@@ -11,6 +11,7 @@ use proto::v1::{Disk, HostInfo, Task, TaskState, Vm, event};
 use super::words::state_word;
 use crate::backend::{HostId, HostStatus, JobId, Update};
 use crate::config::{Config, HostConfig};
+use crate::conn::Plain;
 use crate::console::ConsoleHandle;
 use crate::upload::{Progress, UploadControl};
 use crate::view::ScreenView;
@@ -29,6 +30,51 @@ pub struct Host {
     pub(super) fake: bool,
 }
 
+impl Host {
+    /// Why this host cannot run VMs, when its agent says it cannot (in its words).
+    pub fn cannot_run(&self) -> Option<String> {
+        let kvm = self.info.as_ref()?.kvm.as_ref();
+        match kvm {
+            Some(k) if k.usable => None,
+            Some(k) if !k.reason.trim().is_empty() => {
+                Some(k.reason.trim().trim_end_matches('.').to_string())
+            }
+            _ => Some("KVM is not usable there".into()),
+        }
+    }
+
+    /// The VMs that use a disk, by id: those whose settings attach it (the agent's events
+    /// about a disk do not say who uses it), and those the agent's snapshot named.
+    pub fn disk_users(&self, disk_id: &str) -> Vec<String> {
+        let mut users: Vec<String> = self
+            .vms
+            .values()
+            .filter(|v| {
+                v.spec
+                    .as_ref()
+                    .is_some_and(|s| s.disks.iter().any(|d| d.disk_id == disk_id))
+            })
+            .map(|v| v.id.clone())
+            .collect();
+        if let Some(d) = self.disks.get(disk_id) {
+            for id in &d.attached_to {
+                if self.vms.contains_key(id) && !users.contains(id) {
+                    users.push(id.clone());
+                }
+            }
+        }
+        users
+    }
+
+    /// The VM's name, or its id when it has none.
+    pub fn vm_name(&self, vm_id: &str) -> String {
+        self.vms
+            .get(vm_id)
+            .and_then(|v| v.spec.as_ref())
+            .map_or_else(|| vm_id.to_string(), |s| s.name.clone())
+    }
+}
+
 /// How a job is doing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobState {
@@ -43,6 +89,10 @@ pub struct Job {
     pub host: String,
     pub title: String,
     pub state: JobState,
+    /// The technical chain of a failure (shown when asked for).
+    pub details: String,
+    /// The agent's task this job follows (its progress is shown on the job).
+    pub task: Option<String>,
     pub upload: Option<(Arc<Progress>, tokio::sync::watch::Sender<UploadControl>)>,
     pub(super) started: Instant,
 }
@@ -73,7 +123,7 @@ impl ConsoleTab {
 }
 
 /// What is selected in the inventory.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Selection {
     Host(HostId),
     Vm(HostId, String),
@@ -148,9 +198,18 @@ impl State {
     /// The VM's name, or its id when it has none (or is not known).
     pub fn vm_name(&self, host: HostId, vm_id: &str) -> String {
         self.host(host)
-            .and_then(|h| h.vms.get(vm_id))
-            .and_then(|v| v.spec.as_ref())
-            .map_or_else(|| vm_id.to_string(), |s| s.name.clone())
+            .map_or_else(|| vm_id.to_string(), |h| h.vm_name(vm_id))
+    }
+
+    /// The host's name ("" when it is gone).
+    pub fn host_name(&self, host: HostId) -> String {
+        self.host(host)
+            .map(|h| h.cfg.name.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn job(&self, id: JobId) -> Option<&Job> {
+        self.jobs.iter().find(|j| j.id == id)
     }
 
     /// The first VM called `name`, on any host.
@@ -223,6 +282,8 @@ impl State {
                 host,
                 title,
                 state: JobState::Running,
+                details: String::new(),
+                task: None,
                 upload: None,
                 started: Instant::now(),
             },
@@ -271,6 +332,11 @@ impl State {
                 return Followup::Fingerprint { addr, result };
             }
             Update::JobDone { job, result } => self.job_done(job, result),
+            Update::JobTask { job, task_id } => {
+                if let Some(j) = self.job_mut(job) {
+                    j.task = Some(task_id);
+                }
+            }
             Update::Uploaded { host, disk, .. } => {
                 if let Some(h) = self.host_mut(host) {
                     h.disks.insert(disk.id.clone(), (*disk).clone());
@@ -295,17 +361,20 @@ impl State {
         }
     }
 
-    fn job_done(&mut self, job: JobId, result: Result<String, String>) {
+    fn job_done(&mut self, job: JobId, result: Result<String, Plain>) {
         let Some(j) = self.job_mut(job) else {
             return;
         };
         let line = match &result {
             Ok(t) => format!("{}: {}: {t}", j.host, j.title),
-            Err(e) => format!("{}: {} failed: {e}", j.host, j.title),
+            Err(e) => format!("{}: {} failed: {}", j.host, j.title, e.line),
         };
         j.state = match result {
             Ok(t) => JobState::Succeeded(t),
-            Err(e) => JobState::Failed(e),
+            Err(e) => {
+                j.details = e.details;
+                JobState::Failed(e.line)
+            }
         };
         self.note(line);
     }
@@ -314,6 +383,7 @@ impl State {
     pub fn apply_event(&mut self, host: HostId, ev: proto::v1::Event) {
         let Some(h) = self.host_mut(host) else { return };
         let name = h.cfg.name.clone();
+        let cannot_run = h.cannot_run();
         let mut lines = Vec::new();
         match ev.kind {
             Some(event::Kind::Snapshot(s)) => {
@@ -326,14 +396,7 @@ impl State {
                 match h.vms.get(&v.id) {
                     None => lines.push(format!("{name}: VM '{vm_name}' created")),
                     Some(old) if old.state != v.state => {
-                        let mut l = format!(
-                            "{name}: VM '{vm_name}' is {}",
-                            state_word(v.state).to_lowercase()
-                        );
-                        if !v.state_reason.is_empty() {
-                            l.push_str(&format!(" ({})", v.state_reason));
-                        }
-                        lines.push(l);
+                        lines.push(state_line(&name, &vm_name, &v, cannot_run.as_deref()));
                     }
                     _ => {}
                 }
@@ -373,6 +436,27 @@ impl State {
             self.note(l);
         }
     }
+}
+
+/// A VM's new state for the event log. A crash is one sentence with what to do; its
+/// technical reason is in the VM's details.
+fn state_line(host: &str, vm_name: &str, v: &Vm, cannot_run: Option<&str>) -> String {
+    if v.state == proto::v1::VmState::Crashed as i32 {
+        return match cannot_run {
+            Some(why) => {
+                format!("{host}: VM '{vm_name}' could not run: this host cannot run VMs ({why})")
+            }
+            None => format!("{host}: VM '{vm_name}' stopped unexpectedly; its details show why"),
+        };
+    }
+    let mut l = format!(
+        "{host}: VM '{vm_name}' is {}",
+        state_word(v.state).to_lowercase()
+    );
+    if !v.state_reason.is_empty() {
+        l.push_str(&format!(" ({})", v.state_reason));
+    }
+    l
 }
 
 #[cfg(test)]
@@ -459,6 +543,43 @@ mod tests {
     }
 
     #[test]
+    fn a_host_that_cannot_run_vms_says_why_and_its_crashes_say_so() {
+        let mut s = state_with_host();
+        assert_eq!(s.host(1).unwrap().cannot_run(), None, "not known yet");
+        s.apply(Update::Info {
+            host: 1,
+            info: Box::new(HostInfo {
+                kvm: Some(proto::v1::KvmInfo {
+                    usable: false,
+                    reason: "the VM worker's KVM probe failed.".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        });
+        assert_eq!(
+            s.host(1).unwrap().cannot_run().as_deref(),
+            Some("the VM worker's KVM probe failed")
+        );
+        s.apply(event(event::Kind::VmChanged(vm(
+            "a",
+            "alpha",
+            VmState::Off,
+        ))));
+        let mut crashed = vm("a", "alpha", VmState::Crashed);
+        crashed.state_reason = "worker exited with status 1 and no exit record".into();
+        s.apply(event(event::Kind::VmChanged(crashed)));
+        assert_eq!(
+            s.log[0],
+            "lab: VM 'alpha' could not run: this host cannot run VMs (the VM worker's KVM probe failed)"
+        );
+        assert!(
+            !s.log[0].contains("exit record"),
+            "the technical reason stays in the details"
+        );
+    }
+
+    #[test]
     fn finished_jobs_and_tasks_are_marked_and_logged() {
         let mut s = state_with_host();
         let ok = s.new_job(1, "Start VM 'alpha'".into());
@@ -471,7 +592,10 @@ mod tests {
         });
         s.apply(Update::JobDone {
             job: bad,
-            result: Err("cannot create the VM: no".into()),
+            result: Err(Plain::new(
+                "cannot create the VM: no",
+                "InvalidArgument: no",
+            )),
         });
         let state = |s: &State, id| s.jobs.iter().find(|j| j.id == id).unwrap().state.clone();
         assert_eq!(state(&s, ok), JobState::Succeeded("done".into()));
@@ -483,6 +607,7 @@ mod tests {
             s.log[0],
             "lab: Create VM 'beta' failed: cannot create the VM: no"
         );
+        assert_eq!(s.job(bad).unwrap().details, "InvalidArgument: no");
         assert_eq!(s.log[1], "lab: Start VM 'alpha': done");
 
         let task = |state: TaskState| Task {
@@ -510,6 +635,7 @@ mod tests {
             host: 1,
             status: HostStatus::Offline {
                 error: "refused".into(),
+                details: String::new(),
                 retry_in_s: 1,
             },
         });
@@ -526,6 +652,7 @@ mod tests {
             host: 1,
             status: HostStatus::Offline {
                 error: "lost the connection".into(),
+                details: String::new(),
                 retry_in_s: 1,
             },
         });

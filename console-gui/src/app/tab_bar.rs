@@ -1,22 +1,42 @@
-//! The tabs above the central panel: the inventory and one per open console.
+//! The tabs above the central panel: the inventory, the disk library, and one per open
+//! console (wrapping onto more lines when there are many).
 
 use egui::Ui;
 
 use super::command::{TabRef, UiCommand};
 use super::state::ConsoleTab;
 
-/// `active` is 0 for the inventory, i + 1 for `tabs[i]`.
+/// Which page the first tabs show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MainPage {
+    #[default]
+    Inventory,
+    Library,
+}
+
+/// `active` is 0 for `main`, i + 1 for `tabs[i]`.
 pub(super) fn show(
     ui: &mut Ui,
     tabs: &[ConsoleTab],
     active: &mut usize,
+    main: &mut MainPage,
     commands: &mut Vec<UiCommand>,
 ) {
     ui.horizontal_wrapped(|ui| {
-        if ui.selectable_label(*active == 0, "Inventory").clicked() {
-            *active = 0;
+        for (page, label) in [
+            (MainPage::Inventory, "Inventory"),
+            (MainPage::Library, "Disk library"),
+        ] {
+            if ui
+                .selectable_label(*active == 0 && *main == page, label)
+                .clicked()
+            {
+                *active = 0;
+                *main = page;
+            }
         }
         for (i, t) in tabs.iter().enumerate() {
+            ui.separator();
             if ui.selectable_label(*active == i + 1, &t.title).clicked() {
                 *active = i + 1;
             }

@@ -7,7 +7,7 @@ use super::state::State;
 use crate::backend::HostStatus;
 
 pub(super) fn show(ui: &mut Ui, state: &State, dialog: &mut Option<Dialog>) {
-    ui.horizontal(|ui| {
+    ui.horizontal_wrapped(|ui| {
         ui.heading("Parvis");
         ui.separator();
         if ui.button("Add host…").clicked() {

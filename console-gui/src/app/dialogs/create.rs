@@ -1,61 +1,62 @@
-//! "New VM": name, CPUs, memory, boot image, an optional disk from the host's library,
-//! kernel command line and screen size.
+//! "New VM": the settings form ([`super::form`]) for a VM on a host, optionally made from a
+//! disk in the host's library (an import, or "New VM from disk…").
 
-use egui::Context;
+use std::path::Path;
+
+use egui::{Context, RichText};
 use proto::v1::{DiskAttachment, VmSpec};
 
 use super::super::command::UiCommand;
 use super::super::state::State;
-use super::Next;
+use super::form::{self, VmForm};
+use super::{Next, buttons, modal};
 use crate::backend::HostId;
 
 pub(in crate::app) struct CreateDialog {
     host: HostId,
-    name: String,
-    cpus: u32,
-    memory_mib: u32,
-    boot_image: String,
-    disk: Option<String>,
-    cmdline: String,
-    width: u32,
-    height: u32,
+    form: VmForm,
 }
 
 impl CreateDialog {
-    /// A VM on `host` with 1 CPU, 512 MiB and a 1024x768 screen.
-    pub fn new(host: HostId, name: String, boot_image: String, disk: Option<String>) -> Self {
-        CreateDialog {
-            host,
+    /// A VM on `host` with 1 CPU, 512 MiB, a 1024x768 screen and the host's first boot
+    /// image; `disk` attached when given.
+    pub fn new(state: &State, host: HostId, name: String, disk: Option<String>) -> Self {
+        let boot_image = state
+            .host(host)
+            .and_then(|h| h.info.as_ref())
+            .and_then(|i| i.boot_images.first())
+            .map(|b| b.name.clone())
+            .unwrap_or_default();
+        let spec = VmSpec {
             name,
             cpus: 1,
-            memory_mib: 512,
+            memory_bytes: 512 << 20,
+            disks: disk
+                .into_iter()
+                .map(|disk_id| DiskAttachment {
+                    disk_id,
+                    read_only: false,
+                    ..Default::default()
+                })
+                .collect(),
             boot_image,
-            disk,
-            cmdline: String::new(),
-            width: 1024,
-            height: 768,
+            display_width: 1024,
+            display_height: 768,
+            ..Default::default()
+        };
+        CreateDialog {
+            host,
+            form: VmForm::of(&spec),
         }
     }
 
-    fn spec(&self) -> VmSpec {
-        VmSpec {
-            name: self.name.trim().to_string(),
-            cpus: self.cpus,
-            memory_bytes: u64::from(self.memory_mib) << 20,
-            disks: self
-                .disk
-                .iter()
-                .map(|id| DiskAttachment {
-                    disk_id: id.clone(),
-                    read_only: false,
-                })
-                .collect(),
-            boot_image: self.boot_image.clone(),
-            cmdline: self.cmdline.trim().to_string(),
-            display_width: self.width,
-            display_height: self.height,
-            autostart: false,
-        }
+    /// A VM made from a library disk, named after it ("web.vhdx" makes "web").
+    pub fn from_disk(state: &State, host: HostId, disk_id: &str) -> Option<Self> {
+        let disk = state.host(host)?.disks.get(disk_id)?;
+        let name = Path::new(&disk.name)
+            .file_stem()
+            .map_or_else(|| disk.name.clone(), |s| s.to_string_lossy().into_owned());
+        Some(Self::new(state, host, name, Some(disk_id.to_string())))
     }
 }
 
@@ -66,94 +67,35 @@ pub(super) fn show(
     commands: &mut Vec<UiCommand>,
 ) -> Next {
     let host = state.host(d.host);
-    let images: Vec<String> = host
-        .and_then(|h| h.info.as_ref())
-        .map(|i| i.boot_images.iter().map(|b| b.name.clone()).collect())
-        .unwrap_or_default();
-    let disks: Vec<(String, String)> = host
-        .map(|h| {
-            h.disks
-                .values()
-                .map(|d| (d.id.clone(), d.name.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let host_name = host.map(|h| h.cfg.name.clone()).unwrap_or_default();
+    let host_name = state.host_name(d.host);
+    let problems = d.form.problems(host, None);
     let mut next = Next::Keep;
-    egui::Window::new(format!("New VM on {host_name}"))
-        .collapsible(false)
-        .show(ctx, |ui| {
-            egui::Grid::new("vm-form").num_columns(2).show(ui, |ui| {
-                let l = ui.label("VM name");
-                ui.text_edit_singleline(&mut d.name).labelled_by(l.id);
-                ui.end_row();
-                let l = ui.label("CPUs");
-                ui.add(egui::DragValue::new(&mut d.cpus).range(1..=64))
-                    .labelled_by(l.id);
-                ui.end_row();
-                let l = ui.label("Memory (MiB)");
-                ui.add(
-                    egui::DragValue::new(&mut d.memory_mib)
-                        .range(64..=1 << 20)
-                        .speed(64),
-                )
-                .labelled_by(l.id);
-                ui.end_row();
-                ui.label("Boot image");
-                egui::ComboBox::from_id_salt("boot")
-                    .selected_text(d.boot_image.clone())
-                    .show_ui(ui, |ui| {
-                        for i in &images {
-                            ui.selectable_value(&mut d.boot_image, i.clone(), i);
-                        }
-                    });
-                ui.end_row();
-                ui.label("Disk");
-                let shown = d
-                    .disk
-                    .as_ref()
-                    .and_then(|id| disks.iter().find(|(i, _)| i == id))
-                    .map_or("none".to_string(), |(_, n)| n.clone());
-                egui::ComboBox::from_id_salt("disk")
-                    .selected_text(shown)
-                    .show_ui(ui, |ui| {
-                        ui.selectable_value(&mut d.disk, None, "none");
-                        for (id, n) in &disks {
-                            ui.selectable_value(&mut d.disk, Some(id.clone()), n);
-                        }
-                    });
-                ui.end_row();
-                let l = ui.label("Kernel command line");
-                ui.add(
-                    egui::TextEdit::singleline(&mut d.cmdline)
-                        .hint_text("the boot image's default"),
-                )
-                .labelled_by(l.id);
-                ui.end_row();
-                let l = ui.label("Screen");
-                ui.horizontal(|ui| {
-                    ui.add(egui::DragValue::new(&mut d.width).range(640..=3840))
-                        .labelled_by(l.id);
-                    ui.label("x");
-                    ui.add(egui::DragValue::new(&mut d.height).range(480..=2160));
+    let closed = modal(ctx, &format!("New VM on {host_name}"), |ui| {
+        form::show(ui, &mut d.form, host, &problems, true);
+        if let Some(why) = host.and_then(|h| h.cannot_run()) {
+            ui.label(
+                RichText::new(format!(
+                    "Host {host_name} says it cannot run VMs ({why}); the VM can be created but \
+                     will probably not start."
+                ))
+                .weak(),
+            );
+        }
+        buttons(ui, |ui| {
+            if ui
+                .add_enabled(problems.is_empty(), egui::Button::new("Create"))
+                .clicked()
+            {
+                commands.push(UiCommand::CreateVm {
+                    host: d.host,
+                    spec: d.form.spec(),
                 });
-                ui.end_row();
-            });
-            ui.horizontal(|ui| {
-                if ui
-                    .add_enabled(!d.name.trim().is_empty(), egui::Button::new("Create"))
-                    .clicked()
-                {
-                    commands.push(UiCommand::CreateVm {
-                        host: d.host,
-                        spec: d.spec(),
-                    });
-                    next = Next::Close;
-                }
-                if ui.button("Cancel").clicked() {
-                    next = Next::Close;
-                }
-            });
+                next = Next::Close;
+            }
+            if ui.button("Cancel").clicked() {
+                next = Next::Close;
+            }
         });
-    next
+    });
+    if closed { Next::Close } else { next }
 }

@@ -2,12 +2,13 @@
 //! fingerprint is fetched and shown for confirmation (trust on first use) before anything
 //! is saved.
 
-use egui::{Color32, Context, RichText};
+use egui::{Context, RichText};
 
 use super::super::command::UiCommand;
 use super::super::state::State;
+use super::super::theme::{Tone, tone};
 use super::super::words::is_loopback;
-use super::Next;
+use super::{Next, modal};
 use crate::backend::HostId;
 use crate::config::HostConfig;
 
@@ -102,7 +103,7 @@ pub(in crate::app) fn fingerprint_arrived(
         }
         Err(e) => {
             d.stage = HostStage::Edit;
-            d.error = Some(format!("cannot reach the agent: {e}"));
+            d.error = Some(e);
         }
     }
     None
@@ -115,7 +116,7 @@ pub(super) fn show(ctx: &Context, d: &mut HostDialog, commands: &mut Vec<UiComma
         "Add host"
     };
     let mut next = Next::Keep;
-    egui::Window::new(title).collapsible(false).resizable(false).show(ctx, |ui| {
+    let closed = modal(ctx, title, |ui| {
         let editable = d.stage == HostStage::Edit;
         egui::Grid::new("host-form").num_columns(2).show(ui, |ui| {
             for (label, value, hint, password) in [
@@ -126,15 +127,23 @@ pub(super) fn show(ctx: &Context, d: &mut HostDialog, commands: &mut Vec<UiComma
                 let l = ui.label(label);
                 ui.add_enabled(
                     editable,
-                    egui::TextEdit::singleline(value).hint_text(hint).password(password),
+                    egui::TextEdit::singleline(value)
+                        .hint_text(hint)
+                        .password(password),
                 )
                 .labelled_by(l.id);
                 ui.end_row();
             }
         });
-        ui.add_enabled(editable, egui::Checkbox::new(&mut d.tls, "TLS (required unless the agent is on this computer)"));
+        ui.add_enabled(
+            editable,
+            egui::Checkbox::new(
+                &mut d.tls,
+                "TLS (required unless the agent is on this computer)",
+            ),
+        );
         if let Some(e) = &d.error {
-            ui.colored_label(Color32::from_rgb(220, 60, 60), e);
+            ui.label(RichText::new(e).color(tone(ui.visuals(), Tone::Bad)));
         }
         match d.stage.clone() {
             HostStage::Edit => {
@@ -193,5 +202,5 @@ pub(super) fn show(ctx: &Context, d: &mut HostDialog, commands: &mut Vec<UiComma
             }
         }
     });
-    next
+    if closed { Next::Close } else { next }
 }

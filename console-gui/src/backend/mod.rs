@@ -2,8 +2,10 @@
 //! sends requests (never waits) and drains [`Update`]s, and every update wakes the UI with
 //! `request_repaint`. A slow or dead host costs the UI nothing.
 //!
-//! The host connections live here; a console's streams ([`crate::console`]) and uploads
-//! ([`crate::upload`]) are spawned from here and share only [`crate::conn`] with it.
+//! The host connections live here (this file); the calls the app's jobs make are in
+//! `jobs`. A console's streams ([`crate::console`]), resource-use feeds ([`crate::stats`])
+//! and uploads ([`crate::upload`]) are spawned from here and share only [`crate::conn`] with
+//! it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,14 +13,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proto::client::{self, Clients};
-use proto::v1::{CreateVmRequest, Disk, Event, GetHostInfoRequest, HostInfo, VmRef, VmSpec};
+use proto::v1::{Disk, Event, GetHostInfoRequest, HostInfo};
 use thiserror::Error;
 use tokio::task::JoinHandle;
 
 use crate::config::HostConfig;
-use crate::conn::{CALL_TIMEOUT, Slot, UiWaker, connect_error, plain_status};
+use crate::conn::{Plain, Slot, UiWaker, connect_error, plain_status};
 use crate::console::{ConsoleHandle, ConsoleShared};
+use crate::stats::StatsFeed;
 use crate::upload::{Progress, UploadControl, UploadRequest};
+
+mod jobs;
+
+pub use jobs::{DiskAction, JobNames, VmDiskChange};
 
 /// A host, as the console numbers them (stable while the app runs).
 pub type HostId = u64;
@@ -30,9 +37,11 @@ pub type JobId = u64;
 pub enum HostStatus {
     Connecting,
     Online,
-    /// Unreachable or refused; the console retries by itself.
+    /// Unreachable or refused; the console retries by itself. `error` is one sentence for
+    /// people, `details` the technical chain.
     Offline {
         error: String,
+        details: String,
         retry_in_s: u64,
     },
 }
@@ -57,10 +66,15 @@ pub enum Update {
         addr: String,
         result: Result<String, String>,
     },
-    /// A job ended: a sentence for people, or the error in plain words.
+    /// A job ended: a sentence for people, or the failure in plain words.
     JobDone {
         job: JobId,
-        result: Result<String, String>,
+        result: Result<String, Plain>,
+    },
+    /// A job follows the agent's task `task_id` (its progress is the task's).
+    JobTask {
+        job: JobId,
+        task_id: String,
     },
     /// An upload became a disk.
     Uploaded {
@@ -194,68 +208,22 @@ impl Backend {
             .and_then(|h| h.slot.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
+    /// The host's connection slot (an empty one for a host that is not connected).
+    fn slot(&self, host: HostId) -> Slot {
+        self.hosts
+            .get(&host)
+            .map(|h| h.slot.clone())
+            .unwrap_or_default()
+    }
+
     /// Learn an agent's certificate fingerprint (trust on first use).
     pub fn fetch_fingerprint(&self, addr: String) {
         let n = self.notify.clone();
         self.rt.spawn(async move {
             let result = client::fetch_fingerprint(&addr)
                 .await
-                .map_err(|e| connect_error(&e));
+                .map_err(|e| connect_error(&addr, &e).line);
             n.send(Update::Fingerprint { addr, result });
-        });
-    }
-
-    /// Run a VM action as job `job`.
-    pub fn vm_action(&self, job: JobId, host: HostId, vm_id: String, action: VmAction) {
-        let n = self.notify.clone();
-        let clients = self.clients(host);
-        self.rt.spawn(async move {
-            let result = match clients {
-                None => Err(OFFLINE.to_string()),
-                Some(mut c) => {
-                    let r = VmRef { vm_id };
-                    let what = format!("cannot {} the VM", action.verb());
-                    let call = async {
-                        match action {
-                            VmAction::Start => c.vm.start_vm(r).await.map(|_| ()),
-                            VmAction::Shutdown => c.vm.shutdown_vm(r).await.map(|_| ()),
-                            VmAction::ForceOff => c.vm.stop_vm(r).await.map(|_| ()),
-                            VmAction::Pause => c.vm.pause_vm(r).await.map(|_| ()),
-                            VmAction::Resume => c.vm.resume_vm(r).await.map(|_| ()),
-                            VmAction::Reset => c.vm.reset_vm(r).await.map(|_| ()),
-                            VmAction::Delete => c.vm.delete_vm(r).await.map(|_| ()),
-                        }
-                    };
-                    match tokio::time::timeout(CALL_TIMEOUT, call).await {
-                        Ok(Ok(())) => Ok("done".to_string()),
-                        Ok(Err(s)) => Err(plain_status(&what, &s)),
-                        Err(_) => Err(format!("{what}: the host did not answer in time")),
-                    }
-                }
-            };
-            n.send(Update::JobDone { job, result });
-        });
-    }
-
-    /// Create a VM as job `job`.
-    pub fn create_vm(&self, job: JobId, host: HostId, spec: VmSpec) {
-        let n = self.notify.clone();
-        let clients = self.clients(host);
-        self.rt.spawn(async move {
-            let result = match clients {
-                None => Err(OFFLINE.to_string()),
-                Some(mut c) => {
-                    let call = c.vm.create_vm(CreateVmRequest { spec: Some(spec) });
-                    match tokio::time::timeout(CALL_TIMEOUT, call).await {
-                        Ok(Ok(vm)) => Ok(format!("created VM {}", vm.into_inner().id)),
-                        Ok(Err(s)) => Err(plain_status("cannot create the VM", &s)),
-                        Err(_) => {
-                            Err("cannot create the VM: the host did not answer in time".into())
-                        }
-                    }
-                }
-            };
-            n.send(Update::JobDone { job, result });
         });
     }
 
@@ -265,12 +233,19 @@ impl Backend {
         let shared = Arc::new(Mutex::new(ConsoleShared::default()));
         crate::console::spawn(
             &self.rt,
-            self.hosts
-                .get(&host)
-                .map(|h| h.slot.clone())
-                .unwrap_or_default(),
+            self.slot(host),
             vm_id,
             shared,
+            self.notify.waker(),
+        )
+    }
+
+    /// Follow the resource use of a VM (`Some(id)`) or of the host itself.
+    pub fn watch_stats(&self, host: HostId, vm_id: Option<String>) -> StatsFeed {
+        crate::stats::spawn(
+            &self.rt,
+            self.slot(host),
+            vm_id.unwrap_or_default(),
             self.notify.waker(),
         )
     }
@@ -284,11 +259,7 @@ impl Backend {
     ) -> (Arc<Progress>, tokio::sync::watch::Sender<UploadControl>) {
         let progress = Arc::new(Progress::default());
         let (ctl_tx, ctl_rx) = tokio::sync::watch::channel(UploadControl::Run);
-        let slot = self
-            .hosts
-            .get(&host)
-            .map(|h| h.slot.clone())
-            .unwrap_or_default();
+        let slot = self.slot(host);
         let n = self.notify.clone();
         let p = progress.clone();
         self.rt.spawn(async move {
@@ -308,7 +279,7 @@ impl Backend {
                 }
                 Err(e) => n.send(Update::JobDone {
                     job,
-                    result: Err(e.to_string()),
+                    result: Err(e.plain()),
                 }),
             }
         });
@@ -348,7 +319,8 @@ impl Backend {
         let n = self.notify.clone();
         self.rt.spawn_blocking(move || {
             let result = crate::console::save_png(&path, &image)
-                .map(|()| format!("saved {}", path.display()));
+                .map(|()| format!("saved {}", path.display()))
+                .map_err(|e| Plain::new(e, ""));
             n.send(Update::JobDone { job, result });
         });
     }
@@ -363,12 +335,13 @@ impl Backend {
                 .save_file();
             let result = match picked {
                 Some(path) => crate::console::save_png(&path, &image)
-                    .map(|()| format!("saved {}", path.display())),
-                None => Err(
-                    "no file chosen (if no dialog appeared, this desktop has no file dialog \
-                     service; use \"Screenshot\" to save into the Pictures folder)"
-                        .to_string(),
-                ),
+                    .map(|()| format!("saved {}", path.display()))
+                    .map_err(|e| Plain::new(e, "")),
+                None => Err(Plain::new(
+                    "no file chosen; if no dialog appeared, this desktop has no file dialog \
+                     service, so use \"Screenshot\" to save into the Pictures folder",
+                    "",
+                )),
             };
             n.send(Update::JobDone { job, result });
         });
@@ -395,7 +368,6 @@ impl Drop for Backend {
     }
 }
 
-const OFFLINE: &str = "the host is offline; wait until it is connected again";
 /// Longest wait for a host to answer its first call after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -412,16 +384,27 @@ async fn host_loop(id: HostId, cfg: HostConfig, slot: Slot, n: Notifier) {
         *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let wait = (1u64 << failures.min(3)).min(10);
         failures = failures.saturating_add(1);
-        tracing::info!(host = %cfg.name, error = %err, "host offline");
+        tracing::info!(host = %cfg.name, error = %err.line, details = %err.details, "host offline");
         n.send(Update::Status {
             host: id,
             status: HostStatus::Offline {
-                error: err,
+                error: err.line,
+                details: err.details,
                 retry_in_s: wait,
             },
         });
         tokio::time::sleep(Duration::from_secs(wait)).await;
     }
+}
+
+/// The host did not answer its first calls in time.
+fn silent(addr: &str) -> Plain {
+    Plain::new(
+        format!(
+            "{addr} accepts connections but does not answer; check that parvis-agent is running there and not stuck"
+        ),
+        format!("no answer within {} s", HELLO_TIMEOUT.as_secs()),
+    )
 }
 
 /// One connection's life; returns why it ended.
@@ -431,12 +414,12 @@ async fn session(
     slot: &Slot,
     n: &Notifier,
     failures: &mut u32,
-) -> String {
+) -> Plain {
     let connect = tokio::time::timeout(HELLO_TIMEOUT, client::connect(&cfg.target())).await;
     let mut c = match connect {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return connect_error(&e),
-        Err(_) => return "no answer within 10 s".to_string(),
+        Ok(Err(e)) => return connect_error(&cfg.addr, &e),
+        Err(_) => return silent(&cfg.addr),
     };
     let info = match tokio::time::timeout(
         HELLO_TIMEOUT,
@@ -445,12 +428,12 @@ async fn session(
     .await
     {
         Ok(Ok(i)) => i.into_inner(),
-        Ok(Err(s)) => return plain_status("the host refused", &s),
-        Err(_) => return "no answer within 10 s".to_string(),
+        Ok(Err(s)) => return plain_status("", &s),
+        Err(_) => return silent(&cfg.addr),
     };
     let mut events = match c.host.watch_events(proto::v1::WatchEventsRequest {}).await {
         Ok(s) => s.into_inner(),
-        Err(s) => return plain_status("cannot follow the host's events", &s),
+        Err(s) => return plain_status("", &s),
     };
     *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
     *failures = 0;
@@ -464,19 +447,25 @@ async fn session(
     });
     let mut info_tick = tokio::time::interval(Duration::from_secs(15));
     info_tick.tick().await;
+    let gone = || {
+        Plain::new(
+            "the host's agent closed the connection (was it restarted?); the console reconnects by itself",
+            "the event stream ended",
+        )
+    };
     loop {
         tokio::select! {
             m = events.message() => match m {
                 Ok(Some(event)) => n.send(Update::Event { host: id, event: Box::new(event) }),
-                Ok(None) => return "the host closed the connection".to_string(),
-                Err(s) => return plain_status("lost the connection", &s),
+                Ok(None) => return gone(),
+                Err(s) => return plain_status("", &s),
             },
             _ = info_tick.tick() => {
                 // Also notices a host that stopped answering while the stream stays open.
                 match tokio::time::timeout(HELLO_TIMEOUT, c.host.get_host_info(GetHostInfoRequest {})).await {
                     Ok(Ok(i)) => n.send(Update::Info { host: id, info: Box::new(i.into_inner()) }),
-                    Ok(Err(s)) => return plain_status("lost the connection", &s),
-                    Err(_) => return "the host stopped answering".to_string(),
+                    Ok(Err(s)) => return plain_status("", &s),
+                    Err(_) => return silent(&cfg.addr),
                 }
             }
         }
