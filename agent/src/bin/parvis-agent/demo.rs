@@ -27,7 +27,7 @@ pub fn ensure(agent: &Agent, images: &Path) -> Result<()> {
         std::fs::copy(&initrd, tmp.join("initrd")).context("copying the initramfs")?;
         std::fs::write(
             tmp.join("cmdline"),
-            "console=ttyS0 quiet parvis.test=shell\n",
+            "console=ttyS0 quiet parvis.test=demo\n",
         )?;
         std::fs::rename(&tmp, &boot)?;
     }
