@@ -110,6 +110,33 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image, DiskError> {
     })
 }
 
+/// Open an image from a file already open (a confined process that was handed only the
+/// file descriptor), detecting its format. Read-only; a differencing image's parents cannot
+/// be found this way, so a differencing VHDX fails to open and a differencing VHD reads
+/// zeros where its parent would have data.
+pub fn open_file(file: std::fs::File, raw_sector_size: Option<u32>) -> Result<Image, DiskError> {
+    let storage = FileStorage(file);
+    Ok(match detect_storage(&storage)? {
+        ImageFormat::Raw => Image::Raw(RawFile::from_file(
+            storage.0,
+            &RawFileOptions {
+                read_only: true,
+                logical_sector_size: raw_sector_size.unwrap_or(512),
+                physical_sector_size: None,
+            },
+        )?),
+        ImageFormat::Vhd => Image::Vhd(Box::new(Vhd::open_storage(Box::new(storage), true, None)?)),
+        ImageFormat::Vhdx => Image::Vhdx(Box::new(Vhdx::open_storage(
+            Box::new(storage),
+            &VhdxOpenOptions {
+                read_only: true,
+                allow_replay: false,
+            },
+            None,
+        )?)),
+    })
+}
+
 /// Create a new image; an existing file is never overwritten.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<Image, DiskError> {
     if path.exists() {

@@ -29,9 +29,11 @@ use vmbus_devices::SynthDevices;
 
 use crate::storage::Storage;
 
+mod bootread;
 mod control;
 mod ctl;
 mod probe;
+mod sandbox;
 mod status;
 mod storage;
 mod term;
@@ -61,6 +63,17 @@ enum Tool {
     },
     /// Check whether this host can run partitions; prints one JSON object.
     Probe,
+    /// (Internal) The confined boot disk reader: the disk on stdin, the kernel, initrd and
+    /// command line on stdout (see --boot-disk).
+    #[command(hide = true)]
+    BootDiskRead {
+        /// The boot entry to read (default: the disk's own default).
+        #[arg(long)]
+        entry: Option<usize>,
+        /// Test hook: wait this many seconds once confined, before reading.
+        #[arg(long, hide = true)]
+        hold: Option<u64>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,9 +87,18 @@ struct RunArgs {
     /// initramfs image.
     #[arg(long)]
     initrd: Option<PathBuf>,
-    /// Kernel command line (default "console=ttyS0").
+    /// Kernel command line (default "console=ttyS0"; with --boot-disk, the disk's own).
     #[arg(long)]
     cmdline: Option<String>,
+    /// Boot the first disk's own kernel, initrd and command line, as its boot loader would
+    /// (grub.cfg, Boot Loader Spec entries or Debian's /vmlinuz), read by a confined process;
+    /// no --kernel needed.
+    #[arg(long)]
+    boot_disk: bool,
+    /// With --boot-disk: the boot entry to start (0 = the first in the disk's menu) instead
+    /// of the disk's default.
+    #[arg(long)]
+    boot_entry: Option<usize>,
     /// Guest RAM, e.g. 512M or 2G (default 512M).
     #[arg(long)]
     memory: Option<ByteSize>,
@@ -141,6 +163,9 @@ fn main() {
                     1
                 }
             });
+        }
+        Some(Tool::BootDiskRead { entry, hold }) => {
+            std::process::exit(bootread::child_main(*entry, *hold));
         }
         Some(Tool::Probe) => {
             let p = probe::probe();
@@ -217,10 +242,38 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
         }
         None => WorkerSettings::default(),
     };
+    // Booting the disk's own kernel: read it in a confined process first; the memory files
+    // it fills stay open (in `disk_boot`) for every reboot.
+    let disk_boot = if cli.boot_disk {
+        let first = cli
+            .disks
+            .first()
+            .or(file.disks.first())
+            .context("--boot-disk needs a disk (--disk PATH)")?;
+        let b = bootread::resolve(&first.path, cli.boot_entry)?;
+        tracing::info!(
+            entry = %b.meta.title,
+            os = b.meta.os.as_deref().unwrap_or("unknown"),
+            cmdline = %b.cmdline,
+            "booting the disk's own kernel"
+        );
+        Some(b)
+    } else {
+        None
+    };
     let flags = WorkerSettings {
-        kernel: cli.kernel.clone(),
-        initrd: cli.initrd.clone(),
-        cmdline: cli.cmdline.clone(),
+        kernel: disk_boot
+            .as_ref()
+            .map(|b| b.kernel.clone())
+            .or(cli.kernel.clone()),
+        initrd: disk_boot
+            .as_ref()
+            .and_then(|b| b.initrd.clone())
+            .or(cli.initrd.clone()),
+        cmdline: cli
+            .cmdline
+            .clone()
+            .or(disk_boot.as_ref().map(|b| b.cmdline.clone())),
         memory: cli.memory,
         cpus: cli.cpus,
         disks: cli.disks.clone(),
