@@ -93,7 +93,11 @@ fn init_logging() -> Option<PathBuf> {
             }
         }
     }
-    tracing_subscriber::fmt().with_env_filter(filter()).init();
+    // Colours only for a person at a terminal: the demo and the agent keep stderr as a log.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter())
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     None
 }
 
