@@ -1,5 +1,16 @@
 //! Walk a file system the way the resolver does: list, resolve, read, follow links.
 
+#![allow(dead_code)]
+
+/// The reader catches panics inside `fatfs` (its arithmetic overflows on hostile volumes) and
+/// turns them into errors, as it does in the worker. libFuzzer's panic hook aborts before any
+/// unwinding, so replace it with a silent one: a panic the reader catches is an error, and
+/// one it does not catch still reaches libfuzzer-sys, which aborts on it (a crash).
+pub fn catch_panics_in_guards() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::panic::set_hook(Box::new(|_| {})));
+}
+
 use bootdisk::Limits;
 use bootdisk::fs::{FileKind, FileSystem, Namespace};
 

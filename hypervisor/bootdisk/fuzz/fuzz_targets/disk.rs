@@ -9,7 +9,10 @@ use bootdisk::entry::Disk;
 use bootdisk::{Limits, ReadAt};
 use libfuzzer_sys::fuzz_target;
 
+mod common;
+
 fuzz_target!(|data: &[u8]| {
+    common::catch_panics_in_guards();
     let disk: Arc<dyn ReadAt> = Arc::new(data.to_vec());
     let limits = Limits {
         kernel: 1 << 20,

@@ -12,6 +12,7 @@ use libfuzzer_sys::fuzz_target;
 mod common;
 
 fuzz_target!(|data: &[u8]| {
+    common::catch_panics_in_guards();
     let part: Arc<dyn ReadAt> = Arc::new(data.to_vec());
     if let Ok(fs) = FatFs::open(part, "fuzz") {
         common::walk(&fs);
