@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 
-use egui::{Rect, RichText, Sense, Ui, UiBuilder, vec2};
+use egui::{RichText, Ui};
 use proto::v1::{Vm, VmState};
 
 use super::actions::{self, Target};
@@ -15,7 +15,7 @@ use super::details::{self, DetailsView};
 use super::dialogs::Dialog;
 use super::state::{Host, Selection, State};
 use super::theme::Tone;
-use super::widgets::{left_cell, state_color, status_dot};
+use super::widgets::{left_cell, state_color, status_dot, table_row};
 use super::words::{duration, human, now_ms, state_word, vm_name};
 use crate::backend::{HostId, HostStatus};
 use crate::stats::Series;
@@ -175,34 +175,25 @@ fn table(
                     }
                 };
                 let selected = selection.as_ref() == Some(&sel);
-                let rect = Rect::from_min_size(ui.cursor().min, vec2(ui.available_width(), row_h));
+                let vm = match row {
+                    Row::Host(_) => None,
+                    Row::Vm(_, id) => match h.vms.get(id) {
+                        Some(v) => Some(v),
+                        None => continue,
+                    },
+                };
                 // The whole row reacts (select, open, menu); the widgets on it come after, so
                 // a click on a button is the button's.
-                let bg = ui.interact(rect, ui.scope_id().with(("row", &sel)), Sense::click());
-                if selected || bg.hovered() {
-                    let v = ui.visuals();
-                    let fill = if selected {
-                        v.selection.bg_fill.gamma_multiply(0.35)
-                    } else {
-                        v.widgets.hovered.weak_bg_fill.gamma_multiply(0.5)
-                    };
-                    ui.painter().rect_filled(rect, 2.0, fill);
-                }
-                let mut row_ui = ui.new_child(
-                    UiBuilder::new()
-                        .max_rect(rect)
-                        .layout(egui::Layout::left_to_right(egui::Align::Center)),
+                let (bg, name, rect) = table_row(
+                    ui,
+                    row_h,
+                    ui.scope_id().with(("row", &sel)),
+                    selected,
+                    |row_ui| match vm {
+                        None => host_cells(row_ui, h, selected, &view.collapsed, &mut toggle),
+                        Some(v) => vm_cells(row_ui, v, selected, &widths, row_h, now),
+                    },
                 );
-                let name = match row {
-                    Row::Host(_) => {
-                        host_cells(&mut row_ui, h, selected, &view.collapsed, &mut toggle)
-                    }
-                    Row::Vm(_, id) => {
-                        let Some(v) = h.vms.get(id) else { continue };
-                        vm_cells(&mut row_ui, v, selected, &widths, row_h, now)
-                    }
-                };
-                ui.allocate_rect(rect, Sense::hover());
                 for r in [&bg, &name] {
                     if r.clicked() || r.secondary_clicked() {
                         clicked = Some(sel.clone());

@@ -4,7 +4,7 @@
 //! way into the library: this console's uploads as they run and the host's disk tasks
 //! (verifying, converting, resizing) with their progress.
 
-use egui::{Rect, RichText, Sense, Ui, UiBuilder, vec2};
+use egui::{RichText, Ui};
 use proto::v1::{Disk, DiskFormat, DiskVariant, TaskState};
 
 use super::actions::{self, Target};
@@ -12,7 +12,7 @@ use super::command::UiCommand;
 use super::dialogs::Dialog;
 use super::state::{Host, JobState, State};
 use super::theme::Tone;
-use super::widgets::{left_cell, status_dot};
+use super::widgets::{left_cell, status_dot, table_row};
 use super::words::human;
 use crate::backend::HostId;
 
@@ -133,26 +133,10 @@ pub(super) fn show(
 
 /// A table row: the whole row reacts to clicks; `cells` draws on it.
 fn row(ui: &mut Ui, row_h: f32, selected: bool, cells: impl FnOnce(&mut Ui)) -> egui::Response {
-    let rect = Rect::from_min_size(ui.cursor().min, vec2(ui.available_width(), row_h));
-    let id = ui.scope_id().with(("library-row", rect.min.y as i32));
-    let bg = ui.interact(rect, id, Sense::click());
-    if selected || bg.hovered() {
-        let v = ui.visuals();
-        let fill = if selected {
-            v.selection.bg_fill.gamma_multiply(0.35)
-        } else {
-            v.widgets.hovered.weak_bg_fill.gamma_multiply(0.5)
-        };
-        ui.painter().rect_filled(rect, 2.0, fill);
-    }
-    let mut row_ui = ui.new_child(
-        UiBuilder::new()
-            .max_rect(rect)
-            .layout(egui::Layout::left_to_right(egui::Align::Center)),
-    );
-    cells(&mut row_ui);
-    ui.allocate_rect(rect, Sense::hover());
-    bg
+    let id = ui
+        .scope_id()
+        .with(("library-row", ui.cursor().min.y as i32));
+    table_row(ui, row_h, id, selected, cells).0
 }
 
 fn react(

@@ -1,6 +1,6 @@
 //! Small drawing helpers shared by the panels.
 
-use egui::{Color32, RichText, Ui, vec2};
+use egui::{Color32, Rect, RichText, Sense, Ui, UiBuilder, vec2};
 use proto::v1::VmState;
 
 use super::theme::{Tone, tone};
@@ -67,4 +67,36 @@ pub fn left_cell(
         },
     )
     .inner
+}
+
+/// A table row `row_h` high across the available width: the whole row reacts to clicks (its
+/// response is returned with what `cells` returns), is tinted when selected or hovered, and
+/// `cells` draws its widgets left to right on it, after the row, so a click on a widget is
+/// the widget's. `id` must be unique among the rows.
+pub fn table_row<R>(
+    ui: &mut Ui,
+    row_h: f32,
+    id: egui::Id,
+    selected: bool,
+    cells: impl FnOnce(&mut Ui) -> R,
+) -> (egui::Response, R, Rect) {
+    let rect = Rect::from_min_size(ui.cursor().min, vec2(ui.available_width(), row_h));
+    let bg = ui.interact(rect, id, Sense::click());
+    if selected || bg.hovered() {
+        let v = ui.visuals();
+        let fill = if selected {
+            v.selection.bg_fill.gamma_multiply(0.35)
+        } else {
+            v.widgets.hovered.weak_bg_fill.gamma_multiply(0.5)
+        };
+        ui.painter().rect_filled(rect, 2.0, fill);
+    }
+    let mut row_ui = ui.new_child(
+        UiBuilder::new()
+            .max_rect(rect)
+            .layout(egui::Layout::left_to_right(egui::Align::Center)),
+    );
+    let r = cells(&mut row_ui);
+    ui.allocate_rect(rect, Sense::hover());
+    (bg, r, rect)
 }
