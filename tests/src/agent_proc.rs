@@ -8,6 +8,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use proto::client::Target;
 
+/// Give the agent state in `state` a boot image "default" whose kernel is never booted: for
+/// agents whose workers are `fake-worker` (the agent refuses a VM without a boot image).
+pub fn placeholder_boot_image(state: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(state.join("boot/default"))?;
+    std::fs::write(state.join("boot/default/kernel"), b"not booted")
+}
+
 /// Start `parvis-agent` (the test-host build) with TLS on a free loopback port, its state in
 /// `state` and `args` added (the worker, …), and read its address, certificate fingerprint
 /// and token. Its stderr goes to `log` when given (and is quoted if it fails to start).

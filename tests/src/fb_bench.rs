@@ -213,8 +213,7 @@ fn run_agent(
     which: &[(&'static str, &'static str)],
 ) -> Result<FbResult> {
     let state = dir.join("agent-state");
-    std::fs::create_dir_all(state.join("boot/default"))?;
-    std::fs::write(state.join("boot/default/kernel"), b"not booted")?;
+    crate::agent_proc::placeholder_boot_image(&state)?;
     let worker_arg = worker.to_string_lossy().into_owned();
     let (mut agent, target) =
         crate::agent_proc::spawn_agent(&state, &["--worker", &worker_arg], None)?;

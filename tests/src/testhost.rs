@@ -88,6 +88,25 @@ impl Outcome {
     pub fn path(&self, name: &str) -> PathBuf {
         self.share.path().join(name)
     }
+
+    /// What the script's `run NAME ...` left: the worker's stdout, its stderr and its exit
+    /// status (their tails are printed for the test log). Panics with the console's tail when
+    /// the run left no status (it never ran or the test host died).
+    pub fn worker_run(&self, name: &str) -> (String, String, i32) {
+        let out = self.file(&format!("{name}.out"));
+        let err = self.file(&format!("{name}.err"));
+        let rc = self
+            .file(&format!("{name}.rc"))
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("run {name} left no status:\n{}", tail(&self.log(), 60)));
+        eprintln!(
+            "--- {name}: rc={rc}\n{}\n{}",
+            tail(&err, 20),
+            tail(&out, 40)
+        );
+        (out, err, rc)
+    }
 }
 
 pub(crate) const HEADER: &str = r#"set -u

@@ -161,22 +161,7 @@ fn outcome() -> &'static Outcome {
 }
 
 fn run(name: &str) -> (String, String, i32) {
-    let o = outcome();
-    let rc = o
-        .file(&format!("{name}.rc"))
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| {
-            panic!(
-                "run {name} left no status:\n{}",
-                parvis_tests::testhost::tail(&o.log(), 60)
-            )
-        });
-    (
-        o.file(&format!("{name}.out")),
-        o.file(&format!("{name}.err")),
-        rc,
-    )
+    outcome().worker_run(name)
 }
 
 #[test]

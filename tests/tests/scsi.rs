@@ -136,25 +136,7 @@ fn outcome() -> &'static Outcome {
 }
 
 fn run(name: &str) -> (String, String, i32) {
-    let o = outcome();
-    let out = o.file(&format!("{name}.out"));
-    let err = o.file(&format!("{name}.err"));
-    let rc = o
-        .file(&format!("{name}.rc"))
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| {
-            panic!(
-                "run {name} left no status:\n{}",
-                parvis_tests::testhost::tail(&o.log(), 60)
-            )
-        });
-    eprintln!(
-        "--- {name}: rc={rc}\n{}\n{}",
-        parvis_tests::testhost::tail(&err, 20),
-        parvis_tests::testhost::tail(&out, 40)
-    );
-    (out, err, rc)
+    outcome().worker_run(name)
 }
 
 fn read_image(path: &Path) -> Vec<u8> {

@@ -12,8 +12,7 @@ use tonic::Code;
 fn the_agent_samples_the_host_and_a_running_vm_and_streams_them() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    std::fs::create_dir_all(state.join("boot/default")).unwrap();
-    std::fs::write(state.join("boot/default/kernel"), b"not booted").unwrap();
+    parvis_tests::agent_proc::placeholder_boot_image(&state).unwrap();
     let (mut agent, target) = parvis_tests::agent_proc::spawn_agent(
         &state,
         &["--worker", env!("CARGO_BIN_EXE_fake-worker")],

@@ -58,8 +58,7 @@ fn bus(d: &DiskAttachment) -> DiskBus {
 fn scsi_disks_come_and_go_on_a_running_vm_and_virtio_ones_wait_for_it_to_be_off() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    std::fs::create_dir_all(state.join("boot/default")).unwrap();
-    std::fs::write(state.join("boot/default/kernel"), b"not booted").unwrap();
+    parvis_tests::agent_proc::placeholder_boot_image(&state).unwrap();
     let (mut agent, target) = parvis_tests::agent_proc::spawn_agent(
         &state,
         &["--worker", env!("CARGO_BIN_EXE_fake-worker")],

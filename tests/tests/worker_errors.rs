@@ -14,8 +14,7 @@ use tonic::Code;
 fn a_failing_worker_reaches_the_client_as_a_typed_status_without_host_details() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    std::fs::create_dir_all(state.join("boot/default")).unwrap();
-    std::fs::write(state.join("boot/default/kernel"), b"not booted").unwrap();
+    parvis_tests::agent_proc::placeholder_boot_image(&state).unwrap();
     let worker = env!("CARGO_BIN_EXE_fake-worker");
     let (mut agent, target) = parvis_tests::agent_proc::spawn_agent_env(
         &state,
