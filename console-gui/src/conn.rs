@@ -176,6 +176,8 @@ pub fn field_words(msg: &str) -> String {
         "spec.display_width" | "spec.display_height" => "the screen size".to_string(),
         "spec.cmdline" => "the kernel command line".to_string(),
         "spec.boot_image" => "the boot image".to_string(),
+        "spec.boot_source" => "what the VM boots".to_string(),
+        "spec.boot_entry" => "the boot entry".to_string(),
         "new_size" | "size" => "the size".to_string(),
         "format" | "variant" => "the format".to_string(),
         f => match f

@@ -11,6 +11,7 @@
 
 pub mod agent_proc;
 pub mod bench_support;
+pub mod boot_disks;
 pub mod build;
 pub mod console_bench;
 pub mod disk_bench;

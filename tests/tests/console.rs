@@ -630,6 +630,83 @@ fn dropped_vhdx_uploads_and_becomes_a_vm() {
     assert!(h.query_by_label("web.vhdx").is_some(), "the original stays");
 }
 
+/// An agent whose worker program is the real `parvis-worker` (VMs are never started here):
+/// it reads each imported disk's boot entries with the worker's confined reader.
+#[test]
+fn an_imported_disk_shows_what_it_boots_and_new_vm_picks_its_boot_entry() {
+    let art = parvis_tests::build::artifacts().unwrap_or_else(|e| panic!("{e:#}"));
+    let release = std::fs::read_to_string(art.images.join("kernel-release"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let agent = Agent::with_worker(art.bin.join("parvis-worker").to_str().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    parvis_tests::boot_disks::make(dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
+    let cfg = write_config(dir.path(), vec![agent.host("lab")]);
+    let mut h = app(Some(cfg));
+    wait(&mut h, "online", 30, |h| {
+        host_status(h, "lab") == Some(HostStatus::Online)
+    });
+    drop_file(&mut h, &dir.path().join("gen2.vhdx"));
+    wait(&mut h, "the offer to create a VM", 120, |h| {
+        has_text(h, "Create a VM from it?")
+    });
+    // The host reads the disk in the background; the console hears when it has.
+    wait(&mut h, "the disk's boot entries", 60, |h| {
+        h.state().host_by_name("lab").is_some_and(|x| {
+            x.disks
+                .values()
+                .any(|d| d.boot.as_ref().is_some_and(|b| b.inspected))
+        })
+    });
+    click(&mut h, "Create VM…");
+    let summary = "Debian GNU/Linux 12 (bookworm), 2 boot entries";
+    assert!(has_text(&h, summary), "New VM shows what the disk boots");
+    assert!(has_text(&h, "Its disk's own system"));
+    // The entry picker offers the disk's own entries, its default first.
+    h.get(egui_kittest::kittest::By::new().predicate(|n| {
+        n.value().is_some_and(|v| {
+            v == format!("the disk's default (Debian GNU/Linux, with Linux {release})")
+        })
+    }))
+    .click();
+    steps(&mut h, 4);
+    let options: Vec<String> = h
+        .query_all(egui_kittest::kittest::By::new().predicate(|n| {
+            n.role() == Role::Button && n.label().is_some_and(|l| l.starts_with("Debian GNU/Linux"))
+        }))
+        .map(|n| n.accesskit_node().label().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        options,
+        [
+            "Debian GNU/Linux".to_string(),
+            format!("Debian GNU/Linux, with Linux {release}")
+        ]
+    );
+    // Closed again as it was opened, with the default kept.
+    h.get(egui_kittest::kittest::By::new().predicate(|n| {
+        n.role() == Role::ComboBox
+            && n.value()
+                .is_some_and(|v| v.starts_with("the disk's default"))
+    }))
+    .click();
+    steps(&mut h, 4);
+    click(&mut h, "Create");
+    wait(&mut h, "the VM made from the disk", 30, |h| {
+        vm_names(h, "lab") == vec!["gen2".to_string()]
+    });
+    let host = h.state().host_by_name("lab").unwrap();
+    let spec = host.vms.values().next().unwrap().spec.clone().unwrap();
+    assert_eq!(spec.boot_source, proto::v1::BootSource::Disk as i32);
+    assert_eq!(spec.boot_entry, "", "the disk's default");
+    // The library says what the disk boots.
+    click(&mut h, "Disk library");
+    wait(&mut h, "the library's Boots column", 10, |h| {
+        has_text(h, "Boots") && has_text(h, summary)
+    });
+}
+
 #[test]
 fn uploads_pause_resume_and_cancel() {
     let agent = Agent::start();

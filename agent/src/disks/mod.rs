@@ -11,6 +11,7 @@
 //! Everything here that touches files runs on blocking threads: async methods use
 //! `spawn_blocking`, tasks run on their own threads.
 
+mod bootinfo;
 mod staged;
 mod upload;
 
@@ -55,6 +56,10 @@ struct DiskMeta {
     /// Raw images have no header to say it.
     #[serde(default = "default_sector")]
     logical_sector_size: u32,
+    /// Uploaded (or converted from an uploaded disk): a VM made from it boots its own
+    /// system by default.
+    #[serde(default)]
+    imported: bool,
 }
 
 fn default_sector() -> u32 {
@@ -70,6 +75,7 @@ impl DiskMeta {
             created_ms: now_ms(),
             format: format.to_string(),
             logical_sector_size,
+            imported: false,
         }
     }
 
@@ -110,6 +116,9 @@ pub(crate) struct Inner {
     tasks: Arc<Tasks>,
     disks: Mutex<HashMap<String, DiskEntry>>,
     uploads: Mutex<HashMap<String, upload::UploadEntry>>,
+    /// Disks whose boot entries are to be read (see [`bootinfo`]); None until the agent
+    /// knows its worker program.
+    boot_queue: Mutex<Option<std::sync::mpsc::Sender<String>>>,
 }
 
 /// The host's disk library. Cheap to share: clone the `Arc` it lives in.
@@ -154,6 +163,7 @@ impl DiskLibrary {
             tasks,
             disks: Mutex::new(HashMap::new()),
             uploads: Mutex::new(HashMap::new()),
+            boot_queue: Mutex::new(None),
         });
         // Uploads first: one that a crash stopped while it became a disk finishes becoming it.
         let uploads = upload::scan(layout)?;
@@ -166,6 +176,48 @@ impl DiskLibrary {
         }
         upload::load(&inner, uploads);
         Ok(DiskLibrary { inner })
+    }
+
+    /// Read each disk's boot entries with the confined reader of `worker_bin`: from now on
+    /// for every disk that enters the library, and now for every disk not read yet. One
+    /// disk is read at a time, on a thread of its own.
+    pub fn read_boot_entries_with(&self, worker_bin: PathBuf) {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let weak = Arc::downgrade(&self.inner);
+        std::thread::Builder::new()
+            .name("disk-boot-reader".into())
+            .spawn(move || boot_reader(&weak, &worker_bin, &rx))
+            .ok();
+        let unread: Vec<String> = self
+            .inner
+            .lock_disks()
+            .values()
+            .filter(|e| e.disk.boot.is_none())
+            .map(|e| e.meta.id.clone())
+            .collect();
+        for id in unread {
+            let _ = tx.send(id);
+        }
+        *self
+            .inner
+            .boot_queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    }
+
+    /// Read a disk's boot entries again (a VM that writes it has stopped).
+    pub fn reread_boot_entries(&self, id: &str) {
+        self.inner.queue_boot_read(id);
+    }
+
+    /// Whether a VM made from this disk boots the disk's own system by default: it was
+    /// imported, or its boot entries were found.
+    pub fn boots_by_default(&self, id: &str) -> bool {
+        self.inner
+            .with_disk(id, |e| {
+                Ok(e.meta.imported || e.disk.boot.as_ref().is_some_and(|b| b.bootable))
+            })
+            .unwrap_or(false)
     }
 
     /// Every disk, by name (`attached_to` and `check_findings` are left empty).
@@ -556,10 +608,17 @@ impl Inner {
     }
 
     /// Replace the cached description of a disk; publishes a change if there is one.
-    fn update_cached(&self, disk: Disk) -> Disk {
+    fn update_cached(&self, mut disk: Disk) -> Disk {
         let changed = {
             let mut map = self.lock_disks();
             match map.get_mut(&disk.id) {
+                // What the disk boots is read separately (see `bootinfo`).
+                Some(e) if disk.boot.is_none() && e.disk.boot.is_some() => {
+                    disk.boot = e.disk.boot.clone();
+                    let changed = e.disk != disk;
+                    e.disk = disk.clone();
+                    changed
+                }
                 Some(e) if e.disk != disk => {
                     e.disk = disk.clone();
                     true
@@ -589,14 +648,21 @@ impl Inner {
         self.lock_disks().insert(
             meta.id.clone(),
             DiskEntry {
-                meta,
+                meta: meta.clone(),
                 disk: disk.clone(),
                 readers: 0,
                 writer: None,
             },
         );
         self.events.disk_changed(disk.clone());
+        self.queue_boot_read(&meta.id);
         disk
+    }
+
+    fn queue_boot_read(&self, id: &str) {
+        if let Some(tx) = &*self.boot_queue.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = tx.send(id.to_string());
+        }
     }
 
     fn convert_blocking(
@@ -611,7 +677,8 @@ impl Inner {
         let src_path = self.disk_dir(&src_meta.id).join(&src_meta.file);
         let src = open_library_image(&src_path, src_meta, true)?;
         let id = new_id();
-        let meta = DiskMeta::new(id.clone(), name, format, sector);
+        let mut meta = DiskMeta::new(id.clone(), name, format, sector);
+        meta.imported = src_meta.imported;
         let dir = self.disk_dir(&id);
         fs::create_dir(&dir).map_err(|e| AgentError::internal("creating a disk directory", e))?;
         let result = (|| {
@@ -738,13 +805,14 @@ fn load_disks(root: &Path, keep: &HashSet<String>) -> anyhow::Result<Vec<DiskEnt
         }
         // Never replay a log here: a worker that outlived an agent restart may have the
         // image open.
-        let disk = match open_library_image(&img_path, &meta, true) {
+        let mut disk = match open_library_image(&img_path, &meta, true) {
             Ok(img) => disk_from_info(&meta, &img.info(&img_path)),
             Err(e) => {
                 tracing::warn!("disk {}: cannot open its image: {e}", meta.id);
                 fallback_disk(&meta, &img_path)
             }
         };
+        disk.boot = bootinfo::load(&path);
         out.push(DiskEntry {
             meta,
             disk,
@@ -799,6 +867,55 @@ fn disk_from_info(meta: &DiskMeta, info: &ImageInfo) -> Disk {
         created_ms: meta.created_ms,
         check_findings: Vec::new(),
         block_size: info.block_size.unwrap_or(0),
+        boot: None,
+    }
+}
+
+/// The boot-entry reader's thread: reads the disks queued, one at a time, until the
+/// library is gone.
+fn boot_reader(
+    inner: &std::sync::Weak<Inner>,
+    worker_bin: &Path,
+    rx: &std::sync::mpsc::Receiver<String>,
+) {
+    while let Ok(first) = rx.recv() {
+        // Reading a disk once answers every request for it queued meanwhile.
+        let mut ids = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            if !ids.contains(&more) {
+                ids.push(more);
+            }
+        }
+        for id in ids {
+            let Some(inner) = inner.upgrade() else { return };
+            let Ok((dir, file)) =
+                inner.with_disk(&id, |e| Ok((inner.disk_dir(&id), e.meta.file.clone())))
+            else {
+                continue;
+            };
+            let info = match bootinfo::read(worker_bin, &dir.join(file)) {
+                Ok(i) => i,
+                Err(why) => {
+                    tracing::warn!(disk = %id, "cannot read the disk's boot entries: {why}");
+                    continue;
+                }
+            };
+            if let Err(e) = bootinfo::save(&dir, &info) {
+                tracing::warn!(disk = %id, "cannot keep the disk's boot entries: {e}");
+            }
+            let changed = inner.with_disk_mut(&id, |e| {
+                e.disk.boot = Some(info);
+                Ok(e.disk.clone())
+            });
+            if let Ok(d) = changed {
+                tracing::info!(
+                    disk = %id,
+                    bootable = d.boot.as_ref().is_some_and(|b| b.bootable),
+                    "read the disk's boot entries"
+                );
+                inner.events.disk_changed(d);
+            }
+        }
     }
 }
 

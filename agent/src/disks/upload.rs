@@ -819,12 +819,13 @@ fn verify_and_install(
             _ => return Err(AgentError::Cancelled),
         }
     }
-    let disk_meta = DiskMeta::new(
+    let mut disk_meta = DiskMeta::new(
         new_id(),
         meta.name.clone(),
         format,
         info.logical_sector_size,
     );
+    disk_meta.imported = true;
     // The intent first: once it is durable, a restart finishes the move whatever happens.
     let mut record = meta.clone();
     record.disk = Some(disk_meta.clone());

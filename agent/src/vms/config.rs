@@ -1,6 +1,6 @@
 //! A VM's stored configuration, and the checks a spec must pass.
 
-use proto::v1::{DiskAttachment, DiskBus, DiskFormat, VmSpec};
+use proto::v1::{BootSource, DiskAttachment, DiskBus, DiskFormat, VmSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AgentError, AgentResult};
@@ -23,6 +23,13 @@ pub struct VmConfig {
     pub memory_bytes: u64,
     pub disks: Vec<DiskRef>,
     pub boot_image: String,
+    /// Configs written before boot sources existed boot their boot image.
+    #[serde(default)]
+    pub boot_source: Boot,
+    /// With [`Boot::Disk`]: the entry to start (kernel version, title or index); empty =
+    /// the disk's default.
+    #[serde(default)]
+    pub boot_entry: String,
     #[serde(default)]
     pub cmdline: String,
     pub display_width: u32,
@@ -55,6 +62,37 @@ pub enum Bus {
     #[default]
     Virtio,
     Scsi,
+}
+
+/// What a VM starts.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Boot {
+    /// The host's boot image (`boot_image`).
+    #[default]
+    Image,
+    /// The kernel the first disk's own boot loader would start.
+    Disk,
+}
+
+impl Boot {
+    pub fn to_proto(self) -> BootSource {
+        match self {
+            Boot::Image => BootSource::Image,
+            Boot::Disk => BootSource::Disk,
+        }
+    }
+}
+
+/// The entry `want` names among a disk's boot entries, as the worker's reader finds it: a
+/// kernel version, a title, or a place in the menu.
+pub fn find_entry(entries: &[proto::v1::BootEntry], want: &str) -> Option<usize> {
+    let want = want.trim();
+    entries
+        .iter()
+        .position(|e| !e.version.is_empty() && e.version == want)
+        .or_else(|| entries.iter().position(|e| e.title == want))
+        .or_else(|| want.parse::<usize>().ok().filter(|&n| n < entries.len()))
 }
 
 /// SCSI controllers a VM may have.
@@ -159,17 +197,22 @@ impl VmConfig {
             display_width: self.display_width,
             display_height: self.display_height,
             autostart: self.autostart,
+            boot_source: self.boot_source.to_proto() as i32,
+            boot_entry: self.boot_entry.clone(),
         }
     }
 }
 
 /// Check a spec and turn it into a config. `disk_format` is the format of a disk in the
-/// library (None: no such disk); `name_taken` says whether another VM has the name.
+/// library (None: no such disk); `name_taken` says whether another VM has the name;
+/// `boots_by_default` whether a VM made from a disk boots that disk when the spec does not
+/// say (an imported disk, or one whose boot entries were found).
 pub fn validate(
     spec: &VmSpec,
     host: &HostFacts,
     disk_format: impl Fn(&str) -> Option<DiskFormat>,
     name_taken: impl Fn(&str) -> bool,
+    boots_by_default: impl Fn(&str) -> bool,
 ) -> AgentResult<VmConfig> {
     fn bad(f: impl Into<String>, r: impl Into<String>) -> AgentError {
         AgentError::invalid(f, r)
@@ -243,12 +286,56 @@ pub fn validate(
         )?);
     }
     place_disks(&mut disks).map_err(|(i, why)| bad(format!("spec.disks[{i}].lun"), why))?;
-    let boot_image = if spec.boot_image.is_empty() {
-        "default".to_string()
-    } else {
-        spec.boot_image.clone()
+    let boot_source = match BootSource::try_from(spec.boot_source) {
+        Ok(BootSource::Image) => Boot::Image,
+        Ok(BootSource::Disk) => Boot::Disk,
+        Ok(BootSource::Unspecified) => {
+            if spec.boot_image.is_empty()
+                && disks.first().is_some_and(|d| boots_by_default(&d.disk_id))
+            {
+                Boot::Disk
+            } else {
+                Boot::Image
+            }
+        }
+        Err(_) => return Err(bad("spec.boot_source", "is not a known boot source")),
     };
-    host.boot_image(&boot_image)?;
+    let boot_image = match boot_source {
+        Boot::Image => {
+            let name = if spec.boot_image.is_empty() {
+                "default".to_string()
+            } else {
+                spec.boot_image.clone()
+            };
+            host.boot_image(&name)?;
+            name
+        }
+        Boot::Disk => {
+            if disks.is_empty() {
+                return Err(bad(
+                    "spec.boot_source",
+                    "a VM that boots from its disk needs a disk",
+                ));
+            }
+            spec.boot_image.clone()
+        }
+    };
+    if spec.boot_image.len() > 200 {
+        return Err(bad("spec.boot_image", "must be at most 200 bytes"));
+    }
+    let boot_entry = spec.boot_entry.trim().to_string();
+    if boot_entry.len() > 200 || boot_entry.chars().any(char::is_control) {
+        return Err(bad(
+            "spec.boot_entry",
+            "must be at most 200 bytes, without control characters",
+        ));
+    }
+    if !boot_entry.is_empty() && boot_source != Boot::Disk {
+        return Err(bad(
+            "spec.boot_entry",
+            "only a VM that boots from its disk has boot entries",
+        ));
+    }
     if spec.cmdline.len() > 2048 {
         return Err(bad("spec.cmdline", "must be at most 2048 bytes"));
     }
@@ -272,6 +359,8 @@ pub fn validate(
         memory_bytes: spec.memory_bytes,
         disks,
         boot_image,
+        boot_source,
+        boot_entry,
         cmdline: spec.cmdline.clone(),
         display_width: w,
         display_height: h,
@@ -322,6 +411,7 @@ mod tests {
             &host(d.path()),
             |_| Some(DiskFormat::Raw),
             |_| false,
+            |_| false,
         )
         .unwrap();
         assert_eq!((c.display_width, c.display_height), DEFAULT_DISPLAY);
@@ -337,6 +427,7 @@ mod tests {
                 &s,
                 &h,
                 |id| (id == "aaaaaaaaaaaa").then_some(DiskFormat::Raw),
+                |_| false,
                 |_| false,
             )
         };
@@ -394,9 +485,85 @@ mod tests {
             "spec.display_width"
         );
         assert!(matches!(
-            validate(&spec(), &h, |_| None, |n| n == "web"),
+            validate(&spec(), &h, |_| None, |n| n == "web", |_| false),
             Err(AgentError::AlreadyExists(_))
         ));
+    }
+
+    #[test]
+    fn an_imported_disk_boots_itself_unless_the_spec_says_otherwise() {
+        let d = tempfile::tempdir().unwrap();
+        let h = host(d.path());
+        let format = |_: &str| Some(DiskFormat::Vhdx);
+        let imported = |id: &str| id == "aaaaaaaaaaaa";
+        let with = |id: &str| VmSpec {
+            disks: vec![DiskAttachment {
+                disk_id: id.into(),
+                ..Default::default()
+            }],
+            ..spec()
+        };
+        let v = |s: &VmSpec| validate(s, &h, format, |_| false, imported);
+        // Imported, nothing said: the disk, and GetVm's spec says so.
+        let c = v(&with("aaaaaaaaaaaa")).unwrap();
+        assert_eq!(c.boot_source, Boot::Disk);
+        assert_eq!(c.spec().boot_source, BootSource::Disk as i32);
+        assert_eq!(v(&c.spec()).unwrap(), c);
+        // A disk made empty on the host, or a boot image named: the boot image.
+        assert_eq!(v(&with("bbbbbbbbbbbb")).unwrap().boot_source, Boot::Image);
+        let named = VmSpec {
+            boot_image: "default".into(),
+            ..with("aaaaaaaaaaaa")
+        };
+        assert_eq!(v(&named).unwrap().boot_source, Boot::Image);
+        // Said explicitly, either way.
+        let image = VmSpec {
+            boot_source: BootSource::Image as i32,
+            ..with("aaaaaaaaaaaa")
+        };
+        assert_eq!(v(&image).unwrap().boot_image, "default");
+        let disk = VmSpec {
+            boot_source: BootSource::Disk as i32,
+            boot_entry: " 6.1.0-28-amd64 ".into(),
+            ..with("bbbbbbbbbbbb")
+        };
+        let c = v(&disk).unwrap();
+        assert_eq!(
+            (c.boot_source, c.boot_entry.as_str()),
+            (Boot::Disk, "6.1.0-28-amd64")
+        );
+        // A disk boot with no disk, an entry without a disk boot, junk.
+        let none = VmSpec {
+            boot_source: BootSource::Disk as i32,
+            ..spec()
+        };
+        assert_eq!(field_of(v(&none)), "spec.boot_source");
+        let entry = VmSpec {
+            boot_entry: "6.1".into(),
+            ..spec()
+        };
+        assert_eq!(field_of(v(&entry)), "spec.boot_entry");
+        let junk = VmSpec {
+            boot_source: 7,
+            ..spec()
+        };
+        assert_eq!(field_of(v(&junk)), "spec.boot_source");
+        let control = VmSpec {
+            boot_entry: "a\nb".into(),
+            ..disk.clone()
+        };
+        assert_eq!(field_of(v(&control)), "spec.boot_entry");
+        // Stored settings from before boot sources existed: the boot image.
+        let old: VmConfig = serde_json::from_str(
+            r#"{"id":"x","name":"n","cpus":1,"memory_bytes":67108864,"disks":[],
+                "boot_image":"default","display_width":1024,"display_height":768,
+                "created_ms":0}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (old.boot_source, old.boot_entry.as_str()),
+            (Boot::Image, "")
+        );
     }
 
     #[test]
@@ -424,7 +591,7 @@ mod tests {
             ],
             ..spec()
         };
-        let c = validate(&s, &h, format, |_| false).unwrap();
+        let c = validate(&s, &h, format, |_| false, |_| false).unwrap();
         let got: Vec<(Bus, Option<u8>)> = c.disks.iter().map(|d| (d.bus, d.lun)).collect();
         assert_eq!(
             got,
@@ -436,7 +603,7 @@ mod tests {
             ]
         );
         // What GetVm reports goes back in unchanged.
-        let again = validate(&c.spec(), &h, format, |_| false).unwrap();
+        let again = validate(&c.spec(), &h, format, |_| false, |_| false).unwrap();
         assert_eq!(again.disks, c.disks);
         // Two disks in one place, a LUN on virtio, numbers out of range.
         let clash = VmSpec {
@@ -447,7 +614,7 @@ mod tests {
             ..spec()
         };
         assert_eq!(
-            field_of(validate(&clash, &h, format, |_| false)),
+            field_of(validate(&clash, &h, format, |_| false, |_| false)),
             "spec.disks[1].lun"
         );
         for bad in [
@@ -472,7 +639,7 @@ mod tests {
                 ..spec()
             };
             assert_eq!(
-                field_of(validate(&s, &h, format, |_| false)),
+                field_of(validate(&s, &h, format, |_| false, |_| false)),
                 "spec.disks[0]"
             );
         }

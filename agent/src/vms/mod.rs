@@ -292,6 +292,7 @@ impl Vms {
             &self.host,
             |id| self.disk_format(id),
             |n| self.name_taken(n, ""),
+            |d| self.disks.boots_by_default(d),
         )?;
         config.id = store::new_id();
         config.created_ms = now_ms();
@@ -325,11 +326,20 @@ impl Vms {
         let _g = op.lock().await;
         self.require(id, &[VmState::Off, VmState::Crashed], "change its settings")?;
         let old = self.entry(id, |e| e.config.clone())?;
+        // A client that does not know boot sources keeps the VM's.
+        let mut spec = spec.clone();
+        if spec.boot_source == proto::v1::BootSource::Unspecified as i32 {
+            spec.boot_source = old.boot_source.to_proto() as i32;
+            if old.boot_source == config::Boot::Disk && spec.boot_entry.is_empty() {
+                spec.boot_entry = old.boot_entry.clone();
+            }
+        }
         let mut config = validate(
-            spec,
+            &spec,
             &self.host,
             |d| self.disk_format(d),
             |n| self.name_taken(n, id),
+            |d| self.disks.boots_by_default(d),
         )?;
         config.id = old.id;
         config.created_ms = old.created_ms;
@@ -511,6 +521,47 @@ impl Vms {
             .unwrap_or_else(|_| disk_id.to_string())
     }
 
+    /// FailedPrecondition when what the agent read of the VM's first disk says it cannot
+    /// boot, or has no entry the VM asks for. A disk not read yet is left to the worker.
+    fn check_disk_boot(&self, config: &VmConfig) -> AgentResult<()> {
+        let Some(first) = config.disks.first() else {
+            return Err(AgentError::precondition(format!(
+                "VM '{}' boots from its disk but has none",
+                config.name
+            )));
+        };
+        let Some(info) = self.disks.get(&first.disk_id).ok().and_then(|d| d.boot) else {
+            return Ok(());
+        };
+        let label = self.disk_label(&first.disk_id);
+        if !info.bootable {
+            return Err(AgentError::precondition(format!(
+                "disk '{label}' cannot be booted: {}",
+                info.reason
+            )));
+        }
+        let want = config.boot_entry.as_str();
+        if !want.is_empty() && config::find_entry(&info.entries, want).is_none() {
+            let names: Vec<&str> = info
+                .entries
+                .iter()
+                .map(|e| {
+                    if e.version.is_empty() {
+                        e.title.as_str()
+                    } else {
+                        e.version.as_str()
+                    }
+                })
+                .collect();
+            return Err(AgentError::precondition(format!(
+                "disk '{label}' has no boot entry '{}'; its entries: {}",
+                crate::error::quote(want),
+                names.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
     /// FailedPrecondition unless the VM is in one of `states`.
     fn require(&self, id: &str, states: &[VmState], to: &str) -> AgentResult<()> {
         let (state, name) = self.entry(id, |e| (e.state, e.config.name.clone()))?;
@@ -529,12 +580,20 @@ impl Vms {
         let _g = op.lock().await;
         self.require(id, &[VmState::Off, VmState::Crashed], "start it")?;
         let config = self.entry(id, |e| e.config.clone())?;
-        let boot = self.host.boot_image(&config.boot_image).map_err(|_| {
-            AgentError::precondition(format!(
-                "boot image '{}' is no longer on this host",
-                config.boot_image
-            ))
-        })?;
+        let boot = match config.boot_source {
+            config::Boot::Image => {
+                Some(self.host.boot_image(&config.boot_image).map_err(|_| {
+                    AgentError::precondition(format!(
+                        "boot image '{}' is no longer on this host",
+                        config.boot_image
+                    ))
+                })?)
+            }
+            config::Boot::Disk => {
+                self.check_disk_boot(&config)?;
+                None
+            }
+        };
         let mut disks = Vec::new();
         for d in &config.disks {
             let path = self.disks.path_of(&d.disk_id).map_err(|_| {
@@ -578,7 +637,7 @@ impl Vms {
         };
         self.events.vm_changed(vm);
         let dir = self.layout.vm(id);
-        let spawned = process::spawn(&self.host.worker_bin, &dir, &config, &boot, &disks);
+        let spawned = process::spawn(&self.host.worker_bin, &dir, &config, boot.as_ref(), &disks);
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
@@ -593,9 +652,14 @@ impl Vms {
         if let Ok(run) = RunRecord::of(pid) {
             let _ = store::write_json(&dir.join(RUN), &run);
         }
-        // Wait for the control socket; a worker that exits first failed to start.
+        // Wait for the control socket; a worker that exits first failed to start. A worker
+        // booting its disk reads the kernel first (its reader may take up to two minutes).
         let socket = dir.join(SOCKET);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let wait = match config.boot_source {
+            config::Boot::Image => Duration::from_secs(20),
+            config::Boot::Disk => Duration::from_secs(150),
+        };
+        let deadline = tokio::time::Instant::now() + wait;
         let running = loop {
             if let Ok(Some(status)) = child.try_wait() {
                 let (state, reason) = self.exit_outcome(id, Some(status), false);
@@ -694,6 +758,12 @@ impl Vms {
         };
         self.record_exit(id, state, &reason, &log);
         let _ = std::fs::remove_file(self.layout.vm(id).join(RUN));
+        // The guest may have installed or removed kernels on the disks it wrote.
+        if let Ok(disks) = self.entry(id, |e| e.config.disks.clone()) {
+            for d in disks.iter().filter(|d| !d.read_only) {
+                self.disks.reread_boot_entries(&d.disk_id);
+            }
+        }
         self.update(id, |e| {
             if e.run.as_ref().is_some_and(|r| Arc::ptr_eq(r, running)) {
                 e.run = None;
@@ -1011,6 +1081,8 @@ mod tests {
                     })
                     .collect(),
                 boot_image: "default".into(),
+                boot_source: config::Boot::Image,
+                boot_entry: String::new(),
                 cmdline: String::new(),
                 display_width: 1024,
                 display_height: 768,

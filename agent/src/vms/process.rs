@@ -141,7 +141,7 @@ pub fn spawn(
     worker_bin: &Path,
     dir: &Path,
     config: &VmConfig,
-    boot: &BootFiles,
+    boot: Option<&BootFiles>,
     disks: &[(PathBuf, DiskRef)],
 ) -> std::io::Result<Child> {
     let _ = std::fs::remove_file(dir.join(STATUS));
@@ -151,18 +151,32 @@ pub fn spawn(
         .append(true)
         .open(dir.join(WORKER_LOG))?;
     let mut cmd = Command::new(worker_bin);
-    cmd.arg("--kernel").arg(&boot.kernel);
-    if let Some(i) = &boot.initrd {
-        cmd.arg("--initrd").arg(i);
+    match boot {
+        // The first disk's own kernel, read by the worker's confined reader; the VM's
+        // command line is added to the entry's.
+        None => {
+            cmd.arg("--boot-disk");
+            if !config.boot_entry.is_empty() {
+                cmd.arg("--boot-entry").arg(&config.boot_entry);
+            }
+            if !config.cmdline.is_empty() {
+                cmd.arg("--cmdline").arg(&config.cmdline);
+            }
+        }
+        Some(boot) => {
+            cmd.arg("--kernel").arg(&boot.kernel);
+            if let Some(i) = &boot.initrd {
+                cmd.arg("--initrd").arg(i);
+            }
+            let cmdline = if config.cmdline.is_empty() {
+                &boot.cmdline
+            } else {
+                &config.cmdline
+            };
+            cmd.arg("--cmdline").arg(cmdline);
+        }
     }
-    let cmdline = if config.cmdline.is_empty() {
-        &boot.cmdline
-    } else {
-        &config.cmdline
-    };
-    cmd.arg("--cmdline")
-        .arg(cmdline)
-        .arg("--memory")
+    cmd.arg("--memory")
         .arg(format!("{}M", config.memory_bytes >> 20))
         .arg("--cpus")
         .arg(config.cpus.to_string())

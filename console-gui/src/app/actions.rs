@@ -174,7 +174,7 @@ fn run(
             action,
         }),
         (Act::Settings, Target::Vm(h, id)) => {
-            *dialog = SettingsDialog::open(state, *h, id).map(Dialog::Settings);
+            *dialog = SettingsDialog::open(state, *h, id).map(|d| Dialog::Settings(Box::new(d)));
         }
         (Act::DeleteVm, Target::Vm(h, id)) => {
             *dialog = Some(Dialog::DeleteVm {

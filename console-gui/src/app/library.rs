@@ -11,7 +11,7 @@ use super::actions::{self, Target};
 use super::command::UiCommand;
 use super::dialogs::Dialog;
 use super::state::{Host, JobState, State};
-use super::theme::Tone;
+use super::theme::{Tone, tone};
 use super::widgets::{left_cell, status_dot, table_row};
 use super::words::human;
 use crate::backend::HostId;
@@ -80,17 +80,24 @@ pub(super) fn show(
     let fixed = [130.0, 96.0, 96.0];
     let spacing = ui.spacing().item_spacing.x;
     let flex = (ui.available_width() - fixed.iter().sum::<f32>() - spacing * 5.0).max(220.0);
-    let widths = [flex * 0.55, fixed[0], fixed[1], fixed[2], flex * 0.45];
+    let widths = [
+        flex * 0.35,
+        fixed[0],
+        fixed[1],
+        fixed[2],
+        flex * 0.25,
+        flex * 0.4,
+    ];
     ui.horizontal(|ui| {
         for (i, (w, t)) in widths
             .iter()
-            .zip(["Name", "Format", "Size", "File size", "Used by"])
+            .zip(["Name", "Format", "Size", "File size", "Used by", "Boots"])
             .enumerate()
         {
             let label = egui::Label::new(RichText::new(t).strong()).selectable(false);
             match i {
                 0 => left_cell(ui, *w, row_h, |ui| ui.add_space(36.0), label),
-                4 => left_cell(ui, *w, row_h, |_| {}, label),
+                4 | 5 => left_cell(ui, *w, row_h, |_| {}, label),
                 _ => ui.add_sized([*w, row_h], label),
             };
         }
@@ -153,7 +160,7 @@ fn react(
     r.context_menu(|ui| actions::menu(ui, state, t, dialog, commands));
 }
 
-fn disk_cells(ui: &mut Ui, h: &Host, d: &Disk, widths: &[f32; 5], row_h: f32) {
+fn disk_cells(ui: &mut Ui, h: &Host, d: &Disk, widths: &[f32; 6], row_h: f32) {
     let cell = |ui: &mut Ui, w: f32, text: RichText| {
         ui.add_sized(
             [w, row_h],
@@ -184,10 +191,42 @@ fn disk_cells(ui: &mut Ui, h: &Host, d: &Disk, widths: &[f32; 5], row_h: f32) {
         |_| {},
         egui::Label::new(used).selectable(false).truncate(),
     );
+    // What the host read off the disk: the system it boots, or why it cannot.
+    let (summary, ok) = super::dialogs::boot_summary(d.boot.as_ref());
+    let boots = if ok {
+        RichText::new(&summary)
+    } else {
+        RichText::new(&summary).color(tone(ui.visuals(), Tone::Bad))
+    };
+    let r = left_cell(
+        ui,
+        widths[5],
+        row_h,
+        |_| {},
+        egui::Label::new(boots).selectable(false).truncate(),
+    );
+    if let Some(b) = d.boot.as_ref().filter(|b| b.bootable) {
+        let lines: Vec<String> = b
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let mark = if i as u32 == b.default_entry {
+                    " (default)"
+                } else {
+                    ""
+                };
+                format!("{}{mark}", e.title)
+            })
+            .collect();
+        r.on_hover_text(format!("{summary}\n{}", lines.join("\n")));
+    } else {
+        r.on_hover_text(summary);
+    }
 }
 
 /// This console's uploads to `host` and the host's disk tasks, while they run.
-fn arriving(ui: &mut Ui, state: &State, host: HostId, widths: &[f32; 5]) {
+fn arriving(ui: &mut Ui, state: &State, host: HostId, widths: &[f32; 6]) {
     let host_name = state.host_name(host);
     for j in state
         .jobs
@@ -225,7 +264,7 @@ fn arriving(ui: &mut Ui, state: &State, host: HostId, widths: &[f32; 5]) {
     }
 }
 
-fn progress_row(ui: &mut Ui, widths: &[f32; 5], name: &str, what: &str, frac: f32) {
+fn progress_row(ui: &mut Ui, widths: &[f32; 6], name: &str, what: &str, frac: f32) {
     ui.horizontal(|ui| {
         ui.add_space(36.0);
         status_dot(ui, Tone::Busy);

@@ -600,7 +600,7 @@ mod tests {
         );
         let state = &app.state;
         let dialogs = [
-            dialogs::SettingsDialog::open(state, host, "a").map(Dialog::Settings),
+            dialogs::SettingsDialog::open(state, host, "a").map(|d| Dialog::Settings(Box::new(d))),
             dialogs::DiskDialog::convert(state, host, "d").map(Dialog::Disk),
             dialogs::DiskDialog::resize(state, host, "d").map(Dialog::Disk),
             dialogs::DiskDialog::delete(state, host, "d").map(Dialog::Disk),

@@ -24,6 +24,7 @@ pub enum Field {
     Screen,
     Cmdline,
     Disks,
+    Boot,
 }
 
 /// What the host allows.
@@ -98,6 +99,12 @@ pub fn check(spec: &VmSpec, limits: Limits, name_taken: bool) -> Vec<(Field, Str
         out.push((
             Field::Cmdline,
             "the kernel command line must be at most 2048 bytes".into(),
+        ));
+    }
+    if spec.boot_source == proto::v1::BootSource::Disk as i32 && spec.disks.is_empty() {
+        out.push((
+            Field::Boot,
+            "attach the disk to boot from, or boot a boot image".into(),
         ));
     }
     for (i, d) in spec.disks.iter().enumerate() {

@@ -16,7 +16,8 @@
 //! u64 LE length, the initrds concatenated (0 when there is none)
 //! ```
 //!
-//! and on failure one sentence on stderr and exit status 2. The worker caps every length and
+//! and on failure one sentence on stderr and exit status 2. Asked `--inspect` (the agent, on
+//! import), it answers the disk's description instead ([`describe`]). The worker caps every length and
 //! kills the child after [`TIMEOUT`]. The lesson is Xen's pygrub (XSA-443): a guest disk
 //! parser running with the host's privileges is the host's problem.
 
@@ -67,14 +68,14 @@ pub struct DiskBoot {
 
 /// Read the boot entry `entry` (else the disk's default) of the disk image at `path` in a
 /// confined child process.
-pub fn resolve(path: &Path, entry: Option<usize>) -> Result<DiskBoot> {
+pub fn resolve(path: &Path, entry: Option<&str>) -> Result<DiskBoot> {
     let disk = std::fs::File::open(path)
         .with_context(|| format!("cannot open the boot disk {}", path.display()))?;
     let exe = std::env::current_exe().context("cannot find the worker's own program")?;
     let mut cmd = Command::new(exe);
     cmd.arg("boot-disk-read");
-    if let Some(n) = entry {
-        cmd.arg("--entry").arg(n.to_string());
+    if let Some(e) = entry {
+        cmd.arg("--entry").arg(e);
     }
     let mut child = cmd
         .stdin(disk)
@@ -240,8 +241,19 @@ impl ReadAt for ImageReader {
     }
 }
 
+/// What the child is asked for.
+pub enum Ask {
+    /// The kernel, initrd and command line of an entry (by version, title or menu index;
+    /// None: the disk's default).
+    Boot(Option<String>),
+    /// What the disk holds (partitions, file systems, distribution, boot entries), as a
+    /// `parvis.v1.DiskBootInfo` message: `u32 LE length` + the message. The agent asks this
+    /// when a disk is imported.
+    Inspect,
+}
+
 /// The child: confine, read, answer. Returns the exit status.
-pub fn child_main(entry: Option<usize>, hold: Option<u64>) -> i32 {
+pub fn child_main(ask: Ask, hold: Option<u64>) -> i32 {
     let disk = match crate::sandbox::confine_reader() {
         Ok(d) => d,
         Err(e) => {
@@ -254,7 +266,11 @@ pub fn child_main(entry: Option<usize>, hold: Option<u64>) -> i32 {
         let _ = writeln!(std::io::stderr(), "confined");
         std::thread::sleep(Duration::from_secs(secs));
     }
-    match read_disk(disk, entry) {
+    let done = match ask {
+        Ask::Boot(entry) => read_disk(disk, entry.as_deref()),
+        Ask::Inspect => inspect_disk(disk),
+    };
+    match done {
         Ok(()) => 0,
         Err(why) => {
             eprintln!("{why}");
@@ -263,20 +279,38 @@ pub fn child_main(entry: Option<usize>, hold: Option<u64>) -> i32 {
     }
 }
 
-fn read_disk(disk: std::fs::File, entry: Option<usize>) -> std::result::Result<(), String> {
+fn open_disk(disk: std::fs::File) -> std::result::Result<Disk, String> {
     let image = parvis_disk::image::open_file(disk, None)
         .map_err(|e| format!("the disk image cannot be opened: {e}"))?;
+    Disk::open(Arc::new(ImageReader(image)), Limits::default()).map_err(|e| e.to_string())
+}
+
+/// The entry `want` names: a kernel version, a title, or a menu index.
+pub fn choose(entries: &[bootdisk::entry::BootEntry], want: &str) -> Option<usize> {
+    let want = want.trim();
+    entries
+        .iter()
+        .position(|e| e.version.as_deref() == Some(want))
+        .or_else(|| entries.iter().position(|e| e.title == want))
+        .or_else(|| want.parse::<usize>().ok().filter(|&n| n < entries.len()))
+}
+
+fn read_disk(disk: std::fs::File, entry: Option<&str>) -> std::result::Result<(), String> {
     let limits = Limits::default();
-    let d = Disk::open(Arc::new(ImageReader(image)), limits).map_err(|e| e.to_string())?;
+    let d = open_disk(disk)?;
     let i = d.inspect().map_err(|e| e.to_string())?;
     let chosen = match entry {
-        Some(n) if n < i.entries.len() => n,
-        Some(n) => {
-            return Err(format!(
-                "the disk has {} boot entries; entry {n} does not exist",
-                i.entries.len()
-            ));
-        }
+        Some(want) => choose(&i.entries, want).ok_or_else(|| {
+            let names: Vec<String> = i
+                .entries
+                .iter()
+                .map(|e| e.version.clone().unwrap_or_else(|| e.title.clone()))
+                .collect();
+            format!(
+                "the disk has no boot entry '{want}'; its entries: {}",
+                names.join(", ")
+            )
+        })?,
         None => i.default,
     };
     let e = &i.entries[chosen];
@@ -310,6 +344,97 @@ fn read_disk(disk: std::fs::File, entry: Option<usize>) -> std::result::Result<(
         out.flush()
     })();
     w.map_err(|e| format!("cannot hand the kernel to the worker: {e}"))
+}
+
+fn inspect_disk(disk: std::fs::File) -> std::result::Result<(), String> {
+    use prost::Message;
+    let info = match open_disk(disk) {
+        Ok(d) => describe(&d),
+        Err(why) => proto::v1::DiskBootInfo {
+            inspected: true,
+            reason: why,
+            ..Default::default()
+        },
+    };
+    let m = info.encode_to_vec();
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    out.write_all(&(m.len() as u32).to_le_bytes())
+        .and_then(|()| out.write_all(&m))
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("cannot hand the disk's description over: {e}"))
+}
+
+/// A disk's partitions, file systems and boot entries, or why it cannot boot.
+pub fn describe(d: &Disk) -> proto::v1::DiskBootInfo {
+    use bootdisk::part::{Kind, Table};
+    let place = |f: &bootdisk::entry::FileRef| {
+        let v = d
+            .volumes
+            .get(f.volume)
+            .map_or_else(String::new, |v| v.place());
+        format!("{v}: {}", f.path)
+    };
+    let volumes = d
+        .volumes
+        .iter()
+        .map(|v| proto::v1::DiskVolume {
+            partition: v.part.as_ref().map_or(0, |p| p.number),
+            kind: v.part.as_ref().map_or_else(String::new, |p| match &p.kind {
+                Kind::Esp => "EFI system".into(),
+                Kind::Linux => "Linux".into(),
+                Kind::XbootLdr => "Linux extended boot".into(),
+                Kind::LinuxRoot => "Linux root".into(),
+                Kind::Lvm => "LVM".into(),
+                Kind::Raid => "Linux RAID".into(),
+                Kind::Luks => "LUKS".into(),
+                Kind::Swap => "Linux swap".into(),
+                Kind::BiosBoot => "BIOS boot".into(),
+                Kind::BasicData => "Basic data".into(),
+                Kind::Other(t) => t.clone(),
+            }),
+            file_system: v
+                .fs
+                .as_ref()
+                .map(|f| f.kind().to_string())
+                .or(v.found.map(str::to_string))
+                .unwrap_or_default(),
+            uuid: v.uuid().unwrap_or_default(),
+            label: v.label().unwrap_or_default(),
+            size: v.part.as_ref().map_or(0, |p| p.len),
+        })
+        .collect();
+    let mut info = proto::v1::DiskBootInfo {
+        inspected: true,
+        partition_table: match d.layout.table {
+            Table::Gpt => "GPT",
+            Table::Mbr => "MBR",
+            Table::None => "none",
+        }
+        .into(),
+        volumes,
+        ..Default::default()
+    };
+    match d.inspect() {
+        Ok(i) => {
+            info.bootable = !i.entries.is_empty();
+            info.os = i.os.unwrap_or_default();
+            info.default_entry = i.default as u32;
+            info.entries = i
+                .entries
+                .iter()
+                .map(|e| proto::v1::BootEntry {
+                    title: e.title.clone(),
+                    version: e.version.clone().unwrap_or_default(),
+                    kernel: place(&e.kernel),
+                    initrd: e.initrds.iter().map(place).collect::<Vec<_>>().join(" "),
+                    cmdline: e.cmdline.clone(),
+                })
+                .collect();
+        }
+        Err(e) => info.reason = e.to_string(),
+    }
+    info
 }
 
 #[cfg(test)]

@@ -67,9 +67,13 @@ enum Tool {
     /// command line on stdout (see --boot-disk).
     #[command(hide = true)]
     BootDiskRead {
-        /// The boot entry to read (default: the disk's own default).
+        /// The boot entry to read, by kernel version, title or menu index (default: the
+        /// disk's own default).
         #[arg(long)]
-        entry: Option<usize>,
+        entry: Option<String>,
+        /// Describe the disk (partitions, file systems, boot entries) instead.
+        #[arg(long, conflicts_with = "entry")]
+        inspect: bool,
         /// Test hook: wait this many seconds once confined, before reading.
         #[arg(long, hide = true)]
         hold: Option<u64>,
@@ -87,7 +91,8 @@ struct RunArgs {
     /// initramfs image.
     #[arg(long)]
     initrd: Option<PathBuf>,
-    /// Kernel command line (default "console=ttyS0"; with --boot-disk, the disk's own).
+    /// Kernel command line (default "console=ttyS0"; with --boot-disk, parameters added to
+    /// the disk's own).
     #[arg(long)]
     cmdline: Option<String>,
     /// Boot the first disk's own kernel, initrd and command line, as its boot loader would
@@ -95,10 +100,10 @@ struct RunArgs {
     /// no --kernel needed.
     #[arg(long)]
     boot_disk: bool,
-    /// With --boot-disk: the boot entry to start (0 = the first in the disk's menu) instead
-    /// of the disk's default.
+    /// With --boot-disk: the boot entry to start instead of the disk's default, by its
+    /// kernel version, its title or its place in the disk's menu (0 = the first).
     #[arg(long)]
-    boot_entry: Option<usize>,
+    boot_entry: Option<String>,
     /// Guest RAM, e.g. 512M or 2G (default 512M).
     #[arg(long)]
     memory: Option<ByteSize>,
@@ -164,8 +169,17 @@ fn main() {
                 }
             });
         }
-        Some(Tool::BootDiskRead { entry, hold }) => {
-            std::process::exit(bootread::child_main(*entry, *hold));
+        Some(Tool::BootDiskRead {
+            entry,
+            inspect,
+            hold,
+        }) => {
+            let ask = if *inspect {
+                bootread::Ask::Inspect
+            } else {
+                bootread::Ask::Boot(entry.clone())
+            };
+            std::process::exit(bootread::child_main(ask, *hold));
         }
         Some(Tool::Probe) => {
             let p = probe::probe();
@@ -250,7 +264,7 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
             .first()
             .or(file.disks.first())
             .context("--boot-disk needs a disk (--disk PATH)")?;
-        let b = bootread::resolve(&first.path, cli.boot_entry)?;
+        let b = bootread::resolve(&first.path, cli.boot_entry.as_deref())?;
         tracing::info!(
             entry = %b.meta.title,
             os = b.meta.os.as_deref().unwrap_or("unknown"),
@@ -270,10 +284,13 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
             .as_ref()
             .and_then(|b| b.initrd.clone())
             .or(cli.initrd.clone()),
-        cmdline: cli
-            .cmdline
-            .clone()
-            .or(disk_boot.as_ref().map(|b| b.cmdline.clone())),
+        cmdline: match (&disk_boot, &cli.cmdline) {
+            (Some(b), Some(extra)) if !extra.trim().is_empty() => {
+                Some(format!("{} {}", b.cmdline, extra.trim()))
+            }
+            (Some(b), _) => Some(b.cmdline.clone()),
+            (None, c) => c.clone(),
+        },
         memory: cli.memory,
         cpus: cli.cpus,
         disks: cli.disks.clone(),

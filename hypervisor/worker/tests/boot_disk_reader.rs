@@ -121,12 +121,56 @@ fn the_reader_hands_back_the_disks_default_entry() {
     let (meta, kernel, _) = parts(&out);
     assert_eq!(meta["title"], "First");
     assert_eq!(kernel, "KERNEL-1".repeat(1000).as_bytes());
+    // By kernel version or title, as the agent names them.
+    for name in ["6.1.0-1-amd64", "First"] {
+        let (code, out, err) = read(&disk, &["--entry", name]);
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(parts(&out).0["title"], "First");
+    }
     let (code, _, err) = read(&disk, &["--entry", "7"]);
     assert_eq!(code, Some(2));
     assert!(
-        err.contains("the disk has 2 boot entries; entry 7 does not exist"),
+        err.contains("the disk has no boot entry '7'; its entries: 6.1.0-1-amd64, 6.1.0-2-amd64"),
         "{err}"
     );
+}
+
+#[test]
+fn the_reader_describes_a_disk_for_the_agent() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = debian_disk(dir.path());
+    let describe = |disk: &Path| {
+        let (code, out, err) = read(disk, &["--inspect"]);
+        assert_eq!(code, Some(0), "{err}");
+        let n = u32::from_le_bytes(out[..4].try_into().unwrap()) as usize;
+        assert_eq!(out.len(), 4 + n, "one length-prefixed message");
+        proto::v1::DiskBootInfo::decode(&out[4..]).unwrap()
+    };
+    let info = describe(&disk);
+    assert!(info.inspected && info.bootable, "{info:?}");
+    assert_eq!(info.entries.len(), 2);
+    assert_eq!(info.default_entry, 1);
+    let e = &info.entries[1];
+    assert_eq!(
+        (e.title.as_str(), e.version.as_str(), e.cmdline.as_str()),
+        (
+            "Second",
+            "6.1.0-2-amd64",
+            &*format!("root=UUID={ROOT} ro quiet console=ttyS0")
+        )
+    );
+    assert!(e.kernel.ends_with(": /boot/vmlinuz-6.1.0-2-amd64"), "{e:?}");
+    assert!(
+        info.volumes
+            .iter()
+            .any(|v| v.file_system == "ext4" && v.uuid == ROOT)
+    );
+    // A disk that cannot boot is described too, with the reason.
+    sh(dir.path(), "truncate -s 8M empty.raw");
+    let info = describe(&dir.path().join("empty.raw"));
+    assert!(info.inspected && !info.bootable);
+    assert_eq!(info.reason, "the disk holds no file system: it looks empty");
 }
 
 #[test]

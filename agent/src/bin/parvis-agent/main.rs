@@ -202,6 +202,7 @@ async fn agent_main(cli: Cli, layout: Layout) -> Result<()> {
         events.clone(),
         tasks.clone(),
     )?);
+    disks.read_boot_entries_with(facts.worker_bin.clone());
     let vms = vms::Vms::load(layout.clone(), events.clone(), disks.clone(), facts.clone()).await?;
     let agent = Arc::new(Agent {
         layout: layout.clone(),

@@ -931,6 +931,7 @@ fn print_disk(d: &Disk) {
         }
     );
     println!("created:          {}", time_ms(d.created_ms));
+    print_boot(d.boot.as_ref());
     if d.check_findings.is_empty() {
         println!("check:            clean");
     } else {
@@ -939,6 +940,82 @@ fn print_disk(d: &Disk) {
             println!("  {f}");
         }
     }
+}
+
+/// What the disk boots, as a VM made from it would find it.
+fn print_boot(b: Option<&proto::v1::DiskBootInfo>) {
+    let Some(b) = b.filter(|b| b.inspected) else {
+        println!("boots:            not read yet");
+        return;
+    };
+    if b.bootable {
+        println!(
+            "boots:            {}",
+            if b.os.is_empty() { "Linux" } else { &b.os }
+        );
+    } else {
+        println!("boots:            no: {}", b.reason);
+    }
+    println!("partitions:       {}", b.partition_table);
+    for v in &b.volumes {
+        let mut what = vec![if v.partition == 0 {
+            "whole disk".to_string()
+        } else {
+            format!("{}. {}", v.partition, v.kind)
+        }];
+        if !v.file_system.is_empty() {
+            what.push(v.file_system.clone());
+        }
+        if !v.label.is_empty() {
+            what.push(format!("\"{}\"", v.label));
+        }
+        if v.size > 0 {
+            what.push(human(v.size));
+        }
+        println!("                  {}", what.join(", "));
+    }
+    for (i, e) in b.entries.iter().enumerate() {
+        println!(
+            "{:<18}{}{}",
+            if i == 0 { "boot entries:" } else { "" },
+            e.title,
+            if i as u32 == b.default_entry {
+                " (default)"
+            } else {
+                ""
+            }
+        );
+        println!("                    {}  {}", e.kernel, e.cmdline);
+    }
+}
+
+fn boot_json(b: Option<&proto::v1::DiskBootInfo>) -> serde_json::Value {
+    let Some(b) = b.filter(|b| b.inspected) else {
+        return json!({ "inspected": false });
+    };
+    json!({
+        "inspected": true,
+        "bootable": b.bootable,
+        "reason": b.reason,
+        "partition_table": b.partition_table,
+        "os": b.os,
+        "volumes": b.volumes.iter().map(|v| json!({
+            "partition": v.partition,
+            "kind": v.kind,
+            "file_system": v.file_system,
+            "uuid": v.uuid,
+            "label": v.label,
+            "size": v.size,
+        })).collect::<Vec<_>>(),
+        "entries": b.entries.iter().map(|e| json!({
+            "title": e.title,
+            "version": e.version,
+            "kernel": e.kernel,
+            "initrd": e.initrd,
+            "cmdline": e.cmdline,
+        })).collect::<Vec<_>>(),
+        "default_entry": b.default_entry,
+    })
 }
 
 pub fn disk_json(d: &Disk) -> serde_json::Value {
@@ -956,6 +1033,7 @@ pub fn disk_json(d: &Disk) -> serde_json::Value {
         "attached_to": d.attached_to,
         "created_ms": d.created_ms,
         "check_findings": d.check_findings,
+        "boot": boot_json(d.boot.as_ref()),
     })
 }
 

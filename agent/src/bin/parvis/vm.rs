@@ -6,9 +6,9 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use proto::client::Clients;
 use proto::v1::{
-    AttachDiskRequest, CreateVmRequest, DetachDiskRequest, DiskAttachment, DiskBus,
-    GetHostInfoRequest, ListDisksRequest, ListVmsRequest, StatsSample, Vm, VmRef, VmSpec,
-    WatchStatsRequest,
+    AttachDiskRequest, BootSource, CreateVmRequest, DetachDiskRequest, DiskAttachment, DiskBus,
+    GetHostInfoRequest, ListDisksRequest, ListVmsRequest, StatsSample, UpdateVmRequest, Vm, VmRef,
+    VmSpec, WatchStatsRequest,
 };
 use serde_json::json;
 
@@ -48,10 +48,20 @@ pub enum VmCommand {
         /// `lun=N` and `controller=N` (SCSI). Repeat for more, in boot order.
         #[arg(long = "disk", value_name = "DISK[,ro][,scsi|virtio][,lun=N]")]
         disks: Vec<String>,
-        /// Boot image on the host (default: the host's only one).
+        /// What the VM starts: `disk` (the first disk's own boot entry, as its boot loader
+        /// would start it) or `image` (a boot image on the host). Default: the disk for a
+        /// disk that was imported or has boot entries, else the boot image.
+        #[arg(long, value_parser = ["disk", "image"])]
+        boot: Option<String>,
+        /// Boot image on the host (default: the host's only one); implies --boot image.
         #[arg(long)]
         boot_image: Option<String>,
-        /// Kernel command line (default: the boot image's).
+        /// The disk's boot entry to start, by kernel version or title (default: the disk's
+        /// own default); implies --boot disk.
+        #[arg(long)]
+        boot_entry: Option<String>,
+        /// Kernel command line (default: the boot image's); with --boot disk, parameters
+        /// added to the entry's own.
         #[arg(long)]
         cmdline: Option<String>,
         /// Screen size, WIDTHxHEIGHT (default 1024x768).
@@ -63,6 +73,22 @@ pub enum VmCommand {
         /// Print the new VM as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Choose what a VM that is off starts next: its disk's own boot entry (by kernel
+    /// version or title) or a boot image. Kept until changed.
+    Boot {
+        /// VM id or name.
+        vm: String,
+        /// `disk` or `image`.
+        #[arg(long, value_parser = ["disk", "image"])]
+        from: Option<String>,
+        /// With --from image: the boot image.
+        #[arg(long)]
+        image: Option<String>,
+        /// The disk's boot entry, by kernel version or title; `default` for the disk's own
+        /// default. See `parvis disk get` for the entries.
+        #[arg(long)]
+        entry: Option<String>,
     },
     /// Start a VM.
     Start {
@@ -222,7 +248,9 @@ pub async fn run(cmd: VmCommand, host: Option<&str>) -> Result<i32> {
             cpus,
             memory,
             disks,
+            boot,
             boot_image,
+            boot_entry,
             cmdline,
             display,
             autostart,
@@ -238,9 +266,26 @@ pub async fn run(cmd: VmCommand, host: Option<&str>) -> Result<i32> {
                 None => (0, 0),
             };
             let attachments = disk_attachments(&mut c, &disks).await?;
+            let boot_source = match (boot.as_deref(), &boot_image, &boot_entry) {
+                (Some("disk"), Some(_), _) => {
+                    bail!("--boot-image and --boot disk ask for two different things")
+                }
+                (Some("image"), _, Some(_)) => {
+                    bail!("--boot-entry and --boot image ask for two different things")
+                }
+                (_, Some(_), Some(_)) => {
+                    bail!("--boot-image and --boot-entry ask for two different things")
+                }
+                (Some("disk"), ..) | (_, _, Some(_)) => BootSource::Disk,
+                (Some(_), ..) | (_, Some(_), _) => BootSource::Image,
+                // Nothing said: the agent decides from the first disk.
+                (None, None, None) if !attachments.is_empty() => BootSource::Unspecified,
+                (None, None, None) => BootSource::Image,
+            };
             let boot_image = match boot_image {
                 Some(b) => b,
-                None => default_boot_image(&mut c).await?,
+                None if boot_source == BootSource::Image => default_boot_image(&mut c).await?,
+                None => String::new(),
             };
             let spec = VmSpec {
                 name,
@@ -252,6 +297,8 @@ pub async fn run(cmd: VmCommand, host: Option<&str>) -> Result<i32> {
                 display_width,
                 display_height,
                 autostart,
+                boot_source: boot_source as i32,
+                boot_entry: boot_entry.unwrap_or_default(),
             };
             let v =
                 c.vm.create_vm(CreateVmRequest { spec: Some(spec) })
@@ -262,6 +309,55 @@ pub async fn run(cmd: VmCommand, host: Option<&str>) -> Result<i32> {
             } else {
                 println!("Created VM '{}' ({}).", vm_name(&v), v.id);
             }
+            Ok(0)
+        }
+        VmCommand::Boot {
+            vm,
+            from,
+            image,
+            entry,
+        } => {
+            let id = vm_id(&mut c, &vm).await?;
+            let v =
+                c.vm.get_vm(VmRef { vm_id: id.clone() })
+                    .await
+                    .rpc(&format!("reading VM '{vm}'"))?;
+            let mut spec = v.spec.unwrap_or_default();
+            match (from.as_deref(), image, entry) {
+                (Some("disk"), Some(_), _)
+                | (Some("image"), _, Some(_))
+                | (_, Some(_), Some(_)) => {
+                    bail!("a VM starts either a boot image or its disk's entry, not both")
+                }
+                (None, None, None) => bail!("say what to start: --from, --image or --entry"),
+                (_, Some(image), None) => {
+                    spec.boot_source = BootSource::Image as i32;
+                    spec.boot_image = image;
+                    spec.boot_entry.clear();
+                }
+                (Some("image"), None, None) => {
+                    spec.boot_source = BootSource::Image as i32;
+                    if spec.boot_image.is_empty() {
+                        spec.boot_image = default_boot_image(&mut c).await?;
+                    }
+                    spec.boot_entry.clear();
+                }
+                (_, None, entry) => {
+                    spec.boot_source = BootSource::Disk as i32;
+                    if let Some(e) = entry {
+                        spec.boot_entry = if e == "default" { String::new() } else { e };
+                    }
+                }
+            }
+            let v =
+                c.vm.update_vm(UpdateVmRequest {
+                    vm_id: id,
+                    spec: Some(spec),
+                })
+                .await
+                .rpc(&format!("changing VM '{vm}'"))?;
+            let s = v.spec.unwrap_or_default();
+            println!("VM '{}' starts {} next.", s.name, boot_words(&s));
             Ok(0)
         }
         VmCommand::Start { vm } => act(&mut c, &vm, Action::Start).await,
@@ -641,13 +737,14 @@ fn print_vm(v: &Vm) {
             if d.read_only { " (read-only)" } else { "" }
         );
     }
-    println!("boot image:       {}", s.boot_image);
+    println!("boots:            {}", boot_words(&s));
+    let disk_boot = s.boot_source == BootSource::Disk as i32;
     println!(
         "cmdline:          {}",
-        if s.cmdline.is_empty() {
-            "(the boot image's default)"
-        } else {
-            &s.cmdline
+        match (s.cmdline.is_empty(), disk_boot) {
+            (true, false) => "(the boot image's default)",
+            (true, true) => "(the boot entry's own)",
+            (false, _) => &s.cmdline,
         }
     );
     let (w, h) = if s.display_width == 0 {
@@ -669,6 +766,19 @@ fn print_vm(v: &Vm) {
     }
 }
 
+/// What a VM starts, in words: "the disk's default boot entry", "boot image 'default'".
+fn boot_words(s: &VmSpec) -> String {
+    if s.boot_source == BootSource::Disk as i32 {
+        if s.boot_entry.is_empty() {
+            "its disk's default boot entry".into()
+        } else {
+            format!("its disk's boot entry '{}'", s.boot_entry)
+        }
+    } else {
+        format!("boot image '{}'", s.boot_image)
+    }
+}
+
 pub fn vm_json(v: &Vm) -> serde_json::Value {
     let s = v.spec.clone().unwrap_or_default();
     json!({
@@ -685,7 +795,9 @@ pub fn vm_json(v: &Vm) -> serde_json::Value {
             "controller": d.controller,
             "lun": d.lun,
         })).collect::<Vec<_>>(),
+        "boot_source": if s.boot_source == BootSource::Disk as i32 { "disk" } else { "image" },
         "boot_image": s.boot_image,
+        "boot_entry": s.boot_entry,
         "cmdline": s.cmdline,
         "display_width": s.display_width,
         "display_height": s.display_height,

@@ -65,7 +65,7 @@ pub(super) fn show(
         ("CPUs", spec.cpus.to_string()),
         ("Memory", human(spec.memory_bytes)),
         ("Screen", format!("{w} x {hgt}")),
-        ("Boot image", spec.boot_image.clone()),
+        ("Boots", boot_words(&spec)),
         (
             "Autostart",
             if spec.autostart { "yes" } else { "no" }.to_string(),
@@ -297,5 +297,18 @@ fn disks(
                 ..Default::default()
             }),
         });
+    }
+}
+
+/// What the VM starts, in words.
+fn boot_words(spec: &proto::v1::VmSpec) -> String {
+    if spec.boot_source == proto::v1::BootSource::Disk as i32 {
+        if spec.boot_entry.is_empty() {
+            "its disk's default boot entry".into()
+        } else {
+            format!("its disk's boot entry {}", spec.boot_entry)
+        }
+    } else {
+        format!("boot image {}", spec.boot_image)
     }
 }

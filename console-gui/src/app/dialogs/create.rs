@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use egui::{Context, RichText};
-use proto::v1::{DiskAttachment, VmSpec};
+use proto::v1::{BootSource, DiskAttachment, VmSpec};
 
 use super::super::command::UiCommand;
 use super::super::state::State;
@@ -19,8 +19,15 @@ pub(in crate::app) struct CreateDialog {
 
 impl CreateDialog {
     /// A VM on `host` with 1 CPU, 512 MiB, a 1024x768 screen and the host's first boot
-    /// image; `disk` attached when given.
+    /// image; `disk` attached when given, and booted when the host found (or is still
+    /// reading) its boot entries.
     pub fn new(state: &State, host: HostId, name: String, disk: Option<String>) -> Self {
+        let boots_disk = disk.as_ref().is_some_and(|id| {
+            state
+                .host(host)
+                .and_then(|h| h.disks.get(id))
+                .is_some_and(|d| d.boot.as_ref().is_none_or(|b| !b.inspected || b.bootable))
+        });
         let boot_image = state
             .host(host)
             .and_then(|h| h.info.as_ref())
@@ -40,6 +47,11 @@ impl CreateDialog {
                 })
                 .collect(),
             boot_image,
+            boot_source: if boots_disk {
+                BootSource::Disk
+            } else {
+                BootSource::Image
+            } as i32,
             display_width: 1024,
             display_height: 768,
             ..Default::default()

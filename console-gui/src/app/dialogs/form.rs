@@ -1,9 +1,10 @@
 //! The VM settings form the New VM and Settings dialogs share: name, CPUs, memory, screen,
-//! boot image and kernel command line, disks (attach and detach), autostart; each field's
-//! problem ([`crate::app::rules`]) is said beside it.
+//! what the VM boots (its disk's own boot entry, picked from the entries the host read off
+//! the disk, or a boot image) and the kernel command line, disks (attach and detach),
+//! autostart; each field's problem ([`crate::app::rules`]) is said beside it.
 
 use egui::{RichText, Ui};
-use proto::v1::{DiskAttachment, DiskBus, VmSpec};
+use proto::v1::{BootSource, DiskAttachment, DiskBootInfo, DiskBus, VmSpec};
 
 use super::super::rules::{self, Field, HEIGHTS, Limits, MIN_MEMORY_MIB, WIDTHS};
 use super::super::state::Host;
@@ -18,7 +19,11 @@ pub(super) struct VmForm {
     pub memory_mib: u64,
     pub width: u32,
     pub height: u32,
+    /// A `BootSource`.
+    pub boot_source: i32,
     pub boot_image: String,
+    /// With the disk: the entry (kernel version or title); empty = the disk's default.
+    pub boot_entry: String,
     pub cmdline: String,
     pub disks: Vec<DiskAttachment>,
     pub autostart: bool,
@@ -36,7 +41,9 @@ impl VmForm {
             memory_mib: spec.memory_bytes >> 20,
             width,
             height,
+            boot_source: spec.boot_source,
             boot_image: spec.boot_image.clone(),
+            boot_entry: spec.boot_entry.clone(),
             cmdline: spec.cmdline.clone(),
             disks: spec.disks.clone(),
             autostart: spec.autostart,
@@ -54,7 +61,17 @@ impl VmForm {
             display_width: self.width,
             display_height: self.height,
             autostart: self.autostart,
+            boot_source: self.boot_source,
+            boot_entry: if self.boots_disk() {
+                self.boot_entry.trim().to_string()
+            } else {
+                String::new()
+            },
         }
+    }
+
+    pub fn boots_disk(&self) -> bool {
+        self.boot_source == BootSource::Disk as i32
     }
 
     /// The form's problems on `host`; `vm_id` is the VM being edited (its own name is not
@@ -161,23 +178,24 @@ pub(super) fn show(
                 ui.end_row();
                 problem(ui, problems, Field::Screen);
 
-                ui.label("Boot image");
-                egui::ComboBox::from_id_salt("boot")
-                    .selected_text(f.boot_image.clone())
-                    .show_ui(ui, |ui| {
-                        for i in &images {
-                            ui.selectable_value(&mut f.boot_image, i.clone(), i);
-                        }
-                    });
+                let l = ui.label("Boots");
+                stable(ui, "boot", |ui| {
+                    ui.vertical(|ui| boot(ui, f, host, &images))
+                        .response
+                        .labelled_by(l.id)
+                });
                 ui.end_row();
+                problem(ui, problems, Field::Boot);
 
                 let l = ui.label("Kernel command line");
+                let hint = if f.boots_disk() {
+                    "parameters added to the boot entry's own"
+                } else {
+                    "the boot image's default"
+                };
                 stable(ui, "cmdline", |ui| {
-                    ui.add(
-                        egui::TextEdit::singleline(&mut f.cmdline)
-                            .hint_text("the boot image's default"),
-                    )
-                    .labelled_by(l.id)
+                    ui.add(egui::TextEdit::singleline(&mut f.cmdline).hint_text(hint))
+                        .labelled_by(l.id)
                 });
                 ui.end_row();
                 problem(ui, problems, Field::Cmdline);
@@ -197,6 +215,108 @@ pub(super) fn show(
                 ui.end_row();
             });
     });
+}
+
+/// What the host read off a disk: what it boots, or why it cannot, in a line.
+pub(in crate::app) fn boot_summary(b: Option<&DiskBootInfo>) -> (String, bool) {
+    match b.filter(|b| b.inspected) {
+        None => ("not read yet".into(), true),
+        Some(b) if b.bootable => {
+            let os = if b.os.is_empty() { "Linux" } else { &b.os };
+            let n = b.entries.len();
+            (
+                format!("{os}, {n} boot entr{}", if n == 1 { "y" } else { "ies" }),
+                true,
+            )
+        }
+        Some(b) => (format!("cannot boot: {}", b.reason), false),
+    }
+}
+
+/// How the VM names an entry: its kernel version when no other entry has it (it survives a
+/// retitled menu), else its title (Debian lists each kernel two or three times).
+fn entry_word<'a>(entries: &'a [proto::v1::BootEntry], e: &'a proto::v1::BootEntry) -> &'a str {
+    let unique = entries.iter().filter(|x| x.version == e.version).count() == 1;
+    if e.version.is_empty() || !unique {
+        &e.title
+    } else {
+        &e.version
+    }
+}
+
+/// "Boots": the first disk's own boot entry (the disk's default or one picked from the
+/// entries the host read) or a boot image.
+fn boot(ui: &mut Ui, f: &mut VmForm, host: Option<&Host>, images: &[String]) {
+    ui.horizontal(|ui| {
+        ui.radio_value(
+            &mut f.boot_source,
+            BootSource::Disk as i32,
+            "Its disk's own system",
+        )
+        .on_hover_text(
+            "The kernel, initrd and command line the first disk's boot loader would start \
+             (grub.cfg, Boot Loader Spec entries or Debian's /vmlinuz), read off the disk",
+        );
+        ui.radio_value(&mut f.boot_source, BootSource::Image as i32, "A boot image");
+    });
+    if f.boot_source == BootSource::Unspecified as i32 {
+        ui.label(RichText::new("the host decides from the first disk").weak());
+        return;
+    }
+    if !f.boots_disk() {
+        egui::ComboBox::from_id_salt("boot-image")
+            .selected_text(f.boot_image.clone())
+            .show_ui(ui, |ui| {
+                for i in images {
+                    ui.selectable_value(&mut f.boot_image, i.clone(), i);
+                }
+            });
+        return;
+    }
+    let info = f
+        .disks
+        .first()
+        .and_then(|d| host.and_then(|h| h.disks.get(&d.disk_id)))
+        .and_then(|d| d.boot.as_ref());
+    let (summary, ok) = boot_summary(info);
+    let text = RichText::new(summary);
+    ui.label(if ok {
+        text.weak()
+    } else {
+        text.color(tone(ui.visuals(), Tone::Bad))
+    });
+    let Some(b) = info.filter(|b| b.bootable) else {
+        return;
+    };
+    let default = b
+        .entries
+        .get(b.default_entry as usize)
+        .map_or("", |e| e.title.as_str());
+    let shown = if f.boot_entry.is_empty() {
+        format!("the disk's default ({default})")
+    } else {
+        f.boot_entry.clone()
+    };
+    egui::ComboBox::from_id_salt("boot-entry")
+        .selected_text(shown)
+        .width(320.0)
+        .show_ui(ui, |ui| {
+            ui.selectable_value(
+                &mut f.boot_entry,
+                String::new(),
+                format!("the disk's default ({default})"),
+            );
+            for e in &b.entries {
+                let word = entry_word(&b.entries, e).to_string();
+                ui.selectable_value(&mut f.boot_entry, word, &e.title)
+                    .on_hover_text(format!("{}\n{}", e.kernel, e.cmdline));
+            }
+        })
+        .response
+        .on_hover_text(
+            "The entry the next start boots, kept until changed: pick an older kernel here \
+             instead of racing a boot menu",
+        );
 }
 
 /// The attached disks in boot order, each with its bus, read-only and Detach, and "Attach
@@ -246,7 +366,7 @@ fn disks(ui: &mut Ui, f: &mut VmForm, host: Option<&Host>) {
         f.disks.remove(i);
     }
     if f.disks.is_empty() {
-        ui.label(RichText::new("none (the VM boots from its boot image only)").weak());
+        ui.label(RichText::new("none").weak());
     }
     let free: Vec<(String, String)> = host
         .map(|h| {

@@ -14,6 +14,7 @@ use crate::backend::{HostId, VmAction};
 mod create;
 mod disk;
 mod form;
+pub(in crate::app) use form::boot_summary;
 mod host;
 mod settings;
 
@@ -27,7 +28,7 @@ pub(super) use settings::SettingsDialog;
 pub(super) enum Dialog {
     Host(HostDialog),
     Create(CreateDialog),
-    Settings(SettingsDialog),
+    Settings(Box<SettingsDialog>),
     Disk(DiskDialog),
     DeleteVm {
         host: HostId,
