@@ -261,19 +261,27 @@ pub fn aml_device(name: &str, hid: &dyn Aml, uid: u32, resources: Vec<&dyn Aml>)
     out
 }
 
-/// `\_SB.VMOD` (ACPI0004, owns the VMBus MMIO window, from which `hyperv_drm` carves VRAM)
-/// containing `VMBS` (`_HID "VMBus"`). Linux 6.1 finds VMBus only through ACPI, needs a
-/// `_CRS` on the device itself (empty is fine on x86) and takes the MMIO pool from the first
-/// ancestor with DWord/QWord address descriptors.
-pub fn vmbus_aml(base: u64, size: u64) -> Vec<u8> {
-    let window = aml::AddressSpace::new_memory(
-        aml::AddressSpaceCacheable::Cacheable,
-        true,
-        base,
-        base + size - 1,
-        None,
-    );
-    let crs = aml::ResourceTemplate::new(vec![&window]);
+/// `\_SB.PCI0` (PNP0A03: PCI bus 0 through configuration ports 0xcf8..0xcff; its windows
+/// are the VRAM, where the legacy video device's BAR 0 and the boot framebuffer sit, and the
+/// VMBus MMIO window) containing `VMBS` (`_HID "VMBus"`), as Hyper-V Generation 1 lays it
+/// out. Linux 6.1 finds VMBus only through ACPI, needs a `_CRS` on the device itself (empty
+/// is fine on x86) and takes its MMIO pool (from which `hyperv_drm` and `hyperv_fb` carve
+/// VRAM) from the first ancestor with DWord/QWord address descriptors: the bridge. Both
+/// windows are below 4 GiB.
+pub fn vmbus_aml(vram: (u64, u64), window: (u64, u64)) -> Vec<u8> {
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let ports = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let memory = |(base, size): (u64, u64)| {
+        aml::AddressSpace::new_memory(
+            aml::AddressSpaceCacheable::NotCacheable,
+            true,
+            base as u32,
+            (base + size - 1) as u32,
+            None,
+        )
+    };
+    let (vram, window) = (memory(vram), memory(window));
+    let crs = aml::ResourceTemplate::new(vec![&bus, &ports, &vram, &window]);
     let empty = aml::ResourceTemplate::new(vec![]);
     let vmbs_hid = aml::Name::new("_HID".into(), &"VMBus");
     let vmbs_uid = aml::Name::new("_UID".into(), &0u32);
@@ -283,11 +291,12 @@ pub fn vmbus_aml(base: u64, size: u64) -> Vec<u8> {
         "VMBS".into(),
         vec![&vmbs_hid, &vmbs_uid, &vmbs_ddn, &vmbs_crs],
     );
-    let hid = aml::Name::new("_HID".into(), &"ACPI0004");
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A03"));
     let uid = aml::Name::new("_UID".into(), &0u32);
+    let adr = aml::Name::new("_ADR".into(), &0u32);
     let crs = aml::Name::new("_CRS".into(), &crs);
     let mut out = Vec::new();
-    aml::Device::new("VMOD".into(), vec![&hid, &uid, &crs, &vmbs]).to_aml_bytes(&mut out);
+    aml::Device::new("PCI0".into(), vec![&hid, &uid, &adr, &crs, &vmbs]).to_aml_bytes(&mut out);
     out
 }
 
@@ -398,8 +407,10 @@ mod tests {
     #[test]
     fn vmbus_device_has_its_window_and_an_empty_crs() {
         let mut c = cfg(2, 1);
-        c.devices
-            .push(vmbus_aml(layout::VMBUS_MMIO_BASE, layout::VMBUS_MMIO_SIZE));
+        c.devices.push(vmbus_aml(
+            (layout::VRAM_ADDR, layout::VRAM_SIZE),
+            (layout::VMBUS_MMIO_BASE, layout::VMBUS_MMIO_SIZE),
+        ));
         let t = AcpiTables::build(&c).unwrap();
         let (_, dsdt) = t.find(b"DSDT").unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -414,18 +425,29 @@ mod tests {
         assert!(out.status.success());
         let dsl = std::fs::read_to_string(dir.path().join("dsdt.dsl")).unwrap();
         assert!(
-            dsl.contains("Device (VMOD)") && dsl.contains("Device (VMBS)"),
+            dsl.contains("Device (PCI0)") && dsl.contains("Device (VMBS)"),
             "{dsl}"
         );
         assert!(
-            dsl.contains("\"ACPI0004\"") && dsl.contains("\"VMBus\""),
+            dsl.contains("EisaId (\"PNP0A03\")") && dsl.contains("\"VMBus\""),
             "{dsl}"
         );
-        assert!(dsl.contains("QWordMemory"), "{dsl}");
         assert!(
-            dsl.contains("0x00000000F8000000") && dsl.contains("0x00000000FBFFFFFF"),
+            dsl.contains("WordBusNumber") && dsl.contains("0x0CF8") && dsl.contains("DWordMemory"),
             "{dsl}"
         );
+        assert!(
+            dsl.contains("0xF8000000") && dsl.contains("0xFBFFFFFF"),
+            "{dsl}"
+        );
+        assert!(
+            dsl.contains("0xC0000000") && dsl.contains("0xC0FFFFFF"),
+            "{dsl}"
+        );
+        // VMBS sits inside the bridge, the first ancestor with an address descriptor.
+        let pci = dsl.find("Device (PCI0)").unwrap();
+        let vmbs = dsl.find("Device (VMBS)").unwrap();
+        assert!(pci < vmbs, "{dsl}");
     }
 
     fn u32_at(b: &[u8], o: usize) -> u32 {

@@ -105,12 +105,30 @@ impl BusDevice for PmDevice {
 /// ACPI fixed hardware on the platform: the PM1a blocks on the SCI and the reset register
 /// (described by the FADT, not the DSDT). Each boot gets fresh registers; the power button
 /// presses the current boot's.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AcpiPm {
     current: Mutex<Option<Arc<Mutex<PmDevice>>>>,
+    /// Whether port 0xcf9 is the reset register's alone (without PCI, whose configuration
+    /// ports span it and pass it on).
+    reset_port: bool,
+}
+
+impl Default for AcpiPm {
+    fn default() -> Self {
+        Self::new(true)
+    }
 }
 
 impl AcpiPm {
+    /// The PM blocks; `reset_port`: also put the reset register on port 0xcf9 (false when
+    /// the PCI configuration ports, 0xcf8..0xcff, own it).
+    pub fn new(reset_port: bool) -> Self {
+        AcpiPm {
+            current: Mutex::default(),
+            reset_port,
+        }
+    }
+
     /// Press the current boot's power button.
     pub fn press_power_button(&self) {
         let pm = self
@@ -137,11 +155,13 @@ impl PlatformDevice for AcpiPm {
             w.platform(),
         )));
         w.pio(pm.clone(), PM1A_EVT_PORT, PM_BLOCK_LEN)?;
-        w.pio(
-            Arc::new(Mutex::new(ResetRegister::new(w.platform()))),
-            RESET_PORT,
-            1,
-        )?;
+        if self.reset_port {
+            w.pio(
+                Arc::new(Mutex::new(ResetRegister::new(w.platform()))),
+                RESET_PORT,
+                1,
+            )?;
+        }
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(pm);
         Ok(())
     }

@@ -31,7 +31,9 @@ impl SintKick for IrqfdKick {
 /// KVM memory slot for synthvid VRAM (after RAM and the boot framebuffer).
 const SYNTHVID_SLOT: u32 = 8;
 
-/// Maps the shared VRAM where the synthvid guest driver put it, inside the VMBus window.
+/// Maps the shared VRAM where the synthvid guest driver put it: inside the VMBus window, or
+/// where it always is (the boot framebuffer's place, the legacy video device's BAR 0), which
+/// needs no slot of its own.
 struct KvmVramMapper {
     vm: Arc<VmFd>,
     host: u64,
@@ -39,8 +41,44 @@ struct KvmVramMapper {
     current: Mutex<Option<u64>>,
 }
 
+impl KvmVramMapper {
+    fn region(&self, gpa: u64, size: u64) -> kvm_bindings::kvm_userspace_memory_region {
+        kvm_bindings::kvm_userspace_memory_region {
+            slot: SYNTHVID_SLOT,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: self.host,
+        }
+    }
+
+    /// Remove the slot of the previous placement, if any.
+    fn unmap(&self, cur: &mut Option<u64>) -> bool {
+        let Some(old) = cur.take() else {
+            return true;
+        };
+        // SAFETY: deleting a slot (size 0) we created; no host memory is referenced.
+        match unsafe { self.vm.set_user_memory_region(self.region(old, 0)) } {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot remove the old synthvid VRAM slot");
+                false
+            }
+        }
+    }
+}
+
 impl VramMapper for KvmVramMapper {
     fn map(&self, gpa: u64) -> bool {
+        let mut cur = lock(&self.current);
+        if gpa == layout::VRAM_ADDR {
+            // The VRAM's own slot (the boot framebuffer's place) is always there.
+            if !self.unmap(&mut cur) {
+                return false;
+            }
+            tracing::info!("synthvid VRAM at the boot framebuffer's place");
+            return true;
+        }
         let window = layout::VMBUS_MMIO_BASE..layout::VMBUS_MMIO_BASE + layout::VMBUS_MMIO_SIZE;
         let Some(end) = gpa.checked_add(self.size) else {
             return false;
@@ -48,28 +86,16 @@ impl VramMapper for KvmVramMapper {
         if !gpa.is_multiple_of(0x1000) || !window.contains(&gpa) || end > window.end {
             return false;
         }
-        let mut cur = lock(&self.current);
         if *cur == Some(gpa) {
             return true;
         }
-        let region = |gpa, size| kvm_bindings::kvm_userspace_memory_region {
-            slot: SYNTHVID_SLOT,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: self.host,
-        };
-        if let Some(old) = cur.take() {
-            // SAFETY: deleting a slot (size 0) we created; no host memory is referenced.
-            if let Err(e) = unsafe { self.vm.set_user_memory_region(region(old, 0)) } {
-                tracing::error!(error = %e, "cannot remove the old synthvid VRAM slot");
-                return false;
-            }
+        if !self.unmap(&mut cur) {
+            return false;
         }
         // SAFETY: `host..host+size` is the VRAM part of the partition's shared memory
         // mapping, which outlives every VM built from the partition; the slot lies in the
         // VMBus window, which overlaps no other slot.
-        match unsafe { self.vm.set_user_memory_region(region(gpa, self.size)) } {
+        match unsafe { self.vm.set_user_memory_region(self.region(gpa, self.size)) } {
             Ok(()) => {
                 *cur = Some(gpa);
                 tracing::info!(gpa = format_args!("{gpa:#x}"), "synthvid VRAM mapped");

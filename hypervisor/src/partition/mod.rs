@@ -346,7 +346,9 @@ impl Partition {
         let config_fb = config.framebuffer.is_some();
         let ram = GuestRam::new(MemoryLayout::new(config.memory))?;
         let com1 = Arc::new(Com1::new(serial_out));
-        let pm = Arc::new(AcpiPm::default());
+        // With VMBus comes PCI bus 0 (Hyper-V's legacy video device), whose configuration
+        // ports span the reset register's.
+        let pm = Arc::new(AcpiPm::new(hv.is_none()));
         let devices = devices::platform(&config, hv.is_some(), &com1, &pm);
         let acpi = AcpiTables::build(&AcpiConfig {
             cpus: config.cpus,

@@ -26,9 +26,12 @@ use crate::hv::userspace::UserspaceHv;
 use vmbus_core::SharedVsp;
 use vmbus_core::messages as proto;
 
-/// VMBus on the platform: `\_SB.VMOD` owning the MMIO window (from which `hyperv_drm`
-/// carves VRAM) with `VMBS` inside, which is how Linux finds VMBus. The server itself starts
-/// with the boot's Hyper-V state (see `partition::hv`).
+/// VMBus on the platform, as Hyper-V Generation 1 shows it: PCI bus 0 (`\_SB.PCI0`, whose
+/// windows, the VRAM and the VMBus MMIO window, are where `hyperv_drm` and `hyperv_fb` carve
+/// their VRAM) with `VMBS` inside, which is how Linux finds VMBus, and on the bus the legacy
+/// video device whose BAR 0 (the VRAM, where the boot framebuffer is) `hyperv_fb` needs on a
+/// guest not booted through EFI (see [`crate::devices::pci`]). The server itself starts with the boot's Hyper-V state (see
+/// `partition::hv`).
 #[derive(Debug, Default)]
 pub struct VmbusWindow;
 
@@ -39,13 +42,29 @@ impl PlatformDevice for VmbusWindow {
 
     fn aml(&self) -> Option<Vec<u8>> {
         Some(crate::acpi::vmbus_aml(
-            crate::layout::VMBUS_MMIO_BASE,
-            crate::layout::VMBUS_MMIO_SIZE,
+            (crate::layout::VRAM_ADDR, crate::layout::VRAM_SIZE),
+            (
+                crate::layout::VMBUS_MMIO_BASE,
+                crate::layout::VMBUS_MMIO_SIZE,
+            ),
         ))
     }
 
-    fn wire(&self, _w: &mut dyn Wiring) -> Result<(), WireError> {
-        Ok(())
+    fn wire(&self, w: &mut dyn Wiring) -> Result<(), WireError> {
+        use crate::devices::pci::{CONFIG_LEN, CONFIG_PORT, PciConfig};
+        use crate::devices::pm::ResetRegister;
+        // The video BAR is the VRAM, where the boot framebuffer already is: a guest driver
+        // that takes the screen over removes the boot framebuffer it overlaps.
+        let pci = PciConfig::new(
+            crate::layout::VRAM_ADDR as u32,
+            crate::layout::VRAM_SIZE as u32,
+            ResetRegister::new(w.platform()),
+        );
+        w.pio(
+            Arc::new(std::sync::Mutex::new(pci)),
+            CONFIG_PORT,
+            CONFIG_LEN,
+        )
     }
 }
 

@@ -444,7 +444,7 @@ impl Vsp for Video {
                     let ok = mapper.is_some_and(|m| m.map(gpa));
                     if !ok {
                         return Err(VspError::Protocol(format!(
-                            "synthvid: VRAM at {gpa:#x} is outside the VMBus window"
+                            "synthvid: VRAM at {gpa:#x} is neither the VRAM nor inside the VMBus window"
                         )));
                     }
                     lock(&self.shared.state).vram_gpa = Some(gpa);
