@@ -518,3 +518,92 @@ fn versions_sort_as_rpm_and_systemd_sort_them() {
     assert_eq!(bls::vercmp("1.01", "1.1"), Equal);
     assert_eq!(bls::vercmp("1.a", "1.1"), Less);
 }
+
+/// What Debian 12's own generators wrote on the disks `assets/guest/build-disks.sh` builds
+/// (`update-grub` with grub-efi-amd64 and grub-pc, `grub-install`'s ESP stub, an entry in
+/// kernel-install's format), read back as text.
+#[test]
+fn golden_configs_written_by_debian12s_own_generators() {
+    let none = HashMap::new();
+    let kernel = "6.1.0-57-amd64";
+    for (file, root, cmdline) in [
+        (
+            "debian12-generated-gen2-grub.cfg",
+            "f93f41c4-1668-422b-a799-729030f6db41",
+            "ro quiet",
+        ),
+        (
+            "debian12-generated-gen1-grub.cfg",
+            "fbb480fd-0ddb-4651-9211-7c12a6fb76da",
+            "ro quiet",
+        ),
+    ] {
+        let c = grub::read_config(&fixture(file), &none);
+        assert!(!c.blscfg && c.configfile.is_none(), "{file}");
+        let p = grub::select(&c.items, c.default.as_deref()).unwrap();
+        let e = grub::at(&c.items, &p).unwrap();
+        assert_eq!(e.title, "Debian GNU/Linux", "{file}");
+        assert_eq!(
+            e.id.as_deref(),
+            Some(&*format!("gnulinux-simple-{root}")),
+            "{file}"
+        );
+        let grub::ItemKind::Entry(cmds) = &e.kind else {
+            panic!("{file}: the default is a submenu");
+        };
+        assert_eq!(cmds.root, Some(grub::Device::Uuid(root.into())), "{file}");
+        let (path, args) = cmds.linux.clone().unwrap();
+        assert_eq!(path, format!("/boot/vmlinuz-{kernel}"));
+        assert_eq!(args.join(" "), format!("root=UUID={root} {cmdline}"));
+        assert_eq!(cmds.initrds, [format!("/boot/initrd.img-{kernel}")]);
+        // The advanced submenu: the same kernel, and its recovery mode.
+        let titles: Vec<String> = grub::entries(&c.items)
+            .iter()
+            .map(|(_, i)| i.title.clone())
+            .collect();
+        assert!(
+            titles.contains(&format!("Debian GNU/Linux, with Linux {kernel}"))
+                && titles.contains(&format!(
+                    "Debian GNU/Linux, with Linux {kernel} (recovery mode)"
+                )),
+            "{file}: {titles:?}"
+        );
+    }
+    // The cloud kernel's disk: Azure's console settings in the generated line.
+    let c = grub::read_config(&fixture("debian12-generated-azure-grub.cfg"), &none);
+    let p = grub::select(&c.items, c.default.as_deref()).unwrap();
+    let grub::ItemKind::Entry(cmds) = &grub::at(&c.items, &p).unwrap().kind else {
+        panic!("the default is a submenu");
+    };
+    let (path, args) = cmds.linux.clone().unwrap();
+    assert_eq!(path, "/boot/vmlinuz-6.1.0-57-cloud-amd64");
+    let args = args.join(" ");
+    assert!(
+        args.contains("console=tty0 console=ttyS0,115200 earlyprintk=ttyS0,115200"),
+        "{args}"
+    );
+    // grub-install's stub on the ESP hands over to /boot/grub on the root's UUID.
+    let stub = grub::read_config(&fixture("debian12-generated-gen2-esp.cfg"), &none);
+    assert!(stub.items.is_empty());
+    let (dev, path) = stub.configfile.unwrap();
+    assert_eq!(
+        dev,
+        Some(grub::Device::Uuid(
+            "f93f41c4-1668-422b-a799-729030f6db41".into()
+        ))
+    );
+    assert_eq!(path, "/boot/grub/grub.cfg");
+    // An entry as kernel-install writes it, on an xfs /boot.
+    let e = bls::parse_entry(
+        "b4083d3ac81421ae41563fe1c5d53cd9-6.1.0-57-amd64",
+        &fixture("debian12-generated-bls.conf"),
+        &none,
+    );
+    assert_eq!(e.version.as_deref(), Some(kernel));
+    assert_eq!(e.linux.as_deref(), Some("/vmlinuz-6.1.0-57-amd64"));
+    assert_eq!(e.initrds, ["/initrd.img-6.1.0-57-amd64"]);
+    assert_eq!(
+        e.options,
+        "root=UUID=0620c2af-39c3-4cf0-8740-c84f5eb74b3a ro quiet"
+    );
+}
