@@ -112,3 +112,91 @@ pub fn load(dir: &Path) -> Option<DiskBootInfo> {
 pub fn save(dir: &Path, info: &DiskBootInfo) -> std::io::Result<()> {
     crate::store::write_atomic(&dir.join(BOOT_PB), &info.encode_to_vec())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// A stand-in for the worker's reader: a script that checks its arguments and that the
+    /// disk is its stdin, then prints `answer`.
+    fn fake_reader(dir: &Path, answer: &[u8], exit: i32) -> std::path::PathBuf {
+        std::fs::write(dir.join("answer"), answer).unwrap();
+        let script = dir.join("reader");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n[ \"$1 $2\" = \"boot-disk-read --inspect\" ] || exit 9\n\
+                 [ \"$(head -c 4)\" = DISK ] || exit 8\ncat '{}'\necho 'said on stderr' >&2\nexit {exit}\n",
+                dir.join("answer").display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        script
+    }
+
+    fn framed(m: &DiskBootInfo) -> Vec<u8> {
+        let b = m.encode_to_vec();
+        let mut out = (b.len() as u32).to_le_bytes().to_vec();
+        out.extend(b);
+        out
+    }
+
+    #[test]
+    fn the_readers_answer_is_kept_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image.raw");
+        std::fs::write(&image, b"DISK and more").unwrap();
+        let said = DiskBootInfo {
+            bootable: true,
+            os: "Debian GNU/Linux 12 (bookworm)".into(),
+            entries: vec![proto::v1::BootEntry {
+                title: "Debian GNU/Linux".into(),
+                version: "6.1.0-57-amd64".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let reader = fake_reader(dir.path(), &framed(&said), 0);
+        let got = read(&reader, &image).unwrap();
+        assert!(got.inspected && got.inspected_ms > 0);
+        assert_eq!((got.os.as_str(), got.entries.len()), (said.os.as_str(), 1));
+        save(dir.path(), &got).unwrap();
+        assert_eq!(load(dir.path()), Some(got));
+        // A file that is not a description, or one never inspected, is no description.
+        std::fs::write(dir.path().join(BOOT_PB), b"\xff\xff\xff").unwrap();
+        assert_eq!(load(dir.path()), None);
+        save(dir.path(), &DiskBootInfo::default()).unwrap();
+        assert_eq!(load(dir.path()), None);
+    }
+
+    #[test]
+    fn a_reader_that_fails_or_lies_is_an_error_not_a_description() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image.raw");
+        std::fs::write(&image, b"DISK").unwrap();
+        let cases: [(Vec<u8>, i32, &str); 4] = [
+            (
+                Vec::new(),
+                3,
+                "the boot disk reader failed (exit status: 3): said on stderr",
+            ),
+            (Vec::new(), 0, "the boot disk reader gave no answer"),
+            (u32::MAX.to_le_bytes().to_vec(), 0, "too long"),
+            (
+                [5u8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff].to_vec(),
+                0,
+                "the boot disk reader's answer is malformed",
+            ),
+        ];
+        for (answer, exit, want) in cases {
+            let reader = fake_reader(dir.path(), &answer, exit);
+            let e = read(&reader, &image).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+        let e = read(Path::new("/nonexistent/reader"), &image).unwrap_err();
+        assert!(e.starts_with("cannot start the boot disk reader"), "{e}");
+    }
+}
