@@ -15,6 +15,7 @@ pub mod boot_disks;
 pub mod build;
 pub mod console_bench;
 pub mod disk_bench;
+pub mod diskboot_bench;
 pub mod fb_bench;
 pub mod fbstamp;
 pub mod live;

@@ -144,6 +144,12 @@ impl Scenario {
         }
     }
 
+    /// The test host's memory (default 2 GiB).
+    pub fn l1_memory(mut self, mib: u32) -> Self {
+        self.l1_memory_mib = mib;
+        self
+    }
+
     /// Hard limit for the whole scenario (the test host is killed after it).
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;

@@ -223,7 +223,7 @@ fn args() -> Result<Args> {
 
 /// What `--only` can name.
 const BENCHES: &[&str] = &[
-    "boot", "disk", "upload", "fb", "console", "vmbus", "stats", "storage",
+    "boot", "disk", "upload", "fb", "console", "vmbus", "stats", "storage", "diskboot",
 ];
 
 fn main() -> ExitCode {
@@ -243,6 +243,13 @@ fn run() -> Result<bool> {
     let want = |what: &str| args.only.as_deref().is_none_or(|o| o == what);
     if want("boot") {
         ok &= run_boot(&args)?;
+    }
+    if want("diskboot") {
+        let qemu = std::env::var_os("PARVIS_BENCH_QEMU")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/usr/bin/qemu-system-x86_64".into());
+        let r = parvis_tests::diskboot_bench::run(&qemu, args.runs)?;
+        parvis_tests::diskboot_bench::print(&r);
     }
     if want("console") {
         let r = parvis_tests::console_bench::run(300)?;
