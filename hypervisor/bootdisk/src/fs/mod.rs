@@ -191,7 +191,15 @@ impl<'a> Namespace<'a> {
                 if target.starts_with('/') {
                     done.clear();
                 }
-                todo.extend(components(&target).into_iter().rev().map(String::from));
+                // The target's own `..` climb from the link's directory: keep them for the
+                // loop above rather than normalising them away.
+                todo.extend(
+                    target
+                        .split('/')
+                        .filter(|c| !c.is_empty())
+                        .rev()
+                        .map(String::from),
+                );
                 kind = FileKind::Dir;
                 // An empty target or "/" leaves us at a directory.
             }

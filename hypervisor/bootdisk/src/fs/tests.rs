@@ -20,6 +20,8 @@ fn debian_like(s: &Scratch) -> Arc<dyn ReadAt> {
             ("loop1", "->loop2"),
             ("loop2", "->loop1"),
             ("up", "->../../../etc"),
+            ("etc/default/grub", "GRUB_DEFAULT=0\n"),
+            ("etc/alternatives/grub", "->../default/grub"),
         ],
     );
     s.tree(
@@ -118,6 +120,11 @@ fn the_namespace_follows_links_across_mounts() {
         "set default=0\n"
     );
     assert!(ns.read_text("/up/fstab").unwrap().contains("/boot ext4"));
+    // A relative target's `..` climbs from the link's own directory.
+    assert_eq!(
+        ns.read_text("/etc/alternatives/grub").unwrap(),
+        "GRUB_DEFAULT=0\n"
+    );
     // FAT names match whatever their case.
     assert_eq!(
         ns.read_text("/boot/efi/efi/DEBIAN/grub.cfg").unwrap(),
