@@ -431,7 +431,7 @@ impl<'a> Inspector<'a> {
         }
         if let Some(v) = vols
             .iter()
-            .find(|v| matches!(v.found, Some("xfs" | "btrfs")) && v.fs.is_none())
+            .find(|v| v.found == Some("btrfs") && v.fs.is_none() && v.error.is_none())
         {
             return format!(
                 "/boot is on {} ({}), which Parvis cannot read yet",

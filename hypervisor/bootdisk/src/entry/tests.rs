@@ -166,6 +166,18 @@ fn rhel_disk(
     entries: &[(&str, String)],
     grub: Option<(&str, String)>,
 ) -> std::path::PathBuf {
+    rhel_disk_on(s, entries, grub, "ext4", "label: gpt")
+}
+
+/// The same with /boot on `fs` ("ext4" or "xfs", as RHEL installs it) and the partition
+/// table `label` ("label: gpt" or "label: dos").
+fn rhel_disk_on(
+    s: &Scratch,
+    entries: &[(&str, String)],
+    grub: Option<(&str, String)>,
+    fs: &str,
+    label: &str,
+) -> std::path::PathBuf {
     let mut files: Vec<(String, String)> = entries
         .iter()
         .map(|(n, c)| {
@@ -192,15 +204,17 @@ fn rhel_disk(
         .map(|(p, c)| (p.as_str(), c.as_str()))
         .collect();
     s.tree("boot", &files);
-    let boot = s.ext4("boot", "boot", 16, BOOT);
+    let boot = match fs {
+        "xfs" => s.xfs("boot", "boot", 24, BOOT, ""),
+        _ => s.ext4("boot", "boot", 16, BOOT),
+    };
     // An LVM physical volume: its label where LVM writes it.
     s.sh("truncate -s 8M pv; printf 'LABELONE' | dd of=pv bs=1 seek=512 conv=notrunc status=none; printf 'LVM2 001' | dd of=pv bs=1 seek=536 conv=notrunc status=none");
-    s.partitioned(
-        "d",
-        64,
-        "label: gpt\n,8M,U\n,24M,L\n,,E6D6D379-F507-44C2-A23C-238F2A3DF928",
-        &[(2, &boot), (3, &s.path("pv"))],
-    )
+    let table = match label {
+        "label: dos" => "label: dos\n,8M,ef\n,24M,83\n,,8e",
+        _ => "label: gpt\n,8M,U\n,24M,L\n,,E6D6D379-F507-44C2-A23C-238F2A3DF928",
+    };
+    s.partitioned("d", 64, table, &[(2, &boot), (3, &s.path("pv"))])
 }
 
 #[test]
@@ -310,6 +324,59 @@ fn rhel9_bls_entries_carry_their_own_options() {
 }
 
 #[test]
+fn rhel_bls_entries_on_an_xfs_boot_partition() {
+    // RHEL's installer puts /boot on xfs: BLS snippets with grub.cfg and grubenv (GPT, UEFI
+    // layout), and the snippets alone (MBR, BIOS layout).
+    let entries: Vec<(&str, String)> = [
+        "5.14.0-362.8.1.el9_3.x86_64",
+        "5.14.0-427.13.1.el9_4.x86_64",
+    ]
+    .iter()
+    .map(|v| (*v, fixture(&format!("rhel9-{v}.conf"))))
+    .collect();
+    for label in ["label: gpt", "label: dos"] {
+        let s = Scratch::new();
+        let img = rhel_disk_on(&s, &entries, None, "xfs", label);
+        let (d, i) = inspect(&s, &img);
+        let boot = &d.volumes[1];
+        assert_eq!(boot.found, Some("xfs"));
+        assert_eq!(boot.uuid().as_deref(), Some(BOOT));
+        let i = i.unwrap();
+        assert_eq!(i.entries.len(), 2, "{label}");
+        let (_, initrds, cmdline, kernel) = chosen(&d, &i);
+        assert_eq!(kernel, "KERNEL 5.14.0-427.13.1.el9_4.x86_64", "{label}");
+        assert_eq!(initrds, ["INITRD 5.14.0-427.13.1.el9_4.x86_64"]);
+        assert!(
+            cmdline.starts_with("root=/dev/mapper/rhel-root ro crashkernel=1G-4G:192M"),
+            "{cmdline}"
+        );
+    }
+    // RHEL 8: grub.cfg's blscfg, $kernelopts and the saved entry from grubenv, on xfs.
+    let s = Scratch::new();
+    let entries: Vec<(&str, String)> =
+        ["4.18.0-425.3.1.el8.x86_64", "4.18.0-477.10.1.el8_8.x86_64"]
+            .iter()
+            .map(|v| (*v, fixture(&format!("rhel8-{v}.conf"))))
+            .collect();
+    s.tree("boot", &[("grub2/grubenv", &fixture("rhel8-grubenv"))]);
+    let img = rhel_disk_on(
+        &s,
+        &entries,
+        Some(("grub2/grub.cfg", fixture("rhel8-grub.cfg"))),
+        "xfs",
+        "label: gpt",
+    );
+    let (d, i) = inspect(&s, &img);
+    let (title, initrds, _, kernel) = chosen(&d, &i.unwrap());
+    assert_eq!(
+        title,
+        "Red Hat Enterprise Linux (4.18.0-425.3.1.el8.x86_64) 8.8 (Ootpa)"
+    );
+    assert_eq!(kernel, "KERNEL 4.18.0-425.3.1.el8.x86_64");
+    assert_eq!(initrds, ["INITRD 4.18.0-425.3.1.el8.x86_64"]);
+}
+
+#[test]
 fn debian_symlinks_and_default_grub_when_there_is_no_grub_cfg() {
     let s = Scratch::new();
     debian_root(&s, None);
@@ -403,12 +470,20 @@ fn disks_that_cannot_boot_say_why_in_one_sentence() {
         "{}",
         why(&img)
     );
-    // xfs /boot (magic only here).
+    // btrfs /boot (magic only here).
+    s.sh("truncate -s 8M btrfs; printf '_BHRfS_M' | dd of=btrfs bs=1 seek=65600 conv=notrunc status=none");
+    let img = s.partitioned("b", 32, "label: gpt\n,,L", &[(1, &s.path("btrfs"))]);
+    assert_eq!(
+        why(&img),
+        "/boot is on btrfs (partition 1), which Parvis cannot read yet"
+    );
+    // An xfs whose superblock is only its magic number: read, and found damaged.
     s.sh("truncate -s 8M xfs; printf 'XFSB' | dd of=xfs conv=notrunc status=none");
     let img = s.partitioned("x", 32, "label: gpt\n,,L", &[(1, &s.path("xfs"))]);
     assert_eq!(
         why(&img),
-        "/boot is on xfs (partition 1), which Parvis cannot read yet"
+        "the xfs file system on partition 1 cannot be read: its superblock version 0 is not \
+         known"
     );
     // A Linux root without any kernel.
     s.tree(

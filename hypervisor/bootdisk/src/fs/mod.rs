@@ -4,6 +4,7 @@
 
 mod ext4;
 mod fat;
+mod xfs;
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use crate::{Error, Limits, ReadAt, Result};
 
 pub use ext4::Ext4Fs;
 pub use fat::FatFs;
+pub use xfs::XfsFs;
 
 /// What a path names (the last component not followed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +50,9 @@ pub fn open(part: Arc<dyn ReadAt>, place: &str) -> Result<Option<Box<dyn FileSys
     part.read_at(&mut sb[..n], 0)
         .map_err(|e| crate::io_error(0, e))?;
     let sb = &sb[..n];
+    if sb.starts_with(b"XFSB") {
+        return Ok(Some(Box::new(XfsFs::open(part, place)?)));
+    }
     if n >= 1082 && sb[1080] == 0x53 && sb[1081] == 0xEF {
         return Ok(Some(Box::new(Ext4Fs::open(part, place)?)));
     }
