@@ -593,3 +593,17 @@ fn versions_sort_as_rpm_and_systemd_sort_them() {
     assert_eq!(bls::vercmp("1.01", "1.1"), Equal);
     assert_eq!(bls::vercmp("1.a", "1.1"), Less);
 }
+
+#[test]
+fn the_xfs_disk_fuzz_seed_boots_its_bls_entry() {
+    // fuzz/seeds/disk/mbr-xfs-boot: an MBR whose one partition holds the first KiBs of an
+    // xfs /boot (a BLS entry, its kernel and initrd), as the disk target starts from.
+    let bytes = include_bytes!("../../fuzz/seeds/disk/mbr-xfs-boot").to_vec();
+    let d = Disk::open(std::sync::Arc::new(bytes), Limits::default()).unwrap();
+    assert_eq!(d.volumes[0].found, Some("xfs"));
+    let i = d.inspect().unwrap();
+    let e = &i.entries[i.default];
+    assert_eq!(e.kernel.path, "/vmlinuz-6.1.0");
+    assert_eq!(d.read_file(&e.kernel, 1 << 20).unwrap().len(), 3000);
+    assert_eq!(e.cmdline, "root=UUID=1234 ro");
+}
