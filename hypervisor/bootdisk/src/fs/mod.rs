@@ -2,6 +2,7 @@
 //! that mounts several of them (root, a separate /boot, the ESP) and resolves paths the way
 //! the guest would, following symbolic links across mounts with a bounded depth.
 
+mod crc32c;
 mod ext4;
 mod fat;
 mod xfs;
