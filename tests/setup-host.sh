@@ -12,7 +12,8 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 need=()
 for cmd_pkg in qemu-system-x86_64:qemu-system-x86 busybox:busybox-static cpio:cpio \
     xz:xz-utils iasl:acpica-tools mke2fs:e2fsprogs openssl:openssl \
-    sfdisk:fdisk mkfs.vfat:dosfstools mcopy:mtools mkfs.xfs:xfsprogs; do
+    sfdisk:fdisk mkfs.vfat:dosfstools mcopy:mtools mkfs.xfs:xfsprogs \
+    mkfs.btrfs:btrfs-progs; do
     command -v "${cmd_pkg%%:*}" >/dev/null 2>&1 || need+=("${cmd_pkg#*:}")
 done
 if [ -x /bin/busybox ] && ! /bin/busybox --list >/dev/null 2>&1; then need+=(busybox-static); fi
@@ -59,5 +60,6 @@ fi
 $SUDO apt-get install -y -qq --allow-downgrades \
     "qemu-system-x86=$v" "qemu-utils=$v" "qemu-system-common=$v" "qemu-block-extra=$v" \
     busybox-static cpio xz-utils acpica-tools e2fsprogs openssl fdisk dosfstools mtools xfsprogs \
+    btrfs-progs \
     "${CONSOLE_PKGS[@]}" >/dev/null
 qemu_ok || { echo "setup-host: qemu-system-x86 and qemu-utils versions differ" >&2; exit 1; }

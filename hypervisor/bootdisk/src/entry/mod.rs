@@ -429,16 +429,6 @@ impl<'a> Inspector<'a> {
         if found("LVM") || kind(Kind::Lvm) {
             return "/boot is on LVM, which Parvis cannot read".into();
         }
-        if let Some(v) = vols
-            .iter()
-            .find(|v| v.found == Some("btrfs") && v.fs.is_none() && v.error.is_none())
-        {
-            return format!(
-                "/boot is on {} ({}), which Parvis cannot read yet",
-                v.found.unwrap_or_default(),
-                v.place()
-            );
-        }
         if let Some(v) = vols.iter().find(|v| v.error.is_some()) {
             return format!("{}", v.error.as_ref().expect("checked"));
         }

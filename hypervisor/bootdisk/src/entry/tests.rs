@@ -128,6 +128,28 @@ fn debian12_gpt_boots_the_saved_entry_of_its_grub_cfg() {
 }
 
 #[test]
+fn a_root_on_btrfs_boots_its_grub_cfg() {
+    // Debian's installer with a btrfs root: /boot is a directory of it.
+    let s = Scratch::new();
+    debian_root(&s, Some(&fixture("debian12-grub.cfg")));
+    let root = s.btrfs("root", "root", 48, ROOT, "");
+    let img = s.partitioned("d", 64, "label: gpt\n,8M,U\n,,L", &[(2, &root)]);
+    let (d, i) = inspect(&s, &img);
+    assert_eq!(d.volumes[1].found, Some("btrfs"));
+    let i = i.unwrap();
+    assert_eq!(i.os.as_deref(), Some("Debian GNU/Linux 12 (bookworm)"));
+    assert_eq!(
+        chosen(&d, &i),
+        (
+            "Debian GNU/Linux".into(),
+            vec!["INITRD 6.1.0-9".into()],
+            format!("root=UUID={ROOT} ro quiet"),
+            "KERNEL 6.1.0-9".into()
+        )
+    );
+}
+
+#[test]
 fn ubuntu_mbr_bios_disk_boots_its_first_entry_and_skips_memtest() {
     let s = Scratch::new();
     s.tree(
@@ -470,12 +492,13 @@ fn disks_that_cannot_boot_say_why_in_one_sentence() {
         "{}",
         why(&img)
     );
-    // btrfs /boot (magic only here).
+    // A btrfs whose superblock is only its magic number: read, and found damaged.
     s.sh("truncate -s 8M btrfs; printf '_BHRfS_M' | dd of=btrfs bs=1 seek=65600 conv=notrunc status=none");
     let img = s.partitioned("b", 32, "label: gpt\n,,L", &[(1, &s.path("btrfs"))]);
     assert_eq!(
         why(&img),
-        "/boot is on btrfs (partition 1), which Parvis cannot read yet"
+        "the btrfs file system on partition 1 cannot be read: its superblock checksum is \
+         wrong"
     );
     // An xfs whose superblock is only its magic number: read, and found damaged.
     s.sh("truncate -s 8M xfs; printf 'XFSB' | dd of=xfs conv=notrunc status=none");

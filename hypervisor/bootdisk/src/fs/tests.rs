@@ -589,3 +589,243 @@ fn the_xfs_fuzz_seeds_hold_a_readable_boot() {
         );
     }
 }
+
+const BTRFS_UUID: &str = "5a6b7c8d-9e0f-4123-8456-789abcdef012";
+
+#[test]
+fn btrfs_boot_trees_read_back_as_written() {
+    let s = Scratch::new();
+    let (kernel, initrd, deep) = xfs_boot_tree(&s, "boot");
+    for (name, opts) in [
+        // DUP metadata in 16 KiB nodes, as mkfs.btrfs makes it by default.
+        ("dup16k", ""),
+        // Single metadata in 4 KiB nodes: the 2000-entry directory needs a deeper tree.
+        ("single4k", "-m single -n 4096"),
+        // Mixed data and metadata block groups, as small file systems get.
+        ("mixed", "-M"),
+        // Checksums this reader does not verify (it still checks each block's place).
+        ("xxhash", "--csum xxhash"),
+    ] {
+        let img = s.btrfs(name, "boot", 96, BTRFS_UUID, opts);
+        let tree = s.sh(&format!(
+            "btrfs inspect-internal dump-tree -t fs {} | awk '/ level / && !x {{ print; x = 1 }}'",
+            img.display()
+        ));
+        if name == "single4k" {
+            assert!(!tree.contains("level 0"), "the fs tree is one leaf: {tree}");
+        }
+        let part: Arc<dyn ReadAt> = Arc::new(std::fs::File::open(&img).unwrap());
+        assert_eq!(sniff(part.as_ref()), Some("btrfs"));
+        let fs = open(part, "partition 2").unwrap().unwrap();
+        assert_eq!(fs.kind(), "btrfs");
+        assert_eq!(fs.uuid().as_deref(), Some(BTRFS_UUID), "{name}");
+        assert_eq!(fs.label().as_deref(), Some(name));
+        let ns = Namespace::new(fs.as_ref(), 0, Limits::default());
+        assert!(
+            ns.read(&format!("/{KERNEL}"), 64 << 20).unwrap() == kernel,
+            "{name}"
+        );
+        assert!(ns.read("/vmlinuz", 64 << 20).unwrap() == kernel, "{name}");
+        assert!(
+            ns.read("/initrd.img", 64 << 20).unwrap() == initrd,
+            "{name}"
+        );
+        assert_eq!(fs.read_link("/deep").unwrap(), deep, "{name}");
+        assert!(ns.read("/deep", 64 << 20).unwrap() == kernel, "{name}");
+        assert_eq!(
+            ns.read_text("/grub2/cfg-link").unwrap(),
+            "set default=0\nblscfg\n"
+        );
+        assert_eq!(
+            ns.list("/loader/entries").unwrap(),
+            ["0123456789abcdef-6.1.0-27-amd64.conf"]
+        );
+        assert_eq!(ns.read("/empty", 10).unwrap(), b"");
+        for (dir, n) in [("block", 40), ("leaf", 300), ("node", 2000)] {
+            let mut names = ns.list(&format!("/{dir}")).unwrap();
+            names.sort();
+            let want: Vec<String> = (0..n)
+                .map(|i| format!("kernel-config-6.1.0-27-amd64-{i:05}"))
+                .collect();
+            assert_eq!(names, want, "{name} /{dir}");
+            for i in (0..n).step_by(37).chain([n - 1]) {
+                assert_eq!(
+                    ns.read_text(&format!("/{dir}/kernel-config-6.1.0-27-amd64-{i:05}"))
+                        .unwrap(),
+                    format!("{dir} entry {i}\n"),
+                    "{name}"
+                );
+            }
+        }
+        assert_eq!(fs.list("/node", 10).unwrap().len(), 10);
+        assert_eq!(fs.kind_of("/vmlinuz").unwrap(), FileKind::Symlink);
+        assert_eq!(fs.kind_of("/").unwrap(), FileKind::Dir);
+        assert!(matches!(
+            ns.read("/node/nope", 100),
+            Err(Error::NotFound(_))
+        ));
+        assert!(matches!(
+            fs.read(&format!("/{KERNEL}"), 1 << 20),
+            Err(Error::TooLarge { .. })
+        ));
+        assert!(matches!(
+            fs.kind_of("/empty/x"),
+            Err(Error::WrongKind { .. })
+        ));
+    }
+}
+
+#[test]
+fn btrfs_subvolumes_holes_preallocation_and_compression_as_the_kernel_writes_them() {
+    // mkfs.btrfs --rootdir makes neither subvolumes, holes, preallocated nor compressed
+    // extents: the kernel does, so this test loop-mounts its image (root and the kernel's
+    // btrfs, as CI has). Ubuntu's layout: the top level holds the subvolume "@" with /boot
+    // in it, and "@" holds a nested subvolume.
+    let s = Scratch::new();
+    let img = s.btrfs("subvols", "none", 128, BTRFS_UUID, "");
+    let mnt = s.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let m = mnt.display();
+    let kernel = noise((5 << 20) + 3, 7);
+    std::fs::write(s.path("kernel"), &kernel).unwrap();
+    s.sh(&format!("mount -o loop {} {m}", img.display()));
+    let mounted = Mounted(mnt.clone());
+    let mut cmds = String::new();
+    // 1000 pieces of 4 KiB with holes between: 1000 extent items, over several leaves.
+    for i in 0..1000u64 {
+        cmds.push_str(&format!(
+            " -c 'pwrite -q -S {} {} 4096'",
+            i % 250 + 1,
+            i * 8192
+        ));
+    }
+    cmds.push_str(" -c 'falloc 65536 65536' -c 'falloc 14680064 1048576'");
+    cmds.push_str(" -c 'pwrite -q -S 0x77 14942208 4096' -c 'truncate 16777216'");
+    s.sh(&format!(
+        "btrfs -q subvolume create {m}/@
+         mkdir -p {m}/@/boot/grub {m}/@/etc
+         cp ../kernel {m}/@/boot/vmlinuz-6.1.0-27-amd64
+         ln -s vmlinuz-6.1.0-27-amd64 {m}/@/boot/vmlinuz
+         echo 'set default=0' > {m}/@/boot/grub/grub.cfg
+         btrfs -q subvolume create {m}/@/var
+         echo 'in a nested subvolume' > {m}/@/var/note
+         xfs_io -f {cmds} {m}/@/boot/sparse
+         touch {m}/@/boot/packed
+         btrfs property set {m}/@/boot/packed compression zstd
+         {{ yes 'compress me' || true; }} | head -c 1000000 > {m}/@/boot/packed
+         sync",
+    )
+    .replace("../kernel", &s.path("kernel").display().to_string()));
+    drop(mounted);
+    // What the test covers, as btrfs itself sees it.
+    let tree = s.sh(&format!(
+        "btrfs inspect-internal dump-tree {} 2>/dev/null",
+        img.display()
+    ));
+    for want in [
+        "type 2 (prealloc)",
+        "compression 3 (zstd)",
+        "(257 ROOT_ITEM 0)",
+    ] {
+        assert!(tree.contains(want), "{want} is not in the image");
+    }
+    let mut sparse = vec![0u8; 16 << 20];
+    for i in 0..1000usize {
+        sparse[i * 8192..i * 8192 + 4096].fill((i % 250) as u8 + 1);
+    }
+    sparse[14942208..14942208 + 4096].fill(0x77);
+
+    let check = |fs: &dyn FileSystem, boot: &str| {
+        let ns = Namespace::new(fs, 0, Limits::default());
+        assert!(ns.read(&format!("{boot}/vmlinuz"), 64 << 20).unwrap() == kernel);
+        assert_eq!(
+            ns.read_text(&format!("{boot}/grub/grub.cfg")).unwrap(),
+            "set default=0\n"
+        );
+        assert!(ns.read(&format!("{boot}/sparse"), 16 << 20).unwrap() == sparse);
+        let e = ns.read(&format!("{boot}/packed"), 16 << 20).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("compressed with zstd, which this reader does not decompress"),
+            "{e}"
+        );
+    };
+    // The top level is the default subvolume: "@" is a directory in it.
+    let part: Arc<dyn ReadAt> = Arc::new(std::fs::read(&img).unwrap());
+    let fs = open(part, "p").unwrap().unwrap();
+    let mut top = fs.list("/", 100).unwrap();
+    top.sort();
+    assert_eq!(top, ["@"]);
+    check(fs.as_ref(), "/@/boot");
+    assert_eq!(
+        fs.read("/@/var/note", 100).unwrap(),
+        b"in a nested subvolume\n"
+    );
+    // "@" made the default subvolume, as openSUSE does with its snapshots: it is the root.
+    s.sh(&format!(
+        "mount -o loop {} {m}
+         btrfs subvolume set-default {m}/@",
+        img.display()
+    ));
+    drop(Mounted(mnt.clone()));
+    let part: Arc<dyn ReadAt> = Arc::new(std::fs::read(&img).unwrap());
+    let fs = open(part, "p").unwrap().unwrap();
+    let mut top = fs.list("/", 100).unwrap();
+    top.sort();
+    assert_eq!(top, ["boot", "etc", "var"]);
+    check(fs.as_ref(), "/boot");
+    assert_eq!(
+        fs.read("/var/note", 100).unwrap(),
+        b"in a nested subvolume\n"
+    );
+}
+
+#[test]
+fn btrfs_raid_is_refused_and_corrupt_btrfs_is_an_error_not_a_panic() {
+    let s = Scratch::new();
+    s.tree("files", &[("boot/grub/grub.cfg", "set default=0\n")]);
+    s.sh("truncate -s 128M r1.img r2.img
+         mkfs.btrfs -q -f -d raid1 -m raid1 r1.img r2.img");
+    let e = open(disk(&s.path("r1.img")), "partition 3").err().unwrap();
+    assert_eq!(
+        e.to_string(),
+        "the btrfs file system on partition 3 cannot be read: it uses a RAID profile; only \
+         single and DUP file systems are read"
+    );
+    xfs_boot_tree(&s, "boot");
+    let img = s.btrfs("b", "boot", 96, BTRFS_UUID, "-n 4096");
+    let clean = std::fs::read(&img).unwrap();
+    // Scribble over the tree blocks (all past the superblock; 4 KiB nodes), keeping the
+    // superblock: most are refused by their checksum, so also fix some checksums up.
+    let nodes: Vec<usize> = (0x11000..clean.len())
+        .step_by(4096)
+        .filter(|&at| clean[at + 0x20..at + 0x30] == clean[0x10020..0x10030])
+        .collect();
+    assert!(nodes.len() > 10, "{} tree blocks", nodes.len());
+    for seed in 1..=8u64 {
+        let mut bytes = clean.clone();
+        let junk = noise(4096, seed);
+        for (k, &at) in nodes.iter().enumerate() {
+            if !(k as u64 + seed).is_multiple_of(3) {
+                continue;
+            }
+            // Flip bytes after the header: keys, pointers, item offsets and sizes.
+            for j in (0x65..4096).step_by(seed as usize * 7 + 3) {
+                bytes[at + j] ^= junk[j];
+            }
+            if seed.is_multiple_of(2) {
+                let sum = !crate::fs::crc32c::update(!0, &bytes[at + 0x20..at + 4096]);
+                bytes[at..at + 4].copy_from_slice(&sum.to_le_bytes());
+            }
+        }
+        if let Ok(Some(fs)) = open(Arc::new(bytes), "p") {
+            let ns = Namespace::new(fs.as_ref(), 0, Limits::default());
+            for d in ["/", "/node", "/leaf", "/block", "/loader/entries"] {
+                let _ = ns.list(d);
+            }
+            let _ = ns.read("/vmlinuz", 64 << 20);
+            let _ = ns.read("/deep", 64 << 20);
+            let _ = ns.read_text("/grub2/grub.cfg");
+        }
+    }
+}

@@ -120,6 +120,16 @@ impl Scratch {
         ));
         self.path(&format!("{name}.img"))
     }
+    /// A btrfs image of `size_mib` MiB holding the folder `root` (mkfs.btrfs --rootdir);
+    /// `opts` are more mkfs.btrfs options. Returns its path.
+    pub fn btrfs(&self, name: &str, root: &str, size_mib: u32, uuid: &str, opts: &str) -> PathBuf {
+        std::fs::create_dir_all(self.path(root)).unwrap();
+        self.sh(&format!(
+            "rm -f {name}.img; truncate -s {size_mib}M {name}.img
+             mkfs.btrfs -q -f -U {uuid} -L {name} {opts} --rootdir {root} {name}.img"
+        ));
+        self.path(&format!("{name}.img"))
+    }
     /// A FAT image of `size_mib` MiB holding the folder `root`; returns its path.
     pub fn vfat(&self, name: &str, root: &str, size_mib: u32, id: &str) -> PathBuf {
         std::fs::create_dir_all(self.path(root)).unwrap();
