@@ -630,3 +630,17 @@ fn the_xfs_disk_fuzz_seed_boots_its_bls_entry() {
     assert_eq!(d.read_file(&e.kernel, 1 << 20).unwrap().len(), 3000);
     assert_eq!(e.cmdline, "root=UUID=1234 ro");
 }
+
+#[test]
+fn the_btrfs_disk_fuzz_seed_boots_its_bls_entry() {
+    // fuzz/seeds/disk/mbr-btrfs-boot: an MBR whose one partition holds fuzz/seeds/btrfs/small
+    // (a BLS entry, its kernel and initrd).
+    let bytes = include_bytes!("../../fuzz/seeds/disk/mbr-btrfs-boot").to_vec();
+    let d = Disk::open(std::sync::Arc::new(bytes), Limits::default()).unwrap();
+    assert_eq!(d.volumes[0].found, Some("btrfs"));
+    let i = d.inspect().unwrap();
+    let e = &i.entries[i.default];
+    assert_eq!(e.kernel.path, "/vmlinuz-6.1.0");
+    assert_eq!(d.read_file(&e.kernel, 1 << 20).unwrap().len(), 6000);
+    assert_eq!(e.cmdline, "root=UUID=1234 ro");
+}

@@ -829,3 +829,29 @@ fn btrfs_raid_is_refused_and_corrupt_btrfs_is_an_error_not_a_panic() {
         }
     }
 }
+
+#[test]
+fn the_btrfs_fuzz_seed_holds_a_readable_boot() {
+    // fuzz/btrfs-seed.py packed a mkfs.btrfs image's trees and data below its superblock.
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/btrfs/small");
+    let part: Arc<dyn ReadAt> = Arc::new(std::fs::read(p).unwrap());
+    let fs = BtrfsFs::open(part, "seed").unwrap();
+    let ns = Namespace::new(&fs, 0, Limits::default());
+    assert_eq!(ns.list("/d").unwrap().len(), 20);
+    assert_eq!(ns.read_text("/d/entry-7").unwrap(), "7\n");
+    assert_eq!(ns.read("/vmlinuz", 1 << 20).unwrap().len(), 6000);
+    assert_eq!(ns.read("/deep", 1 << 20).unwrap().len(), 6000);
+    assert_eq!(
+        ns.read("/initramfs-6.1.0.img", 1 << 20).unwrap().len(),
+        1500
+    );
+    assert!(
+        ns.read_text("/loader/entries/abc-6.1.0.conf")
+            .unwrap()
+            .starts_with("title Linux\n")
+    );
+    assert_eq!(
+        ns.read_text("/grub2/grub.cfg").unwrap(),
+        "set default=0\nblscfg\n"
+    );
+}
