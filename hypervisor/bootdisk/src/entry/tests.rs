@@ -182,6 +182,52 @@ fn ubuntu_mbr_bios_disk_boots_its_first_entry_and_skips_memtest() {
     );
 }
 
+#[test]
+fn ubuntu_on_btrfs_boots_from_its_subvolume() {
+    // Ubuntu's installer on btrfs: the system in the subvolume "@" of a top level that stays
+    // the default, and grub.cfg naming the kernel by its path from the top ("/@/boot/...").
+    // Only the kernel makes subvolumes: the image is loop-mounted (root and the kernel's
+    // btrfs, as CI has).
+    let s = Scratch::new();
+    let cfg = fixture("ubuntu2404-grub.cfg")
+        .replace("\t/boot/", "\t/@/boot/")
+        .replace(" ro  ", " ro rootflags=subvol=@ ");
+    s.tree(
+        "root",
+        &[
+            (
+                "etc/fstab",
+                &format!("UUID={ROOT} / btrfs defaults,subvol=@ 0 1\n"),
+            ),
+            ("etc/os-release", "PRETTY_NAME=\"Ubuntu 24.04 LTS\"\n"),
+            ("boot/vmlinuz-6.8.0-31-generic", "KERNEL 6.8"),
+            ("boot/initrd.img-6.8.0-31-generic", "INITRD 6.8"),
+            ("boot/grub/grub.cfg", &cfg),
+        ],
+    );
+    let fs = s.btrfs("top", "none", 128, ROOT, "");
+    s.sh(&format!(
+        "mkdir -p mnt; mount -o loop {} mnt
+         trap 'umount mnt' EXIT
+         btrfs -q subvolume create mnt/@
+         cp -a root/. mnt/@/",
+        fs.display()
+    ));
+    let img = s.partitioned("d", 160, "label: gpt\n,,L", &[(1, &fs)]);
+    let (d, i) = inspect(&s, &img);
+    let i = i.unwrap();
+    assert_eq!(i.os.as_deref(), Some("Ubuntu 24.04 LTS"));
+    let (title, initrds, cmdline, kernel) = chosen(&d, &i);
+    assert_eq!(title, "Ubuntu");
+    assert_eq!(kernel, "KERNEL 6.8");
+    assert_eq!(initrds, ["INITRD 6.8"]);
+    assert_eq!(
+        cmdline,
+        format!("root=UUID={ROOT} ro rootflags=subvol=@ console=tty1 console=ttyS0")
+    );
+    assert_eq!(i.entries[0].kernel.path, "/@/boot/vmlinuz-6.8.0-31-generic");
+}
+
 /// RHEL's layout: an ESP, /boot on its own partition, the root on LVM.
 fn rhel_disk(
     s: &Scratch,
