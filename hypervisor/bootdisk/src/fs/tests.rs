@@ -201,6 +201,18 @@ fn corrupt_file_systems_are_errors_not_panics() {
 }
 
 #[test]
+fn an_ext4_claiming_billions_of_block_groups_is_an_error() {
+    // Found by the ext4 fuzz target: ext4-view 1.0 reserves memory for every block group
+    // the superblock claims (here 2^32 - 1, tens of GB) before reading any, which aborts.
+    let bytes = include_bytes!("../../fuzz/seeds/ext4/group-count-oom").to_vec();
+    let e = Ext4Fs::open(Arc::new(bytes), "p").err().unwrap();
+    assert!(
+        e.to_string().contains("more than the partition can hold"),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_fat_volume_that_makes_fatfs_panic_is_an_error() {
     // Found by the vfat fuzz target: fatfs 0.3.6's cluster arithmetic overflows on it. The
     // reader's guard turns the panic into an error; nothing escapes.
