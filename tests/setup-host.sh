@@ -13,7 +13,7 @@ need=()
 for cmd_pkg in qemu-system-x86_64:qemu-system-x86 busybox:busybox-static cpio:cpio \
     xz:xz-utils iasl:acpica-tools mke2fs:e2fsprogs openssl:openssl \
     sfdisk:fdisk mkfs.vfat:dosfstools mcopy:mtools debootstrap:debootstrap mkfs.xfs:xfsprogs \
-    zstd:zstd; do
+    mkfs.btrfs:btrfs-progs zstd:zstd; do
     command -v "${cmd_pkg%%:*}" >/dev/null 2>&1 || need+=("${cmd_pkg#*:}")
 done
 # The disk boot benchmark (tests/src/diskboot_bench.rs) compares with QEMU + OVMF.
@@ -62,5 +62,5 @@ fi
 $SUDO apt-get install -y -qq --allow-downgrades \
     "qemu-system-x86=$v" "qemu-utils=$v" "qemu-system-common=$v" "qemu-block-extra=$v" \
     busybox-static cpio xz-utils acpica-tools e2fsprogs openssl fdisk dosfstools mtools \
-    debootstrap xfsprogs zstd ovmf "${CONSOLE_PKGS[@]}" >/dev/null
+    debootstrap xfsprogs btrfs-progs zstd ovmf "${CONSOLE_PKGS[@]}" >/dev/null
 qemu_ok || { echo "setup-host: qemu-system-x86 and qemu-utils versions differ" >&2; exit 1; }

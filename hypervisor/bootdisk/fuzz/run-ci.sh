@@ -9,5 +9,5 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 exec "$here/../../../.ci/fuzz.sh" "$here" fuzz-bootdisk "${1:-${FUZZ_SECONDS:-30}}" 262144 \
-    partitions=seeds/partitions ext4=seeds/ext4 vfat=seeds/vfat grub_cfg=seeds/grub_cfg \
-    disk=seeds/disk
+    partitions=seeds/partitions ext4=seeds/ext4 xfs=seeds/xfs btrfs=seeds/btrfs \
+    vfat=seeds/vfat grub_cfg=seeds/grub_cfg disk=seeds/disk

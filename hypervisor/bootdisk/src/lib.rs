@@ -1,11 +1,11 @@
 //! The boot-disk reader: what a guest disk says about how it boots, read without trusting it.
 //!
 //! A disk a user imports is hostile input. This crate reads only: the partition table (MBR
-//! with extended partitions, or GPT), the file systems `/boot` lives on (vfat, ext2/3/4), and
-//! from them the distribution's own default boot entry (kernel, initrd, command line). Every
-//! structure is bounds-checked, every loop bounded, every read capped ([`Limits`]); errors are
-//! one sentence a person can act on ([`Error`]). It runs in the worker's confined reader child
-//! process, never in the agent or the worker themselves.
+//! with extended partitions, or GPT), the file systems `/boot` lives on (vfat, ext2/3/4,
+//! xfs, btrfs), and from them the distribution's own default boot entry (kernel, initrd,
+//! command line). Every structure is bounds-checked, every loop bounded, every read capped
+//! ([`Limits`]); errors are one sentence a person can act on ([`Error`]). It runs in the
+//! worker's confined reader child process, never in the agent or the worker themselves.
 //!
 //! May depend on: std and the crates.io crates in its Cargo.toml. Nothing of Parvis: the
 //! worker adapts its disk backends to [`ReadAt`].

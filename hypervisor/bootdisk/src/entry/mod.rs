@@ -219,6 +219,9 @@ struct Inspector<'a> {
     disk: &'a Disk,
     /// The volume with /etc (the root file system), if readable.
     root: Option<usize>,
+    /// Where the system lies in the root volume: "" at its top, or the btrfs subvolume the
+    /// guest mounts as / when the top level is not it ("/@" on Ubuntu), as GRUB names it.
+    root_dir: String,
     /// Where /boot is: (volume, prefix of /boot inside it: "/boot" or "").
     boot: Option<(usize, String)>,
     /// The ESP, if any.
@@ -233,6 +236,7 @@ impl<'a> Inspector<'a> {
         Inspector {
             disk,
             root: None,
+            root_dir: String::new(),
             boot: None,
             esp: None,
             boot_problem: None,
@@ -255,23 +259,24 @@ impl<'a> Inspector<'a> {
     fn locate(&mut self) {
         let n = self.disk.volumes.len();
         let readable = |v: usize| self.disk.volumes[v].fs.is_some();
-        // The root: a readable file system with /etc/fstab or os-release; a discoverable
-        // root partition first.
-        let mut candidates: Vec<usize> = (0..n)
+        // The root: a readable file system with /etc/fstab or os-release (at its top, or in
+        // a btrfs subvolume named as installers name the root's); a discoverable root
+        // partition first.
+        let mut candidates: Vec<(usize, String)> = (0..n)
             .filter(|&v| readable(v))
-            .filter(|&v| {
-                self.has(v, "/etc/fstab")
-                    || self.has(v, "/etc/os-release")
-                    || self.has(v, "/usr/lib/os-release")
-            })
+            .filter_map(|v| Some((v, self.system_dir(v)?)))
             .collect();
-        candidates.sort_by_key(|&v| {
-            self.disk.volumes[v]
+        candidates.sort_by_key(|(v, _)| {
+            self.disk.volumes[*v]
                 .part
                 .as_ref()
                 .is_none_or(|p| p.kind != Kind::LinuxRoot)
         });
-        self.root = candidates.first().copied();
+        if let Some((r, dir)) = candidates.first() {
+            self.root = Some(*r);
+            self.root_dir = dir.clone();
+        }
+        let rd = self.root_dir.clone();
         self.esp = (0..n).find(|&v| {
             readable(v)
                 && self.disk.volumes[v]
@@ -281,13 +286,13 @@ impl<'a> Inspector<'a> {
         });
         if let Some(r) = self.root {
             self.os = self
-                .text(r, "/etc/os-release")
-                .or_else(|| self.text(r, "/usr/lib/os-release"))
+                .text(r, &format!("{rd}/etc/os-release"))
+                .or_else(|| self.text(r, &format!("{rd}/usr/lib/os-release")))
                 .and_then(|t| {
                     let f = debian::os_release(&t);
                     f.get("PRETTY_NAME").or_else(|| f.get("NAME")).cloned()
                 });
-            let fstab = self.text(r, "/etc/fstab").unwrap_or_default();
+            let fstab = self.text(r, &format!("{rd}/etc/fstab")).unwrap_or_default();
             for m in debian::fstab(&fstab) {
                 match m.dir.as_str() {
                     "/boot" => match self.disk.find_spec(&m.spec) {
@@ -312,7 +317,7 @@ impl<'a> Inspector<'a> {
                 }
             }
             if self.boot.is_none() && self.boot_problem.is_none() {
-                self.boot = Some((r, "/boot".into()));
+                self.boot = Some((r, format!("{rd}/boot")));
             }
         } else {
             // No readable root (LVM, LUKS, an unreadable file system): a /boot partition of
@@ -327,6 +332,27 @@ impl<'a> Inspector<'a> {
                 })
                 .map(|v| (v, String::new()));
         }
+    }
+
+    /// Where a system lies in volume `v`: "" when /etc/fstab or os-release is at its top;
+    /// on btrfs whose top level holds none, the subvolume Ubuntu ("@"), Fedora ("root") or
+    /// Debian ("@rootfs") installs into, when it holds one.
+    fn system_dir(&self, v: usize) -> Option<String> {
+        let has_system = |dir: &str| {
+            ["/etc/fstab", "/etc/os-release", "/usr/lib/os-release"]
+                .iter()
+                .any(|f| self.has(v, &format!("{dir}{f}")))
+        };
+        if has_system("") {
+            return Some(String::new());
+        }
+        if self.disk.fs(v)?.kind() != "btrfs" {
+            return None;
+        }
+        ["/@", "/root", "/@rootfs"]
+            .into_iter()
+            .find(|d| has_system(d))
+            .map(String::from)
     }
 
     fn unreadable(&self, what: &str, v: usize) -> String {
@@ -428,16 +454,6 @@ impl<'a> Inspector<'a> {
         }
         if found("LVM") || kind(Kind::Lvm) {
             return "/boot is on LVM, which Parvis cannot read".into();
-        }
-        if let Some(v) = vols
-            .iter()
-            .find(|v| matches!(v.found, Some("xfs" | "btrfs")) && v.fs.is_none())
-        {
-            return format!(
-                "/boot is on {} ({}), which Parvis cannot read yet",
-                v.found.unwrap_or_default(),
-                v.place()
-            );
         }
         if let Some(v) = vols.iter().find(|v| v.error.is_some()) {
             return format!("{}", v.error.as_ref().expect("checked"));
@@ -700,6 +716,10 @@ impl<'a> Inspector<'a> {
     /// grub-mkconfig would write it.
     fn debian_entries(&self, missing: &mut Option<String>) -> Result<Option<Inspection>> {
         let Some(r) = self.root else { return Ok(None) };
+        // The symlinks are the guest's own paths: from a subvolume's, not the top level's.
+        if !self.root_dir.is_empty() {
+            return Ok(None);
+        }
         let Some(rootfs) = self.disk.fs(r) else {
             return Ok(None);
         };

@@ -128,6 +128,28 @@ fn debian12_gpt_boots_the_saved_entry_of_its_grub_cfg() {
 }
 
 #[test]
+fn a_root_on_btrfs_boots_its_grub_cfg() {
+    // Debian's installer with a btrfs root: /boot is a directory of it.
+    let s = Scratch::new();
+    debian_root(&s, Some(&fixture("debian12-grub.cfg")));
+    let root = s.btrfs("root", "root", 48, ROOT, "");
+    let img = s.partitioned("d", 64, "label: gpt\n,8M,U\n,,L", &[(2, &root)]);
+    let (d, i) = inspect(&s, &img);
+    assert_eq!(d.volumes[1].found, Some("btrfs"));
+    let i = i.unwrap();
+    assert_eq!(i.os.as_deref(), Some("Debian GNU/Linux 12 (bookworm)"));
+    assert_eq!(
+        chosen(&d, &i),
+        (
+            "Debian GNU/Linux".into(),
+            vec!["INITRD 6.1.0-9".into()],
+            format!("root=UUID={ROOT} ro quiet"),
+            "KERNEL 6.1.0-9".into()
+        )
+    );
+}
+
+#[test]
 fn ubuntu_mbr_bios_disk_boots_its_first_entry_and_skips_memtest() {
     let s = Scratch::new();
     s.tree(
@@ -160,11 +182,69 @@ fn ubuntu_mbr_bios_disk_boots_its_first_entry_and_skips_memtest() {
     );
 }
 
+#[test]
+fn ubuntu_on_btrfs_boots_from_its_subvolume() {
+    // Ubuntu's installer on btrfs: the system in the subvolume "@" of a top level that stays
+    // the default, and grub.cfg naming the kernel by its path from the top ("/@/boot/...").
+    // Only the kernel makes subvolumes: the image is loop-mounted (root and the kernel's
+    // btrfs, as CI has).
+    let s = Scratch::new();
+    let cfg = fixture("ubuntu2404-grub.cfg")
+        .replace("\t/boot/", "\t/@/boot/")
+        .replace(" ro  ", " ro rootflags=subvol=@ ");
+    s.tree(
+        "root",
+        &[
+            (
+                "etc/fstab",
+                &format!("UUID={ROOT} / btrfs defaults,subvol=@ 0 1\n"),
+            ),
+            ("etc/os-release", "PRETTY_NAME=\"Ubuntu 24.04 LTS\"\n"),
+            ("boot/vmlinuz-6.8.0-31-generic", "KERNEL 6.8"),
+            ("boot/initrd.img-6.8.0-31-generic", "INITRD 6.8"),
+            ("boot/grub/grub.cfg", &cfg),
+        ],
+    );
+    let fs = s.btrfs("top", "none", 128, ROOT, "");
+    s.sh(&format!(
+        "mkdir -p mnt; mount -o loop {} mnt
+         trap 'umount mnt' EXIT
+         btrfs -q subvolume create mnt/@
+         cp -a root/. mnt/@/",
+        fs.display()
+    ));
+    let img = s.partitioned("d", 160, "label: gpt\n,,L", &[(1, &fs)]);
+    let (d, i) = inspect(&s, &img);
+    let i = i.unwrap();
+    assert_eq!(i.os.as_deref(), Some("Ubuntu 24.04 LTS"));
+    let (title, initrds, cmdline, kernel) = chosen(&d, &i);
+    assert_eq!(title, "Ubuntu");
+    assert_eq!(kernel, "KERNEL 6.8");
+    assert_eq!(initrds, ["INITRD 6.8"]);
+    assert_eq!(
+        cmdline,
+        format!("root=UUID={ROOT} ro rootflags=subvol=@ console=tty1 console=ttyS0")
+    );
+    assert_eq!(i.entries[0].kernel.path, "/@/boot/vmlinuz-6.8.0-31-generic");
+}
+
 /// RHEL's layout: an ESP, /boot on its own partition, the root on LVM.
 fn rhel_disk(
     s: &Scratch,
     entries: &[(&str, String)],
     grub: Option<(&str, String)>,
+) -> std::path::PathBuf {
+    rhel_disk_on(s, entries, grub, "ext4", "label: gpt")
+}
+
+/// The same with /boot on `fs` ("ext4" or "xfs", as RHEL installs it) and the partition
+/// table `label` ("label: gpt" or "label: dos").
+fn rhel_disk_on(
+    s: &Scratch,
+    entries: &[(&str, String)],
+    grub: Option<(&str, String)>,
+    fs: &str,
+    label: &str,
 ) -> std::path::PathBuf {
     let mut files: Vec<(String, String)> = entries
         .iter()
@@ -192,15 +272,17 @@ fn rhel_disk(
         .map(|(p, c)| (p.as_str(), c.as_str()))
         .collect();
     s.tree("boot", &files);
-    let boot = s.ext4("boot", "boot", 16, BOOT);
+    let boot = match fs {
+        "xfs" => s.xfs("boot", "boot", 24, BOOT, ""),
+        _ => s.ext4("boot", "boot", 16, BOOT),
+    };
     // An LVM physical volume: its label where LVM writes it.
     s.sh("truncate -s 8M pv; printf 'LABELONE' | dd of=pv bs=1 seek=512 conv=notrunc status=none; printf 'LVM2 001' | dd of=pv bs=1 seek=536 conv=notrunc status=none");
-    s.partitioned(
-        "d",
-        64,
-        "label: gpt\n,8M,U\n,24M,L\n,,E6D6D379-F507-44C2-A23C-238F2A3DF928",
-        &[(2, &boot), (3, &s.path("pv"))],
-    )
+    let table = match label {
+        "label: dos" => "label: dos\n,8M,ef\n,24M,83\n,,8e",
+        _ => "label: gpt\n,8M,U\n,24M,L\n,,E6D6D379-F507-44C2-A23C-238F2A3DF928",
+    };
+    s.partitioned("d", 64, table, &[(2, &boot), (3, &s.path("pv"))])
 }
 
 #[test]
@@ -310,6 +392,59 @@ fn rhel9_bls_entries_carry_their_own_options() {
 }
 
 #[test]
+fn rhel_bls_entries_on_an_xfs_boot_partition() {
+    // RHEL's installer puts /boot on xfs: BLS snippets with grub.cfg and grubenv (GPT, UEFI
+    // layout), and the snippets alone (MBR, BIOS layout).
+    let entries: Vec<(&str, String)> = [
+        "5.14.0-362.8.1.el9_3.x86_64",
+        "5.14.0-427.13.1.el9_4.x86_64",
+    ]
+    .iter()
+    .map(|v| (*v, fixture(&format!("rhel9-{v}.conf"))))
+    .collect();
+    for label in ["label: gpt", "label: dos"] {
+        let s = Scratch::new();
+        let img = rhel_disk_on(&s, &entries, None, "xfs", label);
+        let (d, i) = inspect(&s, &img);
+        let boot = &d.volumes[1];
+        assert_eq!(boot.found, Some("xfs"));
+        assert_eq!(boot.uuid().as_deref(), Some(BOOT));
+        let i = i.unwrap();
+        assert_eq!(i.entries.len(), 2, "{label}");
+        let (_, initrds, cmdline, kernel) = chosen(&d, &i);
+        assert_eq!(kernel, "KERNEL 5.14.0-427.13.1.el9_4.x86_64", "{label}");
+        assert_eq!(initrds, ["INITRD 5.14.0-427.13.1.el9_4.x86_64"]);
+        assert!(
+            cmdline.starts_with("root=/dev/mapper/rhel-root ro crashkernel=1G-4G:192M"),
+            "{cmdline}"
+        );
+    }
+    // RHEL 8: grub.cfg's blscfg, $kernelopts and the saved entry from grubenv, on xfs.
+    let s = Scratch::new();
+    let entries: Vec<(&str, String)> =
+        ["4.18.0-425.3.1.el8.x86_64", "4.18.0-477.10.1.el8_8.x86_64"]
+            .iter()
+            .map(|v| (*v, fixture(&format!("rhel8-{v}.conf"))))
+            .collect();
+    s.tree("boot", &[("grub2/grubenv", &fixture("rhel8-grubenv"))]);
+    let img = rhel_disk_on(
+        &s,
+        &entries,
+        Some(("grub2/grub.cfg", fixture("rhel8-grub.cfg"))),
+        "xfs",
+        "label: gpt",
+    );
+    let (d, i) = inspect(&s, &img);
+    let (title, initrds, _, kernel) = chosen(&d, &i.unwrap());
+    assert_eq!(
+        title,
+        "Red Hat Enterprise Linux (4.18.0-425.3.1.el8.x86_64) 8.8 (Ootpa)"
+    );
+    assert_eq!(kernel, "KERNEL 4.18.0-425.3.1.el8.x86_64");
+    assert_eq!(initrds, ["INITRD 4.18.0-425.3.1.el8.x86_64"]);
+}
+
+#[test]
 fn debian_symlinks_and_default_grub_when_there_is_no_grub_cfg() {
     let s = Scratch::new();
     debian_root(&s, None);
@@ -403,12 +538,21 @@ fn disks_that_cannot_boot_say_why_in_one_sentence() {
         "{}",
         why(&img)
     );
-    // xfs /boot (magic only here).
+    // A btrfs whose superblock is only its magic number: read, and found damaged.
+    s.sh("truncate -s 8M btrfs; printf '_BHRfS_M' | dd of=btrfs bs=1 seek=65600 conv=notrunc status=none");
+    let img = s.partitioned("b", 32, "label: gpt\n,,L", &[(1, &s.path("btrfs"))]);
+    assert_eq!(
+        why(&img),
+        "the btrfs file system on partition 1 cannot be read: its superblock checksum is \
+         wrong"
+    );
+    // An xfs whose superblock is only its magic number: read, and found damaged.
     s.sh("truncate -s 8M xfs; printf 'XFSB' | dd of=xfs conv=notrunc status=none");
     let img = s.partitioned("x", 32, "label: gpt\n,,L", &[(1, &s.path("xfs"))]);
     assert_eq!(
         why(&img),
-        "/boot is on xfs (partition 1), which Parvis cannot read yet"
+        "the xfs file system on partition 1 cannot be read: its superblock version 0 is not \
+         known"
     );
     // A Linux root without any kernel.
     s.tree(
@@ -606,4 +750,32 @@ fn golden_configs_written_by_debian12s_own_generators() {
         e.options,
         "root=UUID=0620c2af-39c3-4cf0-8740-c84f5eb74b3a ro quiet"
     );
+}
+
+#[test]
+fn the_xfs_disk_fuzz_seed_boots_its_bls_entry() {
+    // fuzz/seeds/disk/mbr-xfs-boot: an MBR whose one partition holds the first KiBs of an
+    // xfs /boot (a BLS entry, its kernel and initrd), as the disk target starts from.
+    let bytes = include_bytes!("../../fuzz/seeds/disk/mbr-xfs-boot").to_vec();
+    let d = Disk::open(std::sync::Arc::new(bytes), Limits::default()).unwrap();
+    assert_eq!(d.volumes[0].found, Some("xfs"));
+    let i = d.inspect().unwrap();
+    let e = &i.entries[i.default];
+    assert_eq!(e.kernel.path, "/vmlinuz-6.1.0");
+    assert_eq!(d.read_file(&e.kernel, 1 << 20).unwrap().len(), 3000);
+    assert_eq!(e.cmdline, "root=UUID=1234 ro");
+}
+
+#[test]
+fn the_btrfs_disk_fuzz_seed_boots_its_bls_entry() {
+    // fuzz/seeds/disk/mbr-btrfs-boot: an MBR whose one partition holds fuzz/seeds/btrfs/small
+    // (a BLS entry, its kernel and initrd).
+    let bytes = include_bytes!("../../fuzz/seeds/disk/mbr-btrfs-boot").to_vec();
+    let d = Disk::open(std::sync::Arc::new(bytes), Limits::default()).unwrap();
+    assert_eq!(d.volumes[0].found, Some("btrfs"));
+    let i = d.inspect().unwrap();
+    let e = &i.entries[i.default];
+    assert_eq!(e.kernel.path, "/vmlinuz-6.1.0");
+    assert_eq!(d.read_file(&e.kernel, 1 << 20).unwrap().len(), 6000);
+    assert_eq!(e.cmdline, "root=UUID=1234 ro");
 }

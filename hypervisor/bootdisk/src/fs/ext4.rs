@@ -29,11 +29,13 @@ impl Ext4Read for Reader {
 impl Ext4Fs {
     /// Load the file system on `part` (`place` names it in errors: "partition 2").
     pub fn open(part: Arc<dyn ReadAt>, place: &str) -> Result<Ext4Fs> {
-        let fs = Ext4::load(Box::new(Reader(part))).map_err(|e| Error::BadFs {
+        let bad = |reason: String| Error::BadFs {
             fs: "ext4",
             place: place.to_string(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        check_group_count(part.as_ref()).map_err(bad)?;
+        let fs = Ext4::load(Box::new(Reader(part))).map_err(|e| bad(e.to_string()))?;
         Ok(Ext4Fs {
             fs,
             place: place.to_string(),
@@ -62,6 +64,38 @@ impl Ext4Fs {
             },
         }
     }
+}
+
+/// ext4-view reserves memory for every block group the superblock claims before it reads
+/// any descriptor, so a hostile count (up to 2^32) aborts the process on allocation (found by
+/// the ext4 fuzz target). Refuse counts whose descriptors could not fit on the partition.
+fn check_group_count(part: &dyn ReadAt) -> std::result::Result<(), String> {
+    let mut sb = [0u8; 1024];
+    part.read_at(&mut sb, 1024)
+        .map_err(|e| format!("its superblock cannot be read: {e}"))?;
+    let le32 = |at: usize| u32::from_le_bytes([sb[at], sb[at + 1], sb[at + 2], sb[at + 3]]);
+    let is_64bit = le32(0x60) & 0x80 != 0;
+    let mut blocks = le32(0x04) as u64;
+    if is_64bit {
+        blocks |= (le32(0x150) as u64) << 32;
+    }
+    let per_group = le32(0x20) as u64;
+    let desc_size = if is_64bit {
+        u16::from_le_bytes([sb[0xfe], sb[0xff]]) as u64
+    } else {
+        32
+    };
+    // Zero blocks per group and the like are ext4-view's to refuse, with its own words.
+    let groups = blocks
+        .saturating_sub(le32(0x14) as u64)
+        .checked_div(per_group)
+        .unwrap_or(0);
+    if groups.saturating_mul(desc_size) > part.size() {
+        return Err(format!(
+            "its superblock claims {groups} block groups, more than the partition can hold"
+        ));
+    }
+    Ok(())
 }
 
 impl FileSystem for Ext4Fs {
@@ -102,6 +136,20 @@ impl FileSystem for Ext4Fs {
     }
 
     fn read_link(&self, path: &str) -> Result<String> {
+        // ext4-view reads a link kept in blocks into a buffer of the size its inode claims,
+        // allocated first: a hostile size aborts on allocation (found by the ext4 fuzz
+        // target). Linux's links are at most a page.
+        let m = self
+            .fs
+            .symlink_metadata(path)
+            .map_err(|e| self.err(path, e))?;
+        if m.file_type().is_symlink() && m.len() > 4096 {
+            return Err(Error::BadFs {
+                fs: "ext4",
+                place: self.place.clone(),
+                reason: format!("the link {path} claims {} bytes", m.len()),
+            });
+        }
         let t = self.fs.read_link(path).map_err(|e| self.err(path, e))?;
         t.to_str().map(String::from).map_err(|_| Error::BadFs {
             fs: "ext4",

@@ -2,15 +2,20 @@
 //! that mounts several of them (root, a separate /boot, the ESP) and resolves paths the way
 //! the guest would, following symbolic links across mounts with a bounded depth.
 
+mod btrfs;
+mod crc32c;
 mod ext4;
 mod fat;
+mod xfs;
 
 use std::sync::Arc;
 
 use crate::{Error, Limits, ReadAt, Result};
 
+pub use btrfs::BtrfsFs;
 pub use ext4::Ext4Fs;
 pub use fat::FatFs;
+pub use xfs::XfsFs;
 
 /// What a path names (the last component not followed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +53,14 @@ pub fn open(part: Arc<dyn ReadAt>, place: &str) -> Result<Option<Box<dyn FileSys
     part.read_at(&mut sb[..n], 0)
         .map_err(|e| crate::io_error(0, e))?;
     let sb = &sb[..n];
+    // In the order sniff() looks.
+    if sb.starts_with(b"XFSB") {
+        return Ok(Some(Box::new(XfsFs::open(part, place)?)));
+    }
+    let mut magic = [0u8; 8];
+    if part.read_at(&mut magic, 0x10040).is_ok() && magic == *b"_BHRfS_M" {
+        return Ok(Some(Box::new(BtrfsFs::open(part, place)?)));
+    }
     if n >= 1082 && sb[1080] == 0x53 && sb[1081] == 0xEF {
         return Ok(Some(Box::new(Ext4Fs::open(part, place)?)));
     }
@@ -58,7 +71,7 @@ pub fn open(part: Arc<dyn ReadAt>, place: &str) -> Result<Option<Box<dyn FileSys
 }
 
 /// What kind of file system, if any, `part` starts with, by its magic numbers: names the
-/// ones a boot disk may use that this reader cannot read, for the error sentence.
+/// ones a boot disk may use, read here or not (LUKS, LVM, NTFS), for the error sentence.
 pub fn sniff(part: &dyn ReadAt) -> Option<&'static str> {
     let mut b = vec![0u8; 0x10100];
     let n = part.size().min(b.len() as u64) as usize;
@@ -191,7 +204,15 @@ impl<'a> Namespace<'a> {
                 if target.starts_with('/') {
                     done.clear();
                 }
-                todo.extend(components(&target).into_iter().rev().map(String::from));
+                // The target's own `..` climb from the link's directory: keep them for the
+                // loop above rather than normalising them away.
+                todo.extend(
+                    target
+                        .split('/')
+                        .filter(|c| !c.is_empty())
+                        .rev()
+                        .map(String::from),
+                );
                 kind = FileKind::Dir;
                 // An empty target or "/" leaves us at a directory.
             }

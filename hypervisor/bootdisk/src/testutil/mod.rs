@@ -32,6 +32,34 @@ pub fn sh(dir: &Path, script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The entries of the folder `dir` in mkfs.xfs prototype-file syntax (`name mode uid gid
+/// [source or link target]`, a directory's entries closed by `$`), names sorted.
+fn proto_dir(dir: &Path, out: &mut String) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for p in entries {
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        assert!(
+            !name.contains(char::is_whitespace),
+            "{name}: prototype files split names on spaces"
+        );
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&p).unwrap();
+            out.push_str(&format!("{name} l--777 0 0 {}\n", target.display()));
+        } else if meta.is_dir() {
+            out.push_str(&format!("{name} d--755 0 0\n"));
+            proto_dir(&p, out);
+            out.push_str("$\n");
+        } else {
+            out.push_str(&format!("{name} ---644 0 0 {}\n", p.display()));
+        }
+    }
+}
+
 /// A file's bytes as a disk.
 pub fn disk(path: &Path) -> Arc<dyn ReadAt> {
     Arc::new(std::fs::read(path).expect("image"))
@@ -71,6 +99,34 @@ impl Scratch {
         std::fs::create_dir_all(self.path(root)).unwrap();
         self.sh(&format!(
             "mkfs.ext4 -q -F -U {uuid} -L {name} -d {root} {name}.img {size_mib}M"
+        ));
+        self.path(&format!("{name}.img"))
+    }
+    /// An XFS image of `size_mib` MiB holding the folder `root`, made by mkfs.xfs from a
+    /// prototype file (no mount needed); `opts` are more mkfs.xfs options ("-m crc=0", "-b
+    /// size=1024", ...). Returns its path.
+    pub fn xfs(&self, name: &str, root: &str, size_mib: u32, uuid: &str, opts: &str) -> PathBuf {
+        std::fs::create_dir_all(self.path(root)).unwrap();
+        let mut proto = String::from("boot\n0 0\nd--755 0 0\n");
+        proto_dir(&self.path(root), &mut proto);
+        proto.push_str("$\n");
+        std::fs::write(self.path(&format!("{name}.proto")), proto).unwrap();
+        // mkfs.xfs refuses file systems under 300 MB unless it runs under fstests, which
+        // these variables tell it; smaller ones are still valid XFS.
+        self.sh(&format!(
+            "rm -f {name}.img; truncate -s {size_mib}M {name}.img
+             TEST_DIR=1 TEST_DEV=1 QA_CHECK_FS=1 mkfs.xfs -q -f -m uuid={uuid} -L {name} \
+                 {opts} -p {name}.proto {name}.img"
+        ));
+        self.path(&format!("{name}.img"))
+    }
+    /// A btrfs image of `size_mib` MiB holding the folder `root` (mkfs.btrfs --rootdir);
+    /// `opts` are more mkfs.btrfs options. Returns its path.
+    pub fn btrfs(&self, name: &str, root: &str, size_mib: u32, uuid: &str, opts: &str) -> PathBuf {
+        std::fs::create_dir_all(self.path(root)).unwrap();
+        self.sh(&format!(
+            "rm -f {name}.img; truncate -s {size_mib}M {name}.img
+             mkfs.btrfs -q -f -U {uuid} -L {name} {opts} --rootdir {root} {name}.img"
         ));
         self.path(&format!("{name}.img"))
     }

@@ -1,0 +1,19 @@
+//! Any bytes as an XFS file system (the reader's own, fs/xfs.rs): mount, walk every
+//! directory, read every file and link within caps. Errors are fine; panics are not.
+
+#![no_main]
+
+use std::sync::Arc;
+
+use bootdisk::ReadAt;
+use bootdisk::fs::XfsFs;
+use libfuzzer_sys::fuzz_target;
+
+mod common;
+
+fuzz_target!(|data: &[u8]| {
+    let part: Arc<dyn ReadAt> = Arc::new(data.to_vec());
+    if let Ok(fs) = XfsFs::open(part, "fuzz") {
+        common::walk(&fs);
+    }
+});
