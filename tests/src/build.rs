@@ -70,6 +70,36 @@ fn build_images() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Build (or reuse) the realistic guest disks of `assets/guest/build-disks.sh` (Debian 12
+/// installed with debootstrap, GRUB and initramfs-tools: Generation 1 and 2 VHDX, an Azure
+/// fixed VHD, an xfs /boot with Boot Loader Spec entries, a disk with no Linux); returns
+/// their folder, with `manifest.txt`. Fails with the reason when the build fails.
+pub fn guest_disks() -> Result<PathBuf> {
+    static CELL: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    CELL.get_or_init(|| {
+        let script = workspace().join("assets/guest/build-disks.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{} failed ({}):\n{}",
+                script.display(),
+                out.status,
+                crate::testhost::tail(&String::from_utf8_lossy(&out.stderr), 40)
+            ));
+        }
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if !dir.join("manifest.txt").is_file() {
+            return Err(format!("{} made no manifest.txt", script.display()));
+        }
+        Ok(dir)
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 /// Where the static build goes: beside the normal target folder, never inside the clone when
 /// `CARGO_TARGET_DIR` points elsewhere (CI caches it).
 pub fn static_target_dir() -> PathBuf {

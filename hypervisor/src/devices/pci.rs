@@ -65,9 +65,11 @@ impl Function {
         self.space[at..at + 4].copy_from_slice(&v.to_le_bytes());
     }
 
-    /// A 32-bit prefetchable memory BAR 0 of `size` (a power of two) at `base`.
+    /// A 32-bit prefetchable memory BAR 0 of `size` (a power of two) at `base`, decoding
+    /// already, as firmware leaves the boot display (Linux's sysfb checks this).
     fn bar0(mut self, base: u32, size: u32) -> Self {
         self.put32(0x10, base | 0x8);
+        self.space[0x04] |= 0x02;
         // Only the address bits above the size may change; the flag bits never do.
         let mask = !(size - 1) & !0xf;
         self.writable[0x10..0x14].copy_from_slice(&mask.to_le_bytes());
@@ -244,6 +246,11 @@ mod tests {
         // Read-only ids stay; the command register takes its three bits.
         cfg_write(&mut p, VIDEO_SLOT, 0x00, 0);
         assert_eq!(cfg_read(&mut p, VIDEO_SLOT, 0, 4), 0x5353_1414);
+        assert_eq!(
+            cfg_read(&mut p, VIDEO_SLOT, 0x04, 2),
+            0x0002,
+            "memory decoding on"
+        );
         cfg_write(&mut p, VIDEO_SLOT, 0x04, 0xffff);
         assert_eq!(cfg_read(&mut p, VIDEO_SLOT, 0x04, 2), 0x0007);
         // No other BAR, no interrupt pin.
