@@ -14,9 +14,8 @@ use parvis_tests::live::Live;
 use proto::client::{self, Clients, Target};
 use proto::v1::{
     BeginUploadRequest, CreateVmRequest, DiskAttachment, DiskBus, DiskFormat, DiskRef,
-    FramebufferRequest, GetHostInfoRequest, ListDisksRequest, SerialInput, TaskRef, TaskState,
-    TileEncoding, UploadChunk, UploadRef, UploadState, Vm, VmRef, VmSpec, VmState,
-    WatchEventsRequest, event,
+    FramebufferRequest, GetHostInfoRequest, ListDisksRequest, TaskRef, TaskState, TileEncoding,
+    UploadChunk, UploadRef, UploadState, Vm, VmRef, VmSpec, VmState, WatchEventsRequest, event,
 };
 use sha2::{Digest, Sha256};
 use tonic::Code;
@@ -324,34 +323,6 @@ async fn wait_state(c: &mut Clients, id: &str, want: VmState, secs: u64) -> Resu
     }
 }
 
-/// Collect serial output until `pattern` appears.
-async fn serial_until(c: &mut Clients, id: &str, pattern: &str, secs: u64) -> Result<String> {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(SerialInput {
-        vm_id: id.into(),
-        data: Default::default(),
-    })
-    .await?;
-    let mut stream = c
-        .console
-        .serial_console(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    let mut text = String::new();
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !text.contains(pattern) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, stream.message()).await {
-            Ok(Ok(Some(m))) => text.push_str(&String::from_utf8_lossy(&m.data)),
-            Ok(Ok(None)) => bail!("serial stream ended before {pattern}:\n{text}"),
-            Ok(Err(e)) => bail!("serial stream failed: {e}\n{text}"),
-            Err(_) => bail!("no {pattern} on the serial console in {secs} s:\n{text}"),
-        }
-    }
-    drop(tx);
-    Ok(text)
-}
-
 /// The guest's fb pattern: four horizontal bands, red, green, blue, white (BGRX bytes).
 fn expected_pixel(y: u32, h: u32) -> [u8; 4] {
     let band = h / 4;
@@ -492,7 +463,7 @@ async fn vm_lifecycle(c: &mut Clients) -> Result<()> {
     // Watching from before the guest draws: the pattern can only arrive as the boot
     // framebuffer's written rows (KVM's dirty page log; the agent does not search).
     let screen = open_screen(c, &vm.id).await?;
-    serial_until(c, &vm.id, "PARVIS-FB-DRAWN=1024x768x32", 240)
+    parvis_tests::client::serial_until(c, &vm.id, "PARVIS-FB-DRAWN=1024x768x32", false, 240)
         .await
         .context("serial shows the guest booting and drawing")?;
     screen_shows_pattern(screen, true)
@@ -735,7 +706,7 @@ async fn boot_from_disk(c: &mut Clients, disk_id: &str) -> Result<()> {
         vm_id: vm.id.clone(),
     })
     .await?;
-    let text = serial_until(c, &vm.id, "PARVIS-POWEROFF", 240).await?;
+    let text = parvis_tests::client::serial_until(c, &vm.id, "PARVIS-POWEROFF", false, 240).await?;
     let got = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("PARVIS-DISK-SHA256="))
@@ -782,7 +753,8 @@ async fn faults(live: &mut Live, t: &Target) -> Result<()> {
     for id in [&victim.id, &bystander.id] {
         c.vm.start_vm(VmRef { vm_id: id.clone() }).await?;
     }
-    serial_until(&mut c, &victim.id, "PARVIS-L2-USERSPACE", 240).await?;
+    parvis_tests::client::serial_until(&mut c, &victim.id, "PARVIS-L2-USERSPACE", false, 240)
+        .await?;
     // SIGKILL the victim's worker: it is reported crashed; the other VM runs on.
     let state = std::fs::read_to_string(live.path("state.path"))?;
     let (rc, out) = live.exec(
@@ -801,7 +773,7 @@ async fn faults(live: &mut Live, t: &Target) -> Result<()> {
         crashed.state_reason
     );
     wait_state(&mut c, &bystander.id, VmState::Running, 5).await?;
-    serial_until(&mut c, &bystander.id, "PARVIS-TICK=5", 120).await?;
+    parvis_tests::client::serial_until(&mut c, &bystander.id, "PARVIS-TICK=5", false, 120).await?;
     // SIGKILL the agent right after a create: the config is there after the restart, and
     // the running VM is adopted, not lost.
     let made =
@@ -857,7 +829,7 @@ async fn faults(live: &mut Live, t: &Target) -> Result<()> {
         v.state
     );
     // The adopted worker still serves its console, and obeys stop.
-    serial_until(&mut c, &bystander.id, "PARVIS-TICK=", 30).await?;
+    parvis_tests::client::serial_until(&mut c, &bystander.id, "PARVIS-TICK=", false, 30).await?;
     let stopped =
         c.vm.stop_vm(VmRef {
             vm_id: bystander.id.clone(),

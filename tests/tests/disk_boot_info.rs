@@ -9,29 +9,13 @@
 //! Run: `cargo test -p parvis-tests --test disk_boot_info`.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use proto::client::Target;
 use serde_json::Value;
 
 fn cli(target: &Target, args: &[&str]) -> (bool, String, String) {
-    let art = parvis_tests::build::artifacts().unwrap_or_else(|e| panic!("{e:#}"));
-    let out = Command::new(art.bin.join("parvis"))
-        .args(args)
-        .env("PARVIS_ADDR", &target.addr)
-        .env("PARVIS_TOKEN", &target.token)
-        .env(
-            "PARVIS_FINGERPRINT",
-            target.fingerprint.as_deref().unwrap_or(""),
-        )
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    parvis_tests::client::parvis(target, args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn ok(target: &Target, args: &[&str]) -> String {

@@ -18,14 +18,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use parvis_tests::live::Live;
 use proto::client::{self, Clients, Target};
-use proto::v1::{SerialInput, VmRef, VmState};
+use proto::v1::{VmRef, VmState};
 
 /// The agent's state stays in the test host's memory, but its disks and uploads live in the
 /// share (this machine's disk): the images are larger than the test host's RAM. Control
@@ -117,21 +116,7 @@ struct Cli<'a> {
 
 impl Cli<'_> {
     fn run(&self, args: &[&str]) -> Result<(bool, String, String)> {
-        let art = parvis_tests::build::artifacts()?;
-        let out = Command::new(art.bin.join("parvis"))
-            .args(args)
-            .env("PARVIS_ADDR", &self.target.addr)
-            .env("PARVIS_TOKEN", &self.target.token)
-            .env(
-                "PARVIS_FINGERPRINT",
-                self.target.fingerprint.as_deref().unwrap_or(""),
-            )
-            .output()?;
-        Ok((
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
+        parvis_tests::client::parvis(self.target, args)
     }
 
     fn ok(&self, args: &[&str]) -> Result<String> {
@@ -267,7 +252,7 @@ async fn boots(
     let id = v["id"].as_str().context("no VM id")?.to_string();
     let started = Instant::now();
     cli.ok(&["vm", "start", name])?;
-    let serial = serial_until(c, &id, "PARVIS-DISK-BOOTED", 1200).await;
+    let serial = parvis_tests::client::serial_until(c, &id, "PARVIS-DISK-BOOTED", true, 1200).await;
     let took = started.elapsed().as_secs_f64();
     let log = worker_log(live, &id);
     let serial = match serial {
@@ -368,45 +353,6 @@ fn no_linux(cli: &Cli<'_>, disks: &Path) -> Result<()> {
         "{err}"
     );
     Ok(())
-}
-
-/// Collect serial output until a whole line with `pattern` has arrived.
-async fn serial_until(c: &mut Clients, id: &str, pattern: &str, secs: u64) -> Result<String> {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(SerialInput {
-        vm_id: id.into(),
-        data: Default::default(),
-    })
-    .await?;
-    let mut stream = c
-        .console
-        .serial_console(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    let mut text = String::new();
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let whole_line = |t: &str| {
-        t.split_once(pattern)
-            .is_some_and(|(_, rest)| rest.contains('\n'))
-    };
-    while !whole_line(&text) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, stream.message()).await {
-            Ok(Ok(Some(m))) => text.push_str(&String::from_utf8_lossy(&m.data)),
-            Ok(Ok(None)) => bail!("serial stream ended before {pattern}:\n{}", tail(&text)),
-            Ok(Err(e)) => bail!("serial stream failed: {e}\n{}", tail(&text)),
-            Err(_) => bail!(
-                "no {pattern} on the serial console in {secs} s:\n{}",
-                tail(&text)
-            ),
-        }
-    }
-    drop(tx);
-    Ok(text)
-}
-
-fn tail(text: &str) -> String {
-    parvis_tests::testhost::tail(text, 40)
 }
 
 #[test]

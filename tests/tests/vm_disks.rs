@@ -4,8 +4,6 @@
 //! while virtio-blk ones are refused with a reason, and `vm get --json` says where each
 //! disk sits.
 
-use std::process::Command;
-
 use proto::client::{self, Clients, Target};
 use proto::v1::{
     AttachDiskRequest, CreateDiskRequest, CreateVmRequest, DetachDiskRequest, DiskAttachment,
@@ -14,22 +12,7 @@ use proto::v1::{
 use tonic::Code;
 
 fn cli(target: &Target, args: &[&str]) -> (bool, String, String) {
-    let art = parvis_tests::build::artifacts().unwrap_or_else(|e| panic!("{e:#}"));
-    let out = Command::new(art.bin.join("parvis"))
-        .args(args)
-        .env("PARVIS_ADDR", &target.addr)
-        .env("PARVIS_TOKEN", &target.token)
-        .env(
-            "PARVIS_FINGERPRINT",
-            target.fingerprint.as_deref().unwrap_or(""),
-        )
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    parvis_tests::client::parvis(target, args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 async fn disk(c: &mut Clients, name: &str, format: DiskFormat) -> anyhow::Result<String> {
