@@ -9,7 +9,8 @@
 //!   own shim and GRUB, on virtio-blk;
 //! * `seabios-pc`: QEMU `-M pc` with SeaBIOS booting the Generation 1 VHDX through GRUB.
 //!
-//! Every VMM gets its own copy of the disk (the guest writes it), 512 MiB and one vCPU. The
+//! Every boot gets its own copy of the disk (the guest writes it), made on this machine and
+//! read through the test host's 9p share by both VMMs alike, 512 MiB and one vCPU. The
 //! guests keep their own command lines; Parvis is given `console=tty0` (appended) so its
 //! kernel writes to the same console as under QEMU, where GRUB passes none: otherwise Parvis
 //! would add the serial console and pay for printing the boot there. GRUB's menu waits
@@ -58,18 +59,19 @@ stamp() {
     done
 }
 
-# boot LABEL RUN DISK: launch, wait for the marker, stop the VMM.
+# boot LABEL RUN: launch on the variant's own copy of its disk (made on the host: a copy
+# through 9p takes minutes), wait for the marker, stop the VMM.
 boot() {
     rm -f "$B/booted"
-    cp "$3" "$B/disk.vhdx"
+    d="$SHARE/disk-$1-$2.vhdx"
     now; t0=$T
-    ( start "$1" "$B/disk.vhdx" </dev/null 2>"$B/$1.$2.err" | stamp >"$B/$1.$2.out" ) &
+    ( start "$1" "$d" </dev/null 2>"$B/$1.$2.err" | stamp >"$B/$1.$2.out" ) &
     pid=$!
     n=0
     while [ ! -e "$B/booted" ] && [ $n -lt 9000 ]; do n=$((n + 1)); sleep 0.1; done
     if [ -e "$B/booted" ]; then echo "BOOT $1 $2 $t0 $(cat "$B/booted")" >>"$B/times"
     else echo "BOOT $1 $2 $t0 failed" >>"$B/times"; fi
-    pkill -KILL -f "$B/disk.vhdx" 2>/dev/null
+    pkill -KILL -f "$d" 2>/dev/null
     wait $pid 2>/dev/null
     echo "BENCH: $1 run $2: $(tail -n 1 "$B/times")"
 }
@@ -78,10 +80,7 @@ boot() {
 alive=$!
 r=1
 while [ $r -le "$RUNS" ]; do
-    boot parvis-gen2 $r "$SHARE/gen2.vhdx"
-    boot ovmf-q35 $r "$SHARE/gen2.vhdx"
-    boot parvis-gen1 $r "$SHARE/gen1.vhdx"
-    boot seabios-pc $r "$SHARE/gen1.vhdx"
+    for l in parvis-gen2 ovmf-q35 parvis-gen1 seabios-pc; do boot $l $r; done
     r=$((r + 1))
 done
 kill $alive
@@ -131,11 +130,18 @@ pub fn run(qemu: &Path, runs: u32) -> Result<Results> {
                 std::fs::copy(Path::new("/usr/share/OVMF").join(f), fw.join(f))
                     .with_context(|| format!("{f} (install Debian's ovmf)"))?;
             }
-            for (src, dst) in [
-                ("debian12-gen2.vhdx", "gen2.vhdx"),
-                ("debian12-gen1.vhdx", "gen1.vhdx"),
-            ] {
-                std::fs::copy(disks.join(src), share.join(dst))?;
+            for run in 1..=runs {
+                for label in VMMS {
+                    let src = if label.ends_with("gen1") || *label == "seabios-pc" {
+                        "debian12-gen1.vhdx"
+                    } else {
+                        "debian12-gen2.vhdx"
+                    };
+                    std::fs::copy(
+                        disks.join(src),
+                        share.join(format!("disk-{label}-{run}.vhdx")),
+                    )?;
+                }
             }
             Ok(())
         })
