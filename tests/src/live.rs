@@ -91,9 +91,7 @@ impl Live {
                     &["-serial", "stdio"],
                     Some((port, GUEST_PORT)),
                 );
-                cmd.stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped());
+                cmd.stdin(Stdio::null()).stdout(Stdio::piped());
                 cmd.spawn()
                     .context("cannot start qemu-system-x86_64 (run tests/setup-host.sh)")?
             }
@@ -270,5 +268,5 @@ fn collect_into(
     name: &str,
     sink: Arc<Mutex<Vec<(Duration, String)>>>,
 ) -> Collected {
-    collect(child, timeout, name, Some(sink))
+    collect(child, timeout, None, name, Some(sink))
 }

@@ -116,7 +116,8 @@ cd "$SHARE"
 # NAME.err, exit status to NAME.rc.
 run() {
     name=$1; shift
-    timeout "${WORKER_TIMEOUT:-240}" parvis-worker "$@" </dev/null >"$name.out" 2>"$name.err"
+    echo "SCENARIO: $name starts at $(cut -d' ' -f1 /proc/uptime) s"
+    timeout -k 10 "${WORKER_TIMEOUT:-240}" parvis-worker "$@" </dev/null >"$name.out" 2>"$name.err"
     echo $? >"$name.rc"
     echo "SCENARIO: $name exited $(cat "$name.rc")"
 }
@@ -163,20 +164,38 @@ impl Scenario {
     }
 
     /// Run the scenario. `prepare` may write input files into the share first.
-    pub fn run(self, prepare: impl FnOnce(&Path) -> Result<()>) -> Result<Outcome> {
+    ///
+    /// In the test host, a run whose console falls silent for [`STALL`] (the host prints
+    /// a line every two minutes while it runs) is an emulator stall, not a test result: it
+    /// is reported on stderr and the scenario runs once more from a fresh share.
+    pub fn run(self, prepare: impl Fn(&Path) -> Result<()>) -> Result<Outcome> {
         let art = artifacts()?;
         let mode = Mode::detect();
-        let share = new_share(&std::env::temp_dir(), &format!("parvis-{}-", self.name))?;
-        prepare(share.path())?;
-        for (src, name) in &self.extra_share {
-            std::fs::copy(src, share.path().join(name))
-                .with_context(|| format!("cannot copy {} into the share", src.display()))?;
-        }
-        let script = format!("{HEADER}\n{}\n", self.script);
-        std::fs::write(share.path().join("scenario.sh"), script)?;
-        match mode {
-            Mode::Emulated => self.run_emulated(art, share),
-            Mode::Direct => self.run_direct(art, share),
+        let mut attempt = 1;
+        loop {
+            let share = new_share(&std::env::temp_dir(), &format!("parvis-{}-", self.name))?;
+            prepare(share.path())?;
+            for (src, name) in &self.extra_share {
+                std::fs::copy(src, share.path().join(name))
+                    .with_context(|| format!("cannot copy {} into the share", src.display()))?;
+            }
+            let script = format!("{HEADER}\n{}\n", self.script);
+            std::fs::write(share.path().join("scenario.sh"), script)?;
+            let r = match mode {
+                Mode::Emulated => self.clone().run_emulated(art, share),
+                Mode::Direct => self.clone().run_direct(art, share),
+            };
+            match r {
+                Err(e) if attempt == 1 && e.downcast_ref::<Stalled>().is_some() => {
+                    eprintln!(
+                        "PARVIS TEST HOST STALLED in scenario {} (attempt {attempt}); running it \
+                         once more:\n{e:#}",
+                        self.name
+                    );
+                    attempt += 1;
+                }
+                r => return r,
+            }
         }
     }
 
@@ -184,7 +203,10 @@ impl Scenario {
         let bin = share.path().join("bin");
         std::fs::create_dir_all(&bin)?;
         copy_bins(art, &bin)?;
-        let header = "export BIN=/host/bin IMAGES=/images SHARE=/host\n";
+        // A line every two minutes shows, in a stalled run's log, whether the test host
+        // itself still runs.
+        let header = "export BIN=/host/bin IMAGES=/images SHARE=/host\n\
+                      ( while sleep 120; do echo \"PARVIS-L1-ALIVE $(cut -d' ' -f1 /proc/uptime)\"; done ) &\n";
         let path = share.path().join("scenario.sh");
         let body = std::fs::read_to_string(&path)?;
         std::fs::write(&path, format!("{header}{body}"))?;
@@ -195,22 +217,22 @@ impl Scenario {
             &["-serial", "stdio"],
             None,
         );
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped());
         let child = cmd
             .spawn()
             .context("cannot start qemu-system-x86_64 (install Debian's qemu-system-x86)")?;
-        let (lines, _) = collect(child, self.timeout, &self.name, None)?;
+        let (lines, _) = collect(child, self.timeout, Some(STALL), &self.name, None)
+            .map_err(|e| e.context(qemu_stderr(share.path())))?;
         let log = join(&lines);
         if marker(&log, "PARVIS-L1-KVM") != Some("ok") {
             bail!("the test host has no usable /dev/kvm:\n{}", tail(&log, 40));
         }
         let Some(status) = marker(&log, "PARVIS-L1-SCENARIO-EXIT") else {
             bail!(
-                "the test host did not finish scenario {}:\n{}",
+                "the test host did not finish scenario {}:\n{}\n{}",
                 self.name,
-                tail(&log, 60)
+                tail(&log, 60),
+                qemu_stderr(share.path())
             );
         };
         Ok(Outcome {
@@ -234,7 +256,7 @@ impl Scenario {
             .stderr(Stdio::piped())
             .spawn()
             .context("cannot start sh")?;
-        let (lines, status) = collect(child, self.timeout, &self.name, None)?;
+        let (lines, status) = collect(child, self.timeout, None, &self.name, None)?;
         Ok(Outcome {
             status: status.unwrap_or(-1),
             lines,
@@ -255,6 +277,12 @@ pub(crate) fn l1_command(
     forward: Option<(u16, u16)>,
 ) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
+    // QEMU's own messages go to a file in the share: a pipe nobody reads would stall the
+    // whole test host once it filled.
+    match std::fs::File::create(share.join(QEMU_STDERR)) {
+        Ok(f) => cmd.stderr(f),
+        Err(_) => cmd.stderr(Stdio::null()),
+    };
     if let Some((host, guest)) = forward {
         // User-mode networking: L1 is 10.0.2.15; only the forwarded port is reachable,
         // from this machine's loopback.
@@ -287,6 +315,22 @@ pub(crate) fn l1_command(
 
 type Lines = Vec<(Duration, String)>;
 
+/// The file in the share that receives the test host's QEMU stderr.
+const QEMU_STDERR: &str = "qemu.stderr";
+
+/// The tail of what the test host's QEMU printed on stderr, for an error message.
+pub(crate) fn qemu_stderr(share: &Path) -> String {
+    let text = std::fs::read_to_string(share.join(QEMU_STDERR)).unwrap_or_default();
+    if text.trim().is_empty() {
+        "the test host's QEMU printed nothing on stderr".into()
+    } else {
+        format!(
+            "the test host's QEMU printed on stderr:\n{}",
+            tail(&text, 20)
+        )
+    }
+}
+
 /// Copy the static programs the test host runs into `dir` (the share's `bin`).
 pub(crate) fn copy_bins(art: &crate::Artifacts, dir: &Path) -> Result<()> {
     for name in crate::build::L1_PROGRAMS {
@@ -296,12 +340,34 @@ pub(crate) fn copy_bins(art: &crate::Artifacts, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How long the test host's console may stay silent before the run counts as stalled.
+pub(crate) const STALL: Duration = Duration::from_secs(330);
+
+/// The test host printed nothing, not even its two-minute heartbeat, for [`STALL`].
+#[derive(Debug)]
+pub struct Stalled(Duration, String);
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the test host printed nothing for {} s (not even its heartbeat); last output:\n{}",
+            self.0.as_secs(),
+            self.1
+        )
+    }
+}
+
+impl std::error::Error for Stalled {}
+
 /// Read the child's stdout line by line with arrival times until it exits or `timeout`
-/// passes (then it is killed and the run is an error).
+/// passes (then it is killed and the run is an error). With `stall`, a console silent for
+/// that long also ends the run, as [`Stalled`].
 /// `sink`, when given, receives the lines as they arrive (for a scenario still running).
 pub(crate) fn collect(
     mut child: Child,
     timeout: Duration,
+    stall: Option<Duration>,
     name: &str,
     sink: Option<Arc<Mutex<Lines>>>,
 ) -> Result<(Lines, Option<i32>)> {
@@ -328,6 +394,20 @@ pub(crate) fn collect(
     let status = loop {
         if let Some(s) = child.try_wait()? {
             break s;
+        }
+        if let Some(stall) = stall {
+            let last = {
+                let l = lines.lock().unwrap_or_else(|e| e.into_inner());
+                l.last().map(|(t, _)| *t).unwrap_or_default()
+            };
+            if start.elapsed().saturating_sub(last) > stall {
+                // The reader is left to finish on its own: a grandchild may still hold
+                // the pipe open.
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = join(&lines.lock().unwrap_or_else(|e| e.into_inner()));
+                return Err(Stalled(stall, tail(&log, 30)).into());
+            }
         }
         if start.elapsed() > timeout {
             let _ = child.kill();
@@ -461,6 +541,42 @@ pub fn run_interactive(script: &str) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A console that falls silent is a stall (and the process is killed); one that keeps
+    /// talking is not, even when it runs longer than the stall limit.
+    #[test]
+    fn a_silent_console_is_a_stall() {
+        let spawn = |script: &str| {
+            Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let t0 = Instant::now();
+        let e = collect(
+            spawn("echo first; sleep 30"),
+            Duration::from_secs(60),
+            Some(Duration::from_millis(800)),
+            "silent",
+            None,
+        )
+        .unwrap_err();
+        let stalled = e.downcast_ref::<Stalled>().expect("a stall");
+        assert!(stalled.1.contains("first"), "{stalled}");
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        let (lines, status) = collect(
+            spawn("for i in 1 2 3 4 5 6; do echo $i; sleep 0.3; done"),
+            Duration::from_secs(60),
+            Some(Duration::from_millis(800)),
+            "talking",
+            None,
+        )
+        .unwrap();
+        assert_eq!(status, Some(0));
+        assert_eq!(lines.len(), 6);
+    }
 
     /// Shares left by exited processes (and old unmarked ones) go; a live owner's stays.
     #[test]

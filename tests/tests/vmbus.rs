@@ -25,7 +25,8 @@ use proto::v1::{
 const WORKERS: &str = r#"
 run() {
     name=$1; shift
-    timeout "${WORKER_TIMEOUT:-240}" parvis-worker "$@" </dev/null >"$name.out" 2>"$name.err"
+    echo "SCENARIO: $name starts at $(cut -d' ' -f1 /proc/uptime) s"
+    timeout -k 10 "${WORKER_TIMEOUT:-240}" parvis-worker "$@" </dev/null >"$name.out" 2>"$name.err"
     echo $? >"$name.rc"
 }
 wait_for() {
@@ -76,7 +77,7 @@ wait $wpid
 
 # Reference peer: QEMU 7.2 with vmbus-bridge and the same guest.
 Q="$SHARE/q/ld-linux-x86-64.so.2 --library-path $SHARE/q $SHARE/q/qemu-system-x86_64 -L $SHARE/q/share"
-timeout 240 $Q -enable-kvm -M q35 -nodefaults -vga none -m 256M -smp 1 \
+timeout -k 10 240 $Q -enable-kvm -M q35 -nodefaults -vga none -m 256M -smp 1 \
     -cpu host,kvm=off,hv-relaxed,hv-vpindex,hv-time,hv-synic,hv-vapic,hv-runtime \
     -device vmbus-bridge -display none -monitor none -serial stdio -no-reboot \
     -kernel "$IMAGES/vmlinux" -initrd "$IMAGES/l2-initramfs.cpio" \
