@@ -259,6 +259,8 @@ L2_MODULES=(
 	kernel/drivers/gpu/drm/hyperv/
 	kernel/drivers/scsi/hv_storvsc.ko
 	kernel/drivers/scsi/sd_mod.ko
+	kernel/drivers/net/hyperv/
+	kernel/drivers/net/virtio_net.ko
 )
 
 # What a Hyper-V-made initramfs holds: VMBus, its storage driver, the disk and ext4
@@ -280,6 +282,8 @@ L1_MODULES=(
 	kernel/fs/9p/9p.ko
 	kernel/drivers/virtio/virtio_pci.ko
 	kernel/drivers/net/virtio_net.ko
+	kernel/drivers/net/tun.ko
+	kernel/net/bridge/bridge.ko
 )
 
 # ------------------------------------------------------------- initramfs

@@ -22,6 +22,8 @@ drm_args=
 echo_count=100
 io_dev=
 io_time=5
+net_ip=
+net_ping=
 for w in $cmdline; do
 	case "$w" in
 	parvis.test=*) tests=${w#parvis.test=} ;;
@@ -30,6 +32,8 @@ for w in $cmdline; do
 	parvis.echo=*) echo_count=${w#parvis.echo=} ;;
 	parvis.io=*) io_dev=${w#parvis.io=} ;;
 	parvis.iotime=*) io_time=${w#parvis.iotime=} ;;
+	parvis.ip=*) net_ip=${w#parvis.ip=} ;;
+	parvis.ping=*) net_ping=$(echo "${w#parvis.ping=}" | tr ',' ' ') ;;
 	esac
 done
 
@@ -248,6 +252,32 @@ act_demo() {
 	setsid sh -c 'exec sh -l <>/dev/tty1 >&0 2>&1' &
 	echo "PARVIS-DEMO-READY"
 	act_shell
+}
+
+# net: the first network adapter: its driver and address, then parvis.ip= on it and a
+# ping to every parvis.ping= address (three tries each, the neighbour may still boot).
+act_net() {
+	vmbus_up || return 0
+	load hv_netvsc virtio_net
+	coldplug
+	if ! wait_for /sys/class/net/eth0 100; then
+		echo "PARVIS-NET-ERROR=no eth0 after 10s"
+		return 0
+	fi
+	drv=$(readlink /sys/class/net/eth0/device/driver)
+	echo "PARVIS-NET-DRIVER=${drv##*/}"
+	echo "PARVIS-NET-MAC=$(cat /sys/class/net/eth0/address)"
+	ip link set lo up
+	ip link set eth0 up
+	[ -n "$net_ip" ] && ip addr add "$net_ip" dev eth0
+	echo "PARVIS-NET-UP=$(cat /sys/class/net/eth0/operstate)"
+	for a in $net_ping; do
+		r=fail
+		for _ in 1 2 3 4 5 6 7 8 9 10; do
+			if ping -c 1 -W 2 "$a" >/dev/null 2>&1; then r=ok; break; fi
+		done
+		echo "PARVIS-PING-$a=$r"
+	done
 }
 
 act_hold() {
@@ -563,6 +593,7 @@ for a in "$@"; do
 	scsi) act_scsi ;;
 	scsihot) act_scsihot ;;
 	iobench) act_iobench ;;
+	net) act_net ;;
 	'') ;;
 	*) echo "PARVIS-UNKNOWN-ACTION=$a" ;;
 	esac

@@ -32,6 +32,7 @@ use crate::storage::Storage;
 mod bootread;
 mod control;
 mod ctl;
+mod net;
 mod probe;
 mod sandbox;
 mod status;
@@ -114,6 +115,11 @@ struct RunArgs {
     /// virtio-blk unless bus=scsi (the VMBus SCSI controller). Repeat for more disks.
     #[arg(long = "disk")]
     disks: Vec<DiskSpec>,
+    /// A network adapter (the VMBus synthetic NIC): tap=NAME|fd=N[,mac=XX:XX:XX:XX:XX:XX].
+    /// fd= is an open TAP descriptor the caller passed down; tap= opens or creates one by
+    /// name (creating needs CAP_NET_ADMIN). Repeat for more adapters.
+    #[arg(long = "nic")]
+    nics: Vec<net::NicSpec>,
     /// Boot framebuffer size (default 1024x768).
     #[arg(long)]
     framebuffer: Option<Resolution>,
@@ -337,6 +343,7 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
         .context("cannot create the synthetic devices")?;
     let (storage, disks) = Storage::new(vmbus, &s.disks).context("cannot attach the disks")?;
     let storage = Arc::new(storage);
+    let nics = net::Nics::new(vmbus, &cli.nics).context("cannot attach the network adapters")?;
     let partition = Partition::new(
         PartitionConfig {
             cpus: s.cpus,
@@ -348,7 +355,12 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
             framebuffer: s.framebuffer,
             on_reboot: s.on_reboot,
             hyperv: s.hyperv,
-            vmbus_devices: synth.vsps().into_iter().chain(storage.vsps()).collect(),
+            vmbus_devices: synth
+                .vsps()
+                .into_iter()
+                .chain(storage.vsps())
+                .chain(nics.vsps())
+                .collect(),
             video: synth.video.clone(),
         },
         out,
