@@ -24,6 +24,7 @@ io_dev=
 io_time=5
 net_ip=
 net_ping=
+net_mib=32
 for w in $cmdline; do
 	case "$w" in
 	parvis.test=*) tests=${w#parvis.test=} ;;
@@ -34,6 +35,7 @@ for w in $cmdline; do
 	parvis.iotime=*) io_time=${w#parvis.iotime=} ;;
 	parvis.ip=*) net_ip=${w#parvis.ip=} ;;
 	parvis.ping=*) net_ping=$(echo "${w#parvis.ping=}" | tr ',' ' ') ;;
+	parvis.netmib=*) net_mib=${w#parvis.netmib=} ;;
 	esac
 done
 
@@ -278,6 +280,24 @@ act_net() {
 		done
 		echo "PARVIS-PING-$a=$r"
 	done
+}
+
+# netbench (after net): fetch http://<first parvis.ping address>:8080/blob and print
+# PARVIS-NETBENCH-H2G=<wget status> <uptime before> <uptime after>; then serve a blob of
+# parvis.netmib MiB on port 8080 for the host to fetch, print PARVIS-NETBENCH-SERVING and
+# wait to be stopped.
+act_netbench() {
+	host=${net_ping%% *}
+	t0=$(cut -d' ' -f1 /proc/uptime)
+	wget -q -O /dev/null "http://$host:8080/blob"
+	rc=$?
+	t1=$(cut -d' ' -f1 /proc/uptime)
+	echo "PARVIS-NETBENCH-H2G=$rc $t0 $t1"
+	mkdir -p /tmp/www
+	dd if=/dev/zero of=/tmp/www/blob bs=1048576 count="$net_mib" 2>/dev/null
+	httpd -p 8080 -h /tmp/www
+	echo PARVIS-NETBENCH-SERVING
+	act_hold
 }
 
 act_hold() {
@@ -594,6 +614,7 @@ for a in "$@"; do
 	scsihot) act_scsihot ;;
 	iobench) act_iobench ;;
 	net) act_net ;;
+	netbench) act_netbench ;;
 	'') ;;
 	*) echo "PARVIS-UNKNOWN-ACTION=$a" ;;
 	esac

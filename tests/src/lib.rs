@@ -21,6 +21,7 @@ pub mod fb_bench;
 pub mod fbstamp;
 pub mod live;
 pub mod markers;
+pub mod net_bench;
 pub mod stats_bench;
 pub mod storage_bench;
 pub mod testhost;

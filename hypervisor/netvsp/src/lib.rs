@@ -358,8 +358,9 @@ impl Netvsp {
         Ok(count)
     }
 
-    /// The RNDIS bytes of a `SEND_RNDIS_PKT`: a send-buffer section, or the packet's page
-    /// buffers.
+    /// The RNDIS bytes of a `SEND_RNDIS_PKT`: a send-buffer section, the packet's page
+    /// buffers, or both (Linux copies a batch and the last packet's RNDIS header into the
+    /// section and leaves that packet's frame in page buffers: a "partial copy").
     fn rndis_bytes(
         &self,
         p: &Packet,
@@ -367,6 +368,7 @@ impl Netvsp {
         section: u32,
         size: u32,
     ) -> Result<Vec<u8>, VspError> {
+        let mut data = Vec::new();
         if section != protocol::NO_SECTION {
             let send = self
                 .send
@@ -375,27 +377,27 @@ impl Netvsp {
             if section >= send.sections || size > SEND_SECTION {
                 return Err(bad("send-buffer section out of range"));
             }
-            let mut data = vec![0u8; size as usize];
+            data.resize(size as usize, 0);
             send.gpadl.read(
                 ch.memory(),
                 section as usize * SEND_SECTION as usize,
                 &mut data,
             )?;
-            return Ok(data);
         }
-        if p.header.ptype != pkt::DATA_USING_GPA_DIRECT {
+        if p.header.ptype == pkt::DATA_USING_GPA_DIRECT {
+            let lists: Vec<PageList> = p.gpa_direct()?;
+            let total: usize = lists.iter().map(|l| l.len()).sum();
+            if data.len() + total > MAX_RNDIS_BYTES {
+                return Err(bad("RNDIS packet larger than 64 KiB"));
+            }
+            let mut at = data.len();
+            data.resize(at + total, 0);
+            for l in &lists {
+                l.read(ch.memory(), 0, &mut data[at..at + l.len()])?;
+                at += l.len();
+            }
+        } else if section == protocol::NO_SECTION {
             return Err(bad("RNDIS packet with neither a section nor page buffers"));
-        }
-        let lists: Vec<PageList> = p.gpa_direct()?;
-        let total: usize = lists.iter().map(|l| l.len()).sum();
-        if total > MAX_RNDIS_BYTES {
-            return Err(bad("RNDIS packet larger than 64 KiB"));
-        }
-        let mut data = vec![0u8; total];
-        let mut at = 0;
-        for l in &lists {
-            l.read(ch.memory(), 0, &mut data[at..at + l.len()])?;
-            at += l.len();
         }
         Ok(data)
     }

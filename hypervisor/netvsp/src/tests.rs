@@ -316,6 +316,34 @@ fn guest_frames_reach_the_backend_from_sections_and_page_buffers() {
     assert_eq!(g.nic.stats.tx_frames.load(Ordering::Relaxed), 3);
 }
 
+/// Linux's partial copy: a batched frame and the last packet's RNDIS header in the section,
+/// that packet's frame in a page buffer of the same VMBus packet.
+#[test]
+fn a_partial_copy_joins_section_and_page_buffer() {
+    let mut g = Guest::new();
+    g.connect();
+    g.probe();
+    let a = frame(4, 100);
+    let b = frame(5, 1400);
+    let mut section = data_message(&a);
+    section.resize(section.len().next_multiple_of(8), 0);
+    let len = section.len() as u32;
+    section[4..8].copy_from_slice(&len.to_le_bytes());
+    let header = data_message(&b);
+    section.extend_from_slice(&header[..44]);
+    let send = g.send.clone().unwrap();
+    send.write(g.g.memory(), 2 * SEND_SECTION as usize, &section)
+        .unwrap();
+    let pfns = g.g.alloc(1).unwrap();
+    let list = PageList::new(8, b.len() as u32, pfns).unwrap();
+    list.write(g.g.memory(), 0, &b).unwrap();
+    let m = nvsp(msg::SEND_RNDIS_PKT, &[0, 2, section.len() as u32]);
+    g.g.send_gpa_direct(77, &[list], &m).unwrap();
+    g.g.run(&mut g.dev).unwrap();
+    assert!(g.take_xfers().is_empty());
+    assert_eq!(*g.sent.0.lock().unwrap(), vec![a, b]);
+}
+
 #[test]
 fn host_frames_reach_the_guest_and_sections_are_recycled() {
     let mut g = Guest::new();

@@ -223,7 +223,7 @@ fn args() -> Result<Args> {
 
 /// What `--only` can name.
 const BENCHES: &[&str] = &[
-    "boot", "disk", "upload", "fb", "console", "vmbus", "stats", "storage", "diskboot",
+    "boot", "disk", "upload", "fb", "console", "vmbus", "stats", "storage", "diskboot", "net",
 ];
 
 fn main() -> ExitCode {
@@ -250,6 +250,13 @@ fn run() -> Result<bool> {
             .unwrap_or_else(|| "/usr/bin/qemu-system-x86_64".into());
         let r = parvis_tests::diskboot_bench::run(&qemu, args.runs)?;
         parvis_tests::diskboot_bench::print(&r);
+    }
+    if want("net") {
+        let qemu = std::env::var_os("PARVIS_BENCH_QEMU")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/usr/bin/qemu-system-x86_64".into());
+        let r = parvis_tests::net_bench::run(&qemu)?;
+        parvis_tests::net_bench::print(&r);
     }
     if want("console") {
         let r = parvis_tests::console_bench::run(300)?;
