@@ -259,8 +259,8 @@ act_demo() {
 # net: the first network adapter: its driver and address, then parvis.ip= on it and a
 # ping to every parvis.ping= address (three tries each, the neighbour may still boot).
 act_net() {
-	vmbus_up || return 0
-	load hv_netvsc virtio_net
+	# VMBus when the VMM offers it (Parvis), PCI virtio otherwise (QEMU).
+	load hv_vmbus hv_netvsc virtio_pci virtio_net
 	coldplug
 	if ! wait_for /sys/class/net/eth0 100; then
 		echo "PARVIS-NET-ERROR=no eth0 after 10s"

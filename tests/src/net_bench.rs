@@ -67,7 +67,7 @@ echo "BENCH: qemu virtio-net"
 timeout -k 10 600 $QEMU -enable-kvm -M q35 -nodefaults -vga none -m 256M -smp 1 -cpu host \
     -display none -monitor none -serial stdio -no-reboot \
     -netdev tap,id=n0,ifname=qtap0,script=no,downscript=no \
-    -device virtio-net-pci,netdev=n0,mac=02:50:76:00:00:0b \
+    -device virtio-net-pci,netdev=n0,mac=02:50:76:00:00:0b,romfile= \
     -kernel "$IMAGES/vmlinux" -initrd "$IMAGES/l2-initramfs.cpio" -append "$C" \
     </dev/null >qemu.out 2>qemu.err &
 pid=$!
@@ -131,7 +131,7 @@ pub fn run(qemu: &std::path::Path) -> Result<Vec<NetFigures>> {
             driver: marker(&guest, "PARVIS-NET-DRIVER")
                 .unwrap_or("?")
                 .to_string(),
-            h2g_mbps: mbps(h2g).with_context(|| format!("{label}, host to guest"))?,
+            h2g_mbps: mbps(h2g).with_context(|| format!("{label}, host to guest:\n{guest}"))?,
             g2h_mbps: mbps(&o.file(&format!("{name}.g2h")))
                 .with_context(|| format!("{label}, guest to host"))?,
             rtt_ms: rtt(&o.file(&format!("{name}.ping")))

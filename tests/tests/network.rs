@@ -14,6 +14,9 @@ modprobe bridge
 brctl addbr pvbr0
 ip link set pvbr0 up
 ip addr add 10.77.0.1/24 dev pvbr0
+mkdir -p /tmp/www
+dd if=/dev/zero of=/tmp/www/blob bs=1048576 count=8 2>/dev/null
+httpd -p 10.77.0.1:8080 -h /tmp/www
 # attach TAP: wait until the worker has created it, then put it on the bridge.
 attach() {
     n=0
@@ -34,15 +37,23 @@ wait_for PARVIS-PING-10.77.0.1 a.out 200
 ping -c 3 -W 2 10.77.0.2 >hostping.out 2>&1
 echo $? >hostping.rc
 
-# VM b reaches a and the host.
-run b $K --nic tap=pvtap1,mac=02:50:76:00:00:0b --log info \
-    --cmdline "$C parvis.test=net parvis.ip=10.77.0.3/24 parvis.ping=10.77.0.2,10.77.0.1" &
+# VM b reaches the host and a, then moves 8 MiB each way over TCP.
+echo "SCENARIO: b starts at $(cut -d' ' -f1 /proc/uptime) s"
+timeout -k 10 300 parvis-worker $K --nic tap=pvtap1,mac=02:50:76:00:00:0b --log info \
+    --cmdline "$C parvis.test=net,netbench parvis.ip=10.77.0.3/24 parvis.ping=10.77.0.1,10.77.0.2 parvis.netmib=8" \
+    </dev/null >b.out 2>b.err &
 bpid=$!
 attach pvtap1
-wait $bpid
-kill $apid
+if wait_for PARVIS-NETBENCH-SERVING b.out 200; then
+    wget -q -O /tmp/got http://10.77.0.3:8080/blob
+    echo $? >g2h.rc
+    wc -c </tmp/got >g2h.size
+fi
+kill $apid $bpid
 wait $apid
-echo "SCENARIO: a exited $?"
+wait $bpid
+echo 0 >b.rc
+echo "SCENARIO: a and b stopped"
 "#;
 
 fn outcome() -> &'static Outcome {
