@@ -36,6 +36,19 @@ pub async fn serial_until(
     whole_line: bool,
     secs: u64,
 ) -> Result<String> {
+    serial_until_nth(c, id, pattern, 1, whole_line, secs).await
+}
+
+/// As [`serial_until`], until `pattern` has appeared `n` times (the serial history a
+/// restarted VM replays holds its earlier boots too).
+pub async fn serial_until_nth(
+    c: &mut Clients,
+    id: &str,
+    pattern: &str,
+    n: usize,
+    whole_line: bool,
+    secs: u64,
+) -> Result<String> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(SerialInput {
         vm_id: id.into(),
@@ -47,9 +60,12 @@ pub async fn serial_until(
         .serial_console(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
-    let done = |t: &str| match t.split_once(pattern) {
-        Some((_, rest)) => !whole_line || rest.contains('\n'),
-        None => false,
+    let done = |t: &str| {
+        let mut parts = t.splitn(n + 1, pattern);
+        match parts.nth(n) {
+            Some(rest) => !whole_line || rest.contains('\n'),
+            None => false,
+        }
     };
     let tail = |t: &str| crate::testhost::tail(t, 40);
     let mut text = String::new();

@@ -13,6 +13,7 @@ pub mod agent_proc;
 pub mod bench_support;
 pub mod boot_disks;
 pub mod build;
+pub mod checks;
 pub mod client;
 pub mod console_bench;
 pub mod disk_bench;

@@ -4,12 +4,12 @@
 //! One test-host boot serves every check: `run()` drives the whole story once and records
 //! each check's result; each `#[test]` asserts one of them.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use parvis_tests::checks::{Checks, Run, record};
 use parvis_tests::live::Live;
 use proto::client::{self, Clients, Target};
 use proto::v1::{
@@ -20,41 +20,13 @@ use proto::v1::{
 use sha2::{Digest, Sha256};
 use tonic::Code;
 
-type Checks = BTreeMap<&'static str, Result<(), String>>;
-
-struct Run {
-    checks: Checks,
-    /// Set when the run could not even start; every check fails with it.
-    fatal: Option<String>,
-}
-
 fn results() -> &'static Run {
     static RUN: OnceLock<Run> = OnceLock::new();
-    RUN.get_or_init(|| {
-        let mut checks = Checks::new();
-        match run(&mut checks) {
-            Ok(()) => Run {
-                checks,
-                fatal: None,
-            },
-            Err(e) => Run {
-                checks,
-                fatal: Some(format!("{e:#}")),
-            },
-        }
-    })
+    RUN.get_or_init(|| Run::of(run))
 }
 
 fn assert_check(name: &str) {
-    let r = results();
-    match r.checks.get(name) {
-        Some(Ok(())) => {}
-        Some(Err(e)) => panic!("{name} failed: {e}"),
-        None => panic!(
-            "{name} did not run: {}",
-            r.fatal.as_deref().unwrap_or("an earlier step failed")
-        ),
-    }
+    results().assert(name);
 }
 
 const SCRIPT: &str = r#"
@@ -100,13 +72,6 @@ fn run(checks: &mut Checks) -> Result<()> {
         parvis_tests::testhost::tail(&outcome.log(), 30)
     );
     Ok(())
-}
-
-fn record(checks: &mut Checks, name: &'static str, r: Result<()>) {
-    if let Err(e) = &r {
-        eprintln!("check {name} failed: {e:#}");
-    }
-    checks.insert(name, r.map_err(|e| format!("{e:#}")));
 }
 
 async fn story(live: &mut Live, checks: &mut Checks, token: &str, fp: &str) -> Result<()> {

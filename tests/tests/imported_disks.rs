@@ -22,6 +22,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use parvis_tests::checks::{Checks, Run, record};
 use parvis_tests::live::Live;
 use proto::client::{self, Clients, Target};
 use proto::v1::{VmRef, VmState};
@@ -43,39 +44,13 @@ for p in $(cat "$STATE"/vms/*/run.json 2>/dev/null | sed -n 's/.*"pid": *\([0-9]
 true
 "#;
 
-type Checks = BTreeMap<&'static str, Result<(), String>>;
-
-struct Run {
-    checks: Checks,
-    fatal: Option<String>,
-}
-
 fn results() -> &'static Run {
     static RUN: OnceLock<Run> = OnceLock::new();
-    RUN.get_or_init(|| {
-        let mut checks = Checks::new();
-        let fatal = run(&mut checks).err().map(|e| format!("{e:#}"));
-        Run { checks, fatal }
-    })
+    RUN.get_or_init(|| Run::of(run))
 }
 
 fn assert_check(name: &str) {
-    let r = results();
-    match r.checks.get(name) {
-        Some(Ok(())) => {}
-        Some(Err(e)) => panic!("{name} failed: {e}"),
-        None => panic!(
-            "{name} did not run: {}",
-            r.fatal.as_deref().unwrap_or("an earlier step failed")
-        ),
-    }
-}
-
-fn record(checks: &mut Checks, name: &'static str, r: Result<()>) {
-    if let Err(e) = &r {
-        eprintln!("check {name} failed: {e:#}");
-    }
-    checks.insert(name, r.map_err(|e| format!("{e:#}")));
+    results().assert(name);
 }
 
 /// `manifest.txt` lines `<disk> <key> <value>`.
