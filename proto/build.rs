@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "schema/parvis/v1/vm.proto",
         "schema/parvis/v1/console.proto",
         "schema/parvis/v1/disk.proto",
+        "schema/parvis/v1/network.proto",
         "schema/parvis/worker/v1/worker.proto",
     ];
     for f in &files {

@@ -24,6 +24,7 @@ pub mod error;
 pub mod events;
 pub mod fault;
 pub mod host;
+pub mod network;
 pub mod screen;
 pub mod security;
 pub mod serial;

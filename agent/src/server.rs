@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use proto::v1::console_service_server::ConsoleServiceServer;
 use proto::v1::disk_service_server::DiskServiceServer;
 use proto::v1::host_service_server::HostServiceServer;
+use proto::v1::switch_service_server::SwitchServiceServer;
 use proto::v1::vm_service_server::VmServiceServer;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -15,7 +16,9 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use crate::Agent;
 use crate::security::{TlsIdentity, TokenCheck};
 use crate::service::upload::DiskRoutes;
-use crate::service::{console::ConsoleSvc, disk::DiskSvc, host::HostSvc, vm::VmSvc};
+use crate::service::{
+    console::ConsoleSvc, disk::DiskSvc, host::HostSvc, switch::SwitchSvc, vm::VmSvc,
+};
 
 /// How the server listens.
 #[derive(Debug)]
@@ -65,6 +68,10 @@ pub async fn serve(
         ))
         .add_service(InterceptedService::new(
             VmServiceServer::new(VmSvc::new(agent.clone())),
+            t.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            SwitchServiceServer::new(SwitchSvc::new(agent.clone())),
             t.clone(),
         ))
         .add_service(InterceptedService::new(

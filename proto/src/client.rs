@@ -34,6 +34,7 @@ use crate::v1::{UploadChunk, UploadStatus};
 use crate::v1::console_service_client::ConsoleServiceClient;
 use crate::v1::disk_service_client::DiskServiceClient;
 use crate::v1::host_service_client::HostServiceClient;
+use crate::v1::switch_service_client::SwitchServiceClient;
 use crate::v1::vm_service_client::VmServiceClient;
 
 /// Why a connection could not be made.
@@ -71,13 +72,14 @@ pub struct Target {
     pub token: String,
 }
 
-/// The four service clients on one connection, each sending the token.
+/// The service clients on one connection, each sending the token.
 #[derive(Debug, Clone)]
 pub struct Clients {
     pub host: HostServiceClient<InterceptedService<Channel, Auth>>,
     pub vm: VmServiceClient<InterceptedService<Channel, Auth>>,
     pub console: ConsoleServiceClient<InterceptedService<Channel, Auth>>,
     pub disk: DiskServiceClient<InterceptedService<Channel, Auth>>,
+    pub switch: SwitchServiceClient<InterceptedService<Channel, Auth>>,
     /// The connection itself, for [`Clients::upload_disk`].
     raw: InterceptedService<Channel, Auth>,
 }
@@ -296,6 +298,7 @@ pub fn clients(channel: Channel, token: &str) -> Result<Clients, ConnectError> {
         disk: DiskServiceClient::with_interceptor(channel.clone(), auth.clone())
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
+        switch: SwitchServiceClient::with_interceptor(channel.clone(), auth.clone()),
         raw: InterceptedService::new(channel, auth),
     })
 }

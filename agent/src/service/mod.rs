@@ -4,5 +4,6 @@
 pub mod console;
 pub mod disk;
 pub mod host;
+pub mod switch;
 pub mod upload;
 pub mod vm;

@@ -37,7 +37,20 @@ pub struct VmConfig {
     #[serde(default)]
     pub autostart: bool,
     pub created_ms: i64,
+    /// Network adapters, eth0 first.
+    #[serde(default)]
+    pub nics: Vec<NicRef>,
 }
+
+/// A network adapter: the switch it plugs into and its MAC address (given once, kept).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NicRef {
+    pub switch: String,
+    pub mac: String,
+}
+
+/// Network adapters a VM may have.
+pub const MAX_NICS: usize = 8;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DiskRef {
@@ -199,6 +212,14 @@ impl VmConfig {
             autostart: self.autostart,
             boot_source: self.boot_source.to_proto() as i32,
             boot_entry: self.boot_entry.clone(),
+            nics: self
+                .nics
+                .iter()
+                .map(|n| proto::v1::NetworkAdapter {
+                    switch_name: n.switch.clone(),
+                    mac: n.mac.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -352,6 +373,37 @@ pub fn validate(
             format!("{w}x{h} is not a supported screen size (at most 16 MiB of 32-bit pixels)"),
         ));
     }
+    if spec.nics.len() > MAX_NICS {
+        return Err(bad(
+            "spec.nics",
+            format!("at most {MAX_NICS} network adapters"),
+        ));
+    }
+    let mut nics: Vec<NicRef> = Vec::new();
+    for (i, n) in spec.nics.iter().enumerate() {
+        if !crate::network::valid_name(&n.switch_name) {
+            return Err(bad(
+                format!("spec.nics[{i}].switch_name"),
+                "must name a switch",
+            ));
+        }
+        let mac = if n.mac.is_empty() {
+            String::new()
+        } else {
+            crate::network::normalize_mac(&n.mac)
+                .map_err(|r| bad(format!("spec.nics[{i}].mac"), r))?
+        };
+        if !mac.is_empty() && nics.iter().any(|x| x.mac == mac) {
+            return Err(bad(
+                format!("spec.nics[{i}].mac"),
+                "two adapters have this address",
+            ));
+        }
+        nics.push(NicRef {
+            switch: n.switch_name.clone(),
+            mac,
+        });
+    }
     Ok(VmConfig {
         id: String::new(),
         name: name.to_string(),
@@ -366,6 +418,7 @@ pub fn validate(
         display_height: h,
         autostart: spec.autostart,
         created_ms: 0,
+        nics,
     })
 }
 
@@ -416,6 +469,46 @@ mod tests {
         .unwrap();
         assert_eq!((c.display_width, c.display_height), DEFAULT_DISPLAY);
         assert_eq!(c.boot_image, "default");
+    }
+
+    #[test]
+    fn network_adapters_are_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let h = host(d.path());
+        let nic = |sw: &str, mac: &str| proto::v1::NetworkAdapter {
+            switch_name: sw.into(),
+            mac: mac.into(),
+        };
+        let v = |nics: Vec<proto::v1::NetworkAdapter>| {
+            validate(
+                &VmSpec { nics, ..spec() },
+                &h,
+                |_| None,
+                |_| false,
+                |_| false,
+            )
+        };
+        let c = v(vec![nic("lab", "02-50-76-AA-00-01"), nic("lab", "")]).unwrap();
+        assert_eq!(c.nics[0].mac, "02:50:76:aa:00:01");
+        assert_eq!(c.nics[1].mac, "", "filled in by the VM inventory");
+        assert_eq!(c.spec().nics[0].switch_name, "lab");
+        assert_eq!(field_of(v(vec![nic("", "")])), "spec.nics[0].switch_name");
+        assert_eq!(
+            field_of(v(vec![nic("a b", "")])),
+            "spec.nics[0].switch_name"
+        );
+        assert_eq!(
+            field_of(v(vec![nic("lab", "01:00:00:00:00:01")])),
+            "spec.nics[0].mac"
+        );
+        assert_eq!(
+            field_of(v(vec![
+                nic("lab", "02:00:00:00:00:01"),
+                nic("x", "02:00:00:00:00:01")
+            ])),
+            "spec.nics[1].mac"
+        );
+        assert_eq!(field_of(v(vec![nic("lab", ""); 9])), "spec.nics");
     }
 
     #[test]

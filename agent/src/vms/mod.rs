@@ -90,6 +90,8 @@ pub struct Vms {
     disks: Arc<DiskLibrary>,
     host: HostFacts,
     map: Mutex<HashMap<String, Entry>>,
+    /// The host's switches, set once at start (absent in library tests).
+    network: std::sync::OnceLock<Arc<crate::network::Switches>>,
 }
 
 impl Vms {
@@ -107,6 +109,7 @@ impl Vms {
             disks,
             host,
             map: Mutex::new(HashMap::new()),
+            network: std::sync::OnceLock::new(),
         });
         for e in std::fs::read_dir(layout.vms())?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -286,6 +289,64 @@ impl Vms {
             .any(|e| e.config.id != except && e.config.name == name)
     }
 
+    /// Give the VMs the host's switches.
+    pub fn set_network(&self, switches: Arc<crate::network::Switches>) {
+        let _ = self.network.set(switches);
+    }
+
+    /// The host's switches.
+    pub fn network(&self) -> Option<Arc<crate::network::Switches>> {
+        self.network.get().cloned()
+    }
+
+    /// Switch name → the VMs whose settings have an adapter on it.
+    pub fn switch_users(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut m: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for e in self.lock().values() {
+            for n in &e.config.nics {
+                let v = m.entry(n.switch.clone()).or_default();
+                if !v.contains(&e.config.id) {
+                    v.push(e.config.id.clone());
+                }
+            }
+        }
+        m
+    }
+
+    /// Check that every adapter's switch exists and give each adapter without an address
+    /// one: the one it had before (same place, same switch) or a new one.
+    fn settle_nics(&self, config: &mut VmConfig, old: Option<&VmConfig>) -> AgentResult<()> {
+        if config.nics.is_empty() {
+            return Ok(());
+        }
+        let net = self.network().ok_or_else(|| {
+            AgentError::precondition("this agent manages no network: adapters cannot be added")
+        })?;
+        for (i, n) in config.nics.iter().enumerate() {
+            if net.get(&n.switch).is_none() {
+                return Err(AgentError::invalid(
+                    format!("spec.nics[{i}].switch_name"),
+                    format!(
+                        "no switch '{}' on this host",
+                        crate::error::quote(&n.switch)
+                    ),
+                ));
+            }
+        }
+        let taken: Vec<String> = config.nics.iter().map(|n| n.mac.clone()).collect();
+        for (i, n) in config.nics.iter_mut().enumerate() {
+            if !n.mac.is_empty() {
+                continue;
+            }
+            let before = old
+                .and_then(|o| o.nics.get(i))
+                .filter(|o| o.switch == n.switch && !taken.contains(&o.mac))
+                .map(|o| o.mac.clone());
+            n.mac = before.unwrap_or_else(crate::network::new_mac);
+        }
+        Ok(())
+    }
+
     pub fn create(&self, spec: &VmSpec) -> AgentResult<Vm> {
         let mut config = validate(
             spec,
@@ -294,6 +355,7 @@ impl Vms {
             |n| self.name_taken(n, ""),
             |d| self.disks.boots_by_default(d),
         )?;
+        self.settle_nics(&mut config, None)?;
         config.id = store::new_id();
         config.created_ms = now_ms();
         // Written under a hidden name and renamed: an agent killed half-way leaves either
@@ -341,6 +403,7 @@ impl Vms {
             |n| self.name_taken(n, id),
             |d| self.disks.boots_by_default(d),
         )?;
+        self.settle_nics(&mut config, Some(&old))?;
         config.id = old.id;
         config.created_ms = old.created_ms;
         self.save_config(id, config)
@@ -637,7 +700,31 @@ impl Vms {
         };
         self.events.vm_changed(vm);
         let dir = self.layout.vm(id);
-        let spawned = process::spawn(&self.host.worker_bin, &dir, &config, boot.as_ref(), &disks);
+        let mut nics = Vec::new();
+        for (i, n) in config.nics.iter().enumerate() {
+            let plugged = match self.network() {
+                Some(net) => net.plug(&n.switch, id, i).await,
+                None => Err(AgentError::precondition("this agent manages no network")),
+            };
+            match plugged {
+                Ok(fd) => nics.push((fd, n.mac.clone())),
+                Err(e) => {
+                    self.update(id, |e| {
+                        e.state = VmState::Off;
+                        e.reason = "its network adapter could not be connected".into();
+                    });
+                    return Err(e);
+                }
+            }
+        }
+        let spawned = process::spawn(
+            &self.host.worker_bin,
+            &dir,
+            &config,
+            boot.as_ref(),
+            &disks,
+            nics,
+        );
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
@@ -1088,6 +1175,7 @@ mod tests {
                 display_height: 768,
                 autostart: false,
                 created_ms: 0,
+                nics: Vec::new(),
             },
             state,
             reason: String::new(),

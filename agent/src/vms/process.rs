@@ -143,6 +143,7 @@ pub fn spawn(
     config: &VmConfig,
     boot: Option<&BootFiles>,
     disks: &[(PathBuf, DiskRef)],
+    nics: Vec<(std::os::fd::OwnedFd, String)>,
 ) -> std::io::Result<Child> {
     let _ = std::fs::remove_file(dir.join(STATUS));
     let _ = std::fs::remove_file(dir.join(SOCKET));
@@ -189,6 +190,21 @@ pub fn spawn(
         let mut spec = path.as_os_str().to_owned();
         spec.push(disk_options(d));
         cmd.arg("--disk").arg(spec);
+    }
+    // Each adapter's TAP becomes descriptor 3, 4, … of the worker (and only of it).
+    let mut mappings = Vec::new();
+    for (i, (fd, mac)) in nics.into_iter().enumerate() {
+        let child_fd = 3 + i as i32;
+        cmd.arg("--nic").arg(format!("fd={child_fd},mac={mac}"));
+        mappings.push(command_fds::FdMapping {
+            parent_fd: fd,
+            child_fd,
+        });
+    }
+    if !mappings.is_empty() {
+        use command_fds::CommandFdExt;
+        cmd.fd_mappings(mappings)
+            .map_err(|e| std::io::Error::other(format!("cannot pass the network adapters: {e}")))?;
     }
     cmd.arg("--serial")
         .arg("none")

@@ -204,6 +204,11 @@ async fn agent_main(cli: Cli, layout: Layout) -> Result<()> {
     )?);
     disks.read_boot_entries_with(facts.worker_bin.clone());
     let vms = vms::Vms::load(layout.clone(), events.clone(), disks.clone(), facts.clone()).await?;
+    // Switches come back before any VM (re)starts on them.
+    match agent::network::Switches::load(&layout).await {
+        Ok(s) => vms.set_network(Arc::new(s)),
+        Err(e) => tracing::warn!("switches unavailable, VMs get no network: {e:#}"),
+    }
     let agent = Arc::new(Agent {
         layout: layout.clone(),
         events,

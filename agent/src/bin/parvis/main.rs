@@ -15,6 +15,7 @@ mod disk;
 mod hosts;
 mod remote;
 mod remote_disk;
+mod switch;
 mod vm;
 
 #[derive(Debug, Parser)]
@@ -41,6 +42,9 @@ enum Command {
     /// the host's disk library (list, get, delete, tasks, upload, convert DISK --format F).
     #[command(subcommand)]
     Disk(remote_disk::DiskCli),
+    /// Virtual switches on the agent's host: list, create, delete.
+    #[command(subcommand)]
+    Switch(switch::SwitchCommand),
 }
 
 /// Run async work (every remote command) on a small runtime, with Ctrl-C routing.
@@ -66,6 +70,7 @@ fn main() {
         Command::Disk(c) => remote_disk::run(c, host),
         Command::Host(c) => block_on(hosts::run(c, host)),
         Command::Vm(c) => block_on(vm::run(c, host)),
+        Command::Switch(c) => block_on(switch::run(c, host)),
     };
     match result {
         Ok(code) => std::process::exit(code),

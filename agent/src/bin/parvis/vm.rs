@@ -70,6 +70,10 @@ pub enum VmCommand {
         /// Start the VM whenever the agent starts.
         #[arg(long)]
         autostart: bool,
+        /// A network adapter on a switch of the host (`parvis switch list`), with an
+        /// optional MAC address (default: one the agent picks and keeps). Repeat for more.
+        #[arg(long = "nic", value_name = "SWITCH[,mac=XX:XX:XX:XX:XX:XX]")]
+        nics: Vec<String>,
         /// Print the new VM as JSON.
         #[arg(long)]
         json: bool,
@@ -254,8 +258,13 @@ pub async fn run(cmd: VmCommand, host: Option<&str>) -> Result<i32> {
             cmdline,
             display,
             autostart,
+            nics,
             json,
         } => {
+            let nics = nics
+                .iter()
+                .map(|n| parse_nic(n))
+                .collect::<Result<Vec<_>>>()?;
             let memory_bytes = if memory.trim().bytes().all(|b| b.is_ascii_digit()) {
                 parse_size(&format!("{}M", memory.trim()))?
             } else {
@@ -299,6 +308,7 @@ pub async fn run(cmd: VmCommand, host: Option<&str>) -> Result<i32> {
                 autostart,
                 boot_source: boot_source as i32,
                 boot_entry: boot_entry.unwrap_or_default(),
+                nics,
             };
             let v =
                 c.vm.create_vm(CreateVmRequest { spec: Some(spec) })
@@ -709,6 +719,23 @@ async fn default_boot_image(c: &mut Clients) -> Result<String> {
     }
 }
 
+/// `SWITCH[,mac=XX:XX:XX:XX:XX:XX]` as an adapter.
+fn parse_nic(s: &str) -> Result<proto::v1::NetworkAdapter> {
+    let mut parts = s.split(',');
+    let switch_name = parts.next().unwrap_or_default().trim().to_string();
+    if switch_name.is_empty() {
+        bail!("--nic needs a switch name");
+    }
+    let mut mac = String::new();
+    for p in parts {
+        match p.split_once('=') {
+            Some(("mac", m)) => mac = m.trim().to_string(),
+            _ => bail!("unknown --nic option '{p}' (use mac=XX:XX:XX:XX:XX:XX)"),
+        }
+    }
+    Ok(proto::v1::NetworkAdapter { switch_name, mac })
+}
+
 fn print_vm(v: &Vm) {
     let s = v.spec.clone().unwrap_or_default();
     println!("name:             {}", s.name);
@@ -735,6 +762,14 @@ fn print_vm(v: &Vm) {
             d.disk_id,
             place(d),
             if d.read_only { " (read-only)" } else { "" }
+        );
+    }
+    for (i, n) in s.nics.iter().enumerate() {
+        println!(
+            "{:<18}{} on switch {}",
+            if i == 0 { "network:" } else { "" },
+            n.mac,
+            n.switch_name
         );
     }
     println!("boots:            {}", boot_words(&s));
@@ -802,6 +837,10 @@ pub fn vm_json(v: &Vm) -> serde_json::Value {
         "display_width": s.display_width,
         "display_height": s.display_height,
         "autostart": s.autostart,
+        "nics": s.nics.iter().map(|n| json!({
+            "switch": n.switch_name,
+            "mac": n.mac,
+        })).collect::<Vec<_>>(),
         "created_ms": v.created_ms,
         "state_changed_ms": v.state_changed_ms,
         "crash_log": v.crash_log,

@@ -27,6 +27,8 @@ pub(super) struct VmForm {
     pub cmdline: String,
     pub disks: Vec<DiskAttachment>,
     pub autostart: bool,
+    /// Network adapters: kept as they are (the console does not edit them yet).
+    pub nics: Vec<proto::v1::NetworkAdapter>,
 }
 
 impl VmForm {
@@ -47,6 +49,7 @@ impl VmForm {
             cmdline: spec.cmdline.clone(),
             disks: spec.disks.clone(),
             autostart: spec.autostart,
+            nics: spec.nics.clone(),
         }
     }
 
@@ -67,6 +70,7 @@ impl VmForm {
             } else {
                 String::new()
             },
+            nics: self.nics.clone(),
         }
     }
 
