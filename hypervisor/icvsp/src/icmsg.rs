@@ -155,7 +155,8 @@ impl Header {
 
 /// The body of a negotiate request offering `message` versions.
 pub fn negotiate_body(message: &[Version]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(NEGOTIATE_HEADER + 4 * (FRAMEWORK_VERSIONS.len() + message.len()));
+    let mut b =
+        Vec::with_capacity(NEGOTIATE_HEADER + 4 * (FRAMEWORK_VERSIONS.len() + message.len()));
     b.extend_from_slice(&(FRAMEWORK_VERSIONS.len() as u16).to_le_bytes());
     b.extend_from_slice(&(message.len() as u16).to_le_bytes());
     b.extend_from_slice(&0u32.to_le_bytes());
@@ -370,7 +371,8 @@ impl IcCore {
                 let v = |o: usize| -> Option<Version> {
                     Some(Version::new(u16_at(body, o)?, u16_at(body, o + 2)?))
                 };
-                let framework = v(NEGOTIATE_HEADER).ok_or_else(|| bad(name, "short version table"))?;
+                let framework =
+                    v(NEGOTIATE_HEADER).ok_or_else(|| bad(name, "short version table"))?;
                 let message =
                     v(NEGOTIATE_HEADER + 4).ok_or_else(|| bad(name, "short version table"))?;
                 if !FRAMEWORK_VERSIONS.contains(&framework) || !self.versions.contains(&message) {

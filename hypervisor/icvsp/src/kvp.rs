@@ -224,7 +224,7 @@ pub fn enumerate_request(pool: u8, index: u32) -> Vec<u8> {
 /// Decode `size` bytes of UTF-16LE from `field`, up to the first NUL, with invalid units
 /// replaced, control characters dropped and at most [`MAX_STRING_CHARS`] kept.
 pub fn utf16_string(field: &[u8], size: usize) -> Option<String> {
-    if size % 2 != 0 || size > field.len() {
+    if !size.is_multiple_of(2) || size > field.len() {
         return None;
     }
     let units = field[..size]

@@ -28,16 +28,16 @@ pub mod heartbeat;
 pub mod icmsg;
 pub mod kvp;
 pub mod shutdown;
-pub mod timesync;
 #[cfg(test)]
 mod tests;
+pub mod timesync;
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use vmbus_core::{OfferParams, Wakeup};
 use vmbus_core::messages::Guid;
+use vmbus_core::{OfferParams, Wakeup};
 
 pub use heartbeat::{Heartbeat, HeartbeatHandle, HeartbeatHealth, HeartbeatStatus};
 pub use kvp::{GuestInfo, Kvp, KvpHandle, KvpState};
