@@ -12,4 +12,4 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 exec "$here/../../.ci/fuzz.sh" "$here" fuzz-hypervisor "${1:-${FUZZ_SECONDS:-30}}" 16384 \
     vmbus_ring=seeds/vmbus_ring vmbus_control=seeds/vmbus_control \
     synth_devices=seeds/synth_devices storvsp=seeds/storvsp \
-    netvsp=seeds/netvsp
+    netvsp=seeds/netvsp icvsp=seeds/icvsp
