@@ -327,6 +327,7 @@ pub async fn run(
     stats: Arc<Stats>,
     disks_dir: std::path::PathBuf,
     running: impl Fn() -> Vec<RunningVm> + Send + 'static,
+    guest: impl Fn(&str, Option<proto::worker::GuestReport>) + Send + 'static,
 ) {
     let mut sampler = Sampler::default();
     let mut tick = tokio::time::interval(INTERVAL);
@@ -344,6 +345,9 @@ pub async fn run(
                 .await
                 .ok()
                 .and_then(|r| r.status);
+            if let Some(s) = &status {
+                guest(&v.vm.id, s.guest.clone());
+            }
             disks.push(status.map(|s| s.disks));
         }
         let now = Instant::now();

@@ -65,6 +65,10 @@ load() { # load(module...): modprobe each, ignore failures (built-in or absent).
 
 power_button_watch &
 
+# The host's shutdown service (hv_utils) runs /sbin/poweroff, which signals init: end as
+# a distribution's init would. `hold` waits in `wait`, so the trap runs at once.
+trap 'echo PARVIS-SHUTDOWN-REQUEST; sync; poweroff -f' USR2 TERM
+
 # coldplug: load the modules matching every device's modalias (no udev/mdev
 # here). Two passes: hv_vmbus (ACPI) must probe before VMBus children appear.
 coldplug() {
@@ -301,7 +305,10 @@ act_netbench() {
 }
 
 act_hold() {
-	while :; do sleep 3600; done
+	while :; do
+		sleep 3600 &
+		wait $!
+	done
 }
 
 act_coldplug() { # extra: load drivers for all present devices, list what is loaded

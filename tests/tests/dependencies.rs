@@ -238,6 +238,8 @@ fn the_vmm_library_speaks_no_wire_protocol_and_its_parsers_stand_alone() {
         set(&[
             "bootdisk",
             "hypervisor",
+            "icvsp",
+            "netvsp",
             "parvis_disk",
             "proto",
             "scsi_disk",
@@ -254,6 +256,8 @@ fn the_vmm_library_speaks_no_wire_protocol_and_its_parsers_stand_alone() {
         ours(&g, "storvsp"),
         set(&["parvis_disk", "scsi_disk", "vmbus_core"])
     );
+    assert_eq!(ours(&g, "netvsp"), set(&["vmbus_core"]));
+    assert_eq!(ours(&g, "icvsp"), set(&["vmbus_core"]));
     // The boot-disk reader stands alone: it reads guest file systems in a confined process
     // and knows nothing of Parvis.
     assert!(ours(&g, "bootdisk").is_empty());
@@ -261,6 +265,8 @@ fn the_vmm_library_speaks_no_wire_protocol_and_its_parsers_stand_alone() {
         "vmbus_core",
         "vmbus_devices",
         "storvsp",
+        "netvsp",
+        "icvsp",
         "scsi_disk",
         "bootdisk",
     ] {
@@ -282,6 +288,8 @@ fn parsers_forbid_unsafe_and_elsewhere_it_is_allowed_per_module() {
         "hypervisor/disk/src/lib.rs",
         "hypervisor/scsi_disk/src/lib.rs",
         "hypervisor/storvsp/src/lib.rs",
+        "hypervisor/netvsp/src/lib.rs",
+        "hypervisor/icvsp/src/lib.rs",
         "hypervisor/bootdisk/src/lib.rs",
     ] {
         let text = std::fs::read_to_string(root.join(lib)).unwrap();

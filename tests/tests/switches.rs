@@ -271,9 +271,54 @@ async fn steps(cli: &Cli<'_>, target: &Target, live: &mut Live, checks: &mut Che
     .await;
     record(checks, "switches_come_back_after_an_agent_restart", r);
 
+    // The agent reports each running guest's heartbeat, and "shut down" goes through the
+    // guest's shutdown service.
+    let r = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = cli.json(&["vm", "list", "--json"])?;
+            let all_ok = v.as_array().is_some_and(|a| {
+                a.iter().all(|x| {
+                    x["guest"]["heartbeat"] == "OK" && x["guest"]["shutdown_service"] == true
+                })
+            });
+            if all_ok {
+                break;
+            }
+            ensure!(std::time::Instant::now() < deadline, "heartbeats: {v}");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        cli.ok(&["vm", "shutdown", "a"])?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let v = cli.json(&["vm", "get", "a", "--json"])?;
+            if v["state"] == "off" {
+                ensure!(v["state_reason"] == "guest powered off", "{v}");
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "a did not shut down: {v}"
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let mut c = client::connect(target).await?;
+        let serial =
+            parvis_tests::client::serial_until(&mut c, &a, "PARVIS-SHUTDOWN-REQUEST", false, 30)
+                .await?;
+        ensure!(serial.contains("PARVIS-SHUTDOWN-REQUEST"));
+        anyhow::Ok(())
+    }
+    .await;
+    record(
+        checks,
+        "heartbeat_is_reported_and_shutdown_uses_the_service",
+        r,
+    );
+
     let r = (|| {
         for n in ["a", "b", "c"] {
-            cli.ok(&["vm", "stop", n])?;
+            let _ = cli.run(&["vm", "stop", n])?;
             cli.ok(&["vm", "delete", n])?;
         }
         cli.ok(&["switch", "delete", "lab"])?;
@@ -313,6 +358,11 @@ fn a_switch_in_use_is_not_deleted() {
 #[test]
 fn switches_come_back_after_an_agent_restart() {
     results().assert("switches_come_back_after_an_agent_restart");
+}
+
+#[test]
+fn heartbeat_is_reported_and_shutdown_uses_the_service() {
+    results().assert("heartbeat_is_reported_and_shutdown_uses_the_service");
 }
 
 #[test]

@@ -66,6 +66,8 @@ struct Entry {
     op: Arc<tokio::sync::Mutex<()>>,
     /// Set by stop: the coming exit was asked for.
     stopping: bool,
+    /// What the worker last said of the guest (its integration services).
+    guest: Option<proto::v1::GuestInfo>,
 }
 
 impl Entry {
@@ -78,6 +80,10 @@ impl Entry {
             created_ms: self.config.created_ms,
             state_changed_ms: self.changed_ms,
             crash_log: self.crash_log.clone(),
+            guest: self
+                .guest
+                .clone()
+                .filter(|_| matches!(self.state, VmState::Running | VmState::Paused)),
         }
     }
 }
@@ -145,6 +151,7 @@ impl Vms {
                     run: None,
                     op: Arc::default(),
                     stopping: false,
+                    guest: None,
                 },
             );
             vms.recover(&name).await;
@@ -299,6 +306,30 @@ impl Vms {
         self.network.get().cloned()
     }
 
+    /// Record what VM `id`'s worker says of its guest; watchers hear of a change.
+    pub fn set_guest(&self, id: &str, report: Option<proto::worker::GuestReport>) {
+        let info = report.map(|g| proto::v1::GuestInfo {
+            heartbeat: g.heartbeat,
+            shutdown_service: g.shutdown_service,
+            hostname: g.hostname,
+            os: g.os,
+            addresses: g.addresses,
+        });
+        let changed = {
+            let mut map = self.lock();
+            match map.get_mut(id) {
+                Some(e) if e.guest != info => {
+                    e.guest = info;
+                    Some(e.vm())
+                }
+                _ => None,
+            }
+        };
+        if let Some(vm) = changed {
+            self.events.vm_changed(vm);
+        }
+    }
+
     /// Switch name → the VMs whose settings have an adapter on it.
     pub fn switch_users(&self) -> std::collections::BTreeMap<String, Vec<String>> {
         let mut m: std::collections::BTreeMap<String, Vec<String>> = Default::default();
@@ -376,6 +407,7 @@ impl Vms {
             run: None,
             op: Arc::default(),
             stopping: false,
+            guest: None,
         };
         let vm = entry.vm();
         self.lock().insert(vm.id.clone(), entry);
@@ -1184,6 +1216,7 @@ mod tests {
             run: None,
             op: Arc::default(),
             stopping: false,
+            guest: None,
         }
     }
 

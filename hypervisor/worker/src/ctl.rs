@@ -111,8 +111,27 @@ pub fn format_reply(kind: &request::Kind, reply: &Reply) -> String {
     }
     match kind {
         request::Kind::Query(_) => match &reply.status {
-            Some(s) if s.paused => "ok paused".into(),
-            Some(_) => "ok running".into(),
+            Some(s) => {
+                let mut out = if s.paused { "ok paused" } else { "ok running" }.to_string();
+                if let Some(g) = &s.guest {
+                    out.push_str(&format!(
+                        " heartbeat={} shutdown-service={}",
+                        if g.heartbeat.is_empty() {
+                            "none"
+                        } else {
+                            &g.heartbeat
+                        },
+                        if g.shutdown_service { "yes" } else { "no" }
+                    ));
+                    if !g.hostname.is_empty() {
+                        out.push_str(&format!(" hostname={}", g.hostname));
+                    }
+                    if !g.addresses.is_empty() {
+                        out.push_str(&format!(" addresses={}", g.addresses.join(",")));
+                    }
+                }
+                out
+            }
             None => "error: the worker sent no status".into(),
         },
         request::Kind::AttachDisk(_) => match &reply.disk {

@@ -32,6 +32,7 @@ use crate::storage::Storage;
 mod bootread;
 mod control;
 mod ctl;
+mod ic;
 mod net;
 mod probe;
 mod sandbox;
@@ -344,6 +345,13 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
     let (storage, disks) = Storage::new(vmbus, &s.disks).context("cannot attach the disks")?;
     let storage = Arc::new(storage);
     let nics = net::Nics::new(vmbus, &cli.nics).context("cannot attach the network adapters")?;
+    let ics = if vmbus {
+        Some(Arc::new(
+            ic::IntegrationServices::new().context("cannot start the integration services")?,
+        ))
+    } else {
+        None
+    };
     let partition = Partition::new(
         PartitionConfig {
             cpus: s.cpus,
@@ -360,6 +368,7 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
                 .into_iter()
                 .chain(storage.vsps())
                 .chain(nics.vsps())
+                .chain(ics.iter().flat_map(|i| i.vsps()))
                 .collect(),
             video: synth.video.clone(),
         },
@@ -412,6 +421,9 @@ fn run(cli: RunArgs) -> Result<GuestExit> {
         )
         .with_synth(synth.clone())
         .with_storage(storage.clone());
+        if let Some(i) = &ics {
+            v = v.with_integration_services(i.clone());
+        }
         if let (Some(log), Some(format)) =
             (partition.vram_dirty_log(), partition.config().framebuffer)
         {

@@ -220,10 +220,12 @@ async fn agent_main(cli: Cli, layout: Layout) -> Result<()> {
     });
     {
         let vms = agent.vms.clone();
+        let vms2 = agent.vms.clone();
         tokio::spawn(agent::stats::run(
             agent.stats.clone(),
             layout.disks(),
             move || vms.running_vms(),
+            move |id, g| vms2.set_guest(id, g),
         ));
     }
     if let Some(dir) = &cli.demo {

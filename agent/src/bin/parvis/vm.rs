@@ -210,9 +210,12 @@ pub async fn run(cmd: VmCommand, host: Option<&str>) -> Result<i32> {
                 "CPUS".into(),
                 "MEMORY".into(),
                 "DISKS".into(),
+                "HEARTBEAT".into(),
+                "ADDRESSES".into(),
             ]];
             for v in &vms {
                 let s = v.spec.clone().unwrap_or_default();
+                let g = v.guest.clone().unwrap_or_default();
                 rows.push(vec![
                     v.id.clone(),
                     s.name,
@@ -220,6 +223,12 @@ pub async fn run(cmd: VmCommand, host: Option<&str>) -> Result<i32> {
                     s.cpus.to_string(),
                     human(s.memory_bytes),
                     s.disks.len().to_string(),
+                    heartbeat_word(&g).into(),
+                    if g.addresses.is_empty() {
+                        "-".into()
+                    } else {
+                        g.addresses.join(", ")
+                    },
                 ]);
             }
             print_table(&rows);
@@ -719,6 +728,15 @@ async fn default_boot_image(c: &mut Clients) -> Result<String> {
     }
 }
 
+/// The heartbeat as Hyper-V Manager words it.
+fn heartbeat_word(g: &proto::v1::GuestInfo) -> &'static str {
+    match g.heartbeat.as_str() {
+        "ok" => "OK",
+        "lost" => "No contact",
+        _ => "-",
+    }
+}
+
 /// `SWITCH[,mac=XX:XX:XX:XX:XX:XX]` as an adapter.
 fn parse_nic(s: &str) -> Result<proto::v1::NetworkAdapter> {
     let mut parts = s.split(',');
@@ -771,6 +789,18 @@ fn print_vm(v: &Vm) {
             n.mac,
             n.switch_name
         );
+    }
+    if let Some(g) = &v.guest {
+        println!("heartbeat:        {}", heartbeat_word(g));
+        if !g.hostname.is_empty() {
+            println!("guest name:       {}", g.hostname);
+        }
+        if !g.os.is_empty() {
+            println!("guest OS:         {}", g.os);
+        }
+        if !g.addresses.is_empty() {
+            println!("addresses:        {}", g.addresses.join(", "));
+        }
     }
     println!("boots:            {}", boot_words(&s));
     let disk_boot = s.boot_source == BootSource::Disk as i32;
@@ -841,6 +871,13 @@ pub fn vm_json(v: &Vm) -> serde_json::Value {
             "switch": n.switch_name,
             "mac": n.mac,
         })).collect::<Vec<_>>(),
+        "guest": v.guest.as_ref().map(|g| json!({
+            "heartbeat": heartbeat_word(g),
+            "shutdown_service": g.shutdown_service,
+            "hostname": g.hostname,
+            "os": g.os,
+            "addresses": g.addresses,
+        })),
         "created_ms": v.created_ms,
         "state_changed_ms": v.state_changed_ms,
         "crash_log": v.crash_log,

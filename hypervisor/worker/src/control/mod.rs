@@ -138,6 +138,8 @@ pub struct Vm {
     storage: Option<Arc<Storage>>,
     /// Requests being handled (from decoding to the reply being written).
     busy: AtomicUsize,
+    /// The integration services (None without VMBus).
+    ics: Option<Arc<crate::ic::IntegrationServices>>,
 }
 
 impl Vm {
@@ -158,7 +160,15 @@ impl Vm {
             boot_dirty: None,
             storage: None,
             busy: AtomicUsize::new(0),
+            ics: None,
         }
+    }
+
+    /// Shut the guest down through its shutdown service, and report its heartbeat and
+    /// what KVP learnt in the status.
+    pub fn with_integration_services(mut self, ics: Arc<crate::ic::IntegrationServices>) -> Self {
+        self.ics = Some(ics);
+        self
     }
 
     /// Route input to these synthetic devices and serve their display updates.
@@ -186,6 +196,28 @@ impl Vm {
         while self.busy.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+}
+
+/// What the integration services know of the guest.
+fn guest_report(ics: &crate::ic::IntegrationServices) -> proto::worker::GuestReport {
+    let info = ics.kvp.guest_info();
+    let os = match (&info.os_name, &info.os_version) {
+        (Some(n), Some(v)) if !v.is_empty() => format!("{n} {v}"),
+        (Some(n), _) => n.clone(),
+        _ => String::new(),
+    };
+    proto::worker::GuestReport {
+        heartbeat: crate::ic::heartbeat_word(&ics.heartbeat).to_string(),
+        shutdown_service: ics.shutdown.is_connected(),
+        hostname: info.hostname.clone().unwrap_or_default(),
+        os,
+        addresses: info
+            .ipv4
+            .iter()
+            .map(ToString::to_string)
+            .chain(info.ipv6.iter().map(ToString::to_string))
+            .collect(),
     }
 }
 
@@ -349,7 +381,7 @@ impl Session {
             Some(Kind::Resume(_)) => self.command(Command::Resume),
             Some(Kind::Reset(_)) => self.command(Command::Reset),
             Some(Kind::Stop(_)) => self.command(Command::Stop),
-            Some(Kind::PowerButton(_)) => self.command(Command::PowerButton),
+            Some(Kind::PowerButton(_)) => self.shutdown(),
             Some(Kind::Query(_)) => self.query().map(|s| reply.status = Some(s)),
             Some(Kind::ScreenshotPath(path)) => self.screenshot(path),
             Some(Kind::SerialInput(bytes)) => self.serial_input(Vec::from(bytes)),
@@ -383,6 +415,22 @@ impl Session {
         self.vm.host.send(c).map_err(|_| Fail::gone())
     }
 
+    /// The guest's shutdown service when it has one (falling back to the ACPI power button
+    /// if the guest does not take the request), else the power button.
+    fn shutdown(&self) -> Result<(), Fail> {
+        match &self.vm.ics {
+            Some(ics) => {
+                let vm = self.vm.clone();
+                let how = crate::ic::request_shutdown(&ics.shutdown, move || {
+                    let _ = vm.host.send(Command::PowerButton);
+                });
+                tracing::info!("shutdown requested through the {how}");
+                Ok(())
+            }
+            None => self.command(Command::PowerButton),
+        }
+    }
+
     fn query(&self) -> Result<Status, Fail> {
         let (tx, rx) = mpsc::channel();
         self.command(Command::Query(tx))?;
@@ -395,6 +443,7 @@ impl Session {
             synthetic_video: self.vm.synth.video.is_some(),
             boot_dirty_log: self.vm.boot_dirty.is_some(),
             disks: self.vm.storage.as_ref().map(|s| s.io()).unwrap_or_default(),
+            guest: self.vm.ics.as_ref().map(|i| guest_report(i)),
         })
     }
 
