@@ -9,6 +9,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
+/// Frames carry a virtio-net header: the worker hands checksum and segmentation work to
+/// the host stack.
+const IFF_VNET_HDR: libc::c_short = 0x4000;
 /// `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 
@@ -19,7 +22,7 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-/// TAP `name` (Ethernet frames, no packet information header), as a descriptor that is
+/// TAP `name` (Ethernet frames after a virtio-net header), as a descriptor that is
 /// closed on exec unless passed on explicitly.
 pub fn open(name: &str) -> std::io::Result<OwnedFd> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
@@ -35,7 +38,7 @@ pub fn open(name: &str) -> std::io::Result<OwnedFd> {
     let fd = OwnedFd::from(f);
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI,
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
         _pad: [0; 22],
     };
     for (d, s) in req.name.iter_mut().zip(name.bytes()) {

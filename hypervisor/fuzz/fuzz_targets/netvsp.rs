@@ -22,9 +22,21 @@ use vmbus_core::{PageList, Vsp};
 struct Drop;
 
 impl Transmit for Drop {
-    fn transmit(&mut self, frame: &[u8]) -> std::io::Result<()> {
-        assert!(frame.len() >= 14 && frame.len() <= netvsp::MAX_FRAME);
+    fn transmit(&mut self, frame: &[u8], o: &netvsp::offload::Offload) -> std::io::Result<()> {
+        assert!(frame.len() >= 14);
+        if let Some((start, offset)) = o.csum {
+            assert!(usize::from(start) + usize::from(offset) + 2 <= frame.len());
+        }
+        if let Some(g) = o.gso {
+            assert!(usize::from(g.hdr_len) <= frame.len() && g.mss > 0);
+        } else {
+            assert!(frame.len() <= netvsp::MAX_FRAME);
+        }
         Ok(())
+    }
+
+    fn offloads(&self) -> bool {
+        true
     }
 }
 

@@ -16,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod offload;
 pub mod protocol;
 #[cfg(test)]
 mod tests;
@@ -74,8 +75,16 @@ const LINK_SPEED: u32 = 100_000_000;
 
 /// Where the guest's frames go.
 pub trait Transmit: Send {
-    /// Send one Ethernet frame. A failure drops the frame (it is logged by the caller).
-    fn transmit(&mut self, frame: &[u8]) -> std::io::Result<()>;
+    /// Send one Ethernet frame, with the checksum and segmentation work `offload` leaves
+    /// to the backend (always none unless [`Transmit::offloads`]). A failure drops the
+    /// frame (it is logged by the caller).
+    fn transmit(&mut self, frame: &[u8], offload: &offload::Offload) -> std::io::Result<()>;
+
+    /// Whether the backend completes checksums and cuts large sends into segments (a TAP
+    /// with virtio-net headers): the guest is then offered both.
+    fn offloads(&self) -> bool {
+        false
+    }
 }
 
 /// Counters for tests, logs and the agent.
@@ -310,8 +319,8 @@ impl Netvsp {
             msg::SEND_RNDIS_PKT => {
                 let section = word(8)?;
                 let size = word(12)?;
-                let data = self.rndis_bytes(p, ch, section, size)?;
-                self.rndis(&data, ch)?;
+                let mut data = self.rndis_bytes(p, ch, section, size)?;
+                self.rndis(&mut data, ch)?;
                 if p.header.flags & pkt::FLAG_COMPLETION_REQUESTED != 0 {
                     ch.complete(
                         p.header.trans_id,
@@ -403,20 +412,26 @@ impl Netvsp {
     }
 
     /// One or more RNDIS messages, back to back.
-    fn rndis(&mut self, mut data: &[u8], ch: &mut dyn Channel) -> Result<(), VspError> {
+    fn rndis(&mut self, mut data: &mut [u8], ch: &mut dyn Channel) -> Result<(), VspError> {
         while data.len() >= 8 {
             let kind = u32_at(data, 0).unwrap_or(0);
             let len = u32_at(data, 4).unwrap_or(0) as usize;
             if len < 8 || len > data.len() {
                 return Err(bad("RNDIS message length outside its buffer"));
             }
-            self.rndis_message(kind, &data[..len], ch)?;
-            data = &data[len..];
+            let (m, rest) = std::mem::take(&mut data).split_at_mut(len);
+            self.rndis_message(kind, m, ch)?;
+            data = rest;
         }
         Ok(())
     }
 
-    fn rndis_message(&mut self, kind: u32, m: &[u8], ch: &mut dyn Channel) -> Result<(), VspError> {
+    fn rndis_message(
+        &mut self,
+        kind: u32,
+        m: &mut [u8],
+        ch: &mut dyn Channel,
+    ) -> Result<(), VspError> {
         let req_id = u32_at(m, 8);
         match kind {
             rndis::PACKET => {
@@ -516,6 +531,9 @@ impl Netvsp {
                 o[0] = protocol::NDIS_OBJECT_TYPE_OFFLOAD;
                 o[1] = revision;
                 o[2..4].copy_from_slice(&(size as u16).to_le_bytes());
+                if self.tx.offloads() {
+                    offload::advertise(&mut o);
+                }
                 Some(o)
             }
             _ => None,
@@ -540,18 +558,36 @@ impl Netvsp {
         }
     }
 
-    /// An RNDIS data message from the guest: its frame goes out.
-    fn transmit(&mut self, m: &[u8]) {
+    /// An RNDIS data message from the guest: its frame goes out, with what the guest left
+    /// to the backend (checksums, segmentation) when the backend offered to do it.
+    fn transmit(&mut self, m: &mut [u8]) {
         let stats = &self.handle.stats;
-        let frame = (|| {
+        let range = (|| {
             let offset = u32_at(m, 8)? as usize;
             let len = u32_at(m, 12)? as usize;
             let start = 8usize.checked_add(offset)?;
-            m.get(start..start.checked_add(len)?)
+            let end = start.checked_add(len)?;
+            (end <= m.len() && start >= 8 + rndis::PACKET_HEADER).then_some(start..end)
         })();
-        match frame {
-            Some(f) if (MIN_FRAME..=MAX_FRAME).contains(&f.len()) && self.handle.link_up() => {
-                match self.tx.transmit(f) {
+        let Some(range) = range else {
+            stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let (head, rest) = m.split_at_mut(range.start);
+        let frame = &mut rest[..range.len()];
+        let o = if self.tx.offloads() {
+            offload::take(head, frame)
+        } else {
+            Some(offload::Offload::default())
+        };
+        let max = if o.is_some_and(|o| o.gso.is_some()) {
+            offload::LSO_MAX as usize + 14 + 60 + 60
+        } else {
+            MAX_FRAME
+        };
+        match o {
+            Some(o) if (MIN_FRAME..=max).contains(&frame.len()) && self.handle.link_up() => {
+                match self.tx.transmit(frame, &o) {
                     Ok(()) => stats.tx_frames.fetch_add(1, Ordering::Relaxed),
                     Err(e) => {
                         tracing::debug!(nic = self.index, "frame not sent: {e}");

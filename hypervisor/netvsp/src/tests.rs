@@ -18,7 +18,7 @@ const MAC: [u8; 6] = [0x02, 0x50, 0x76, 0x00, 0x00, 0x07];
 struct Sent(Arc<Mutex<Vec<Vec<u8>>>>);
 
 impl Transmit for Sent {
-    fn transmit(&mut self, frame: &[u8]) -> std::io::Result<()> {
+    fn transmit(&mut self, frame: &[u8], _: &crate::offload::Offload) -> std::io::Result<()> {
         self.0.lock().unwrap().push(frame.to_vec());
         Ok(())
     }
@@ -215,6 +215,26 @@ impl Guest {
         );
         assert!(off >= 16);
         Some(r[8 + off..8 + off + len].to_vec())
+    }
+
+    /// The offload query a guest makes, answered with capabilities.
+    fn probe_offloads(&mut self) {
+        let r = self.control(rndis::INIT, &[1, 0, 0x4000], &[]);
+        assert_eq!(u32_at(&r, 12), Some(rndis::STATUS_SUCCESS));
+        let mut caps = vec![0u8; protocol::NDIS_OFFLOAD_SIZE];
+        caps[0] = protocol::NDIS_OBJECT_TYPE_OFFLOAD;
+        let o = self
+            .query(oid::TCP_OFFLOAD_HARDWARE_CAPABILITIES, &caps)
+            .unwrap();
+        // ip4_txcsum has TCP4 and TCP4OPT, LSOv2 IPv4 is 802.3-encapsulated.
+        assert_eq!(u32_at(&o, 8).unwrap() & 0x14, 0x14);
+        assert_eq!(u32_at(&o, 80), Some(2));
+        let r = self.control(
+            rndis::SET,
+            &[oid::GEN_CURRENT_PACKET_FILTER, 4, 20, 0],
+            &words(&[0xb]),
+        );
+        assert_eq!(u32_at(&r, 12), Some(rndis::STATUS_SUCCESS));
     }
 
     /// The RNDIS part of rndis_filter_device_add and the open.
@@ -458,4 +478,67 @@ fn unknown_oids_are_not_supported() {
     assert_eq!(u32_at(&r, 12), Some(rndis::STATUS_NOT_SUPPORTED));
     let r = g.control(rndis::KEEPALIVE, &[], &[]);
     assert_eq!(u32_at(&r, 12), Some(rndis::STATUS_SUCCESS));
+}
+
+/// A frame and what the backend was left to do with it.
+type Handed = (Vec<u8>, crate::offload::Offload);
+
+#[derive(Clone, Default)]
+struct Offloading(Arc<Mutex<Vec<Handed>>>);
+
+impl Transmit for Offloading {
+    fn transmit(&mut self, frame: &[u8], o: &crate::offload::Offload) -> std::io::Result<()> {
+        self.0.lock().unwrap().push((frame.to_vec(), *o));
+        Ok(())
+    }
+
+    fn offloads(&self) -> bool {
+        true
+    }
+}
+
+/// With a backend that takes the work, the guest is offered checksum and large-send
+/// offload, and a large send reaches the backend as one frame with its segment size.
+#[test]
+fn large_sends_reach_an_offloading_backend_whole() {
+    let sent = Offloading::default();
+    let (mut dev, _nic) = Netvsp::new(0, MAC, Box::new(sent.clone())).unwrap();
+    let mut g = Guest::new();
+    g.dev = {
+        g.g.open(&mut dev).unwrap();
+        dev
+    };
+    g.connect();
+    g.probe_offloads();
+    // A 4000-byte TCP payload over IPv4, as netvsc_xmit leaves it for a large send.
+    let mut f = frame(0, 14 + 20 + 20 + 4000);
+    f[14] = 0x45;
+    f[14 + 9] = 6;
+    f[14 + 2..14 + 4].copy_from_slice(&[0, 0]);
+    f[34 + 12] = 5 << 4;
+    let ppi = words(&[16, 2, 12, 1448 | (34 << 20) | (1 << 30)]);
+    let mut b = words(&[36 + 16, f.len() as u32, 0, 0, 0, 36, 16, 0, 0]);
+    b.extend_from_slice(&ppi);
+    b.extend_from_slice(&f);
+    let m = rndis_message(rndis::PACKET, &b);
+    let pfns = g.g.alloc(2).unwrap();
+    let list = PageList::new(0, m.len() as u32, pfns).unwrap();
+    list.write(g.g.memory(), 0, &m).unwrap();
+    g.g.send_gpa_direct(
+        99,
+        &[list],
+        &nvsp(msg::SEND_RNDIS_PKT, &[0, protocol::NO_SECTION, 0]),
+    )
+    .unwrap();
+    g.g.run(&mut g.dev).unwrap();
+    let got = sent.0.lock().unwrap();
+    assert_eq!(got.len(), 1);
+    let (frame, o) = &got[0];
+    assert_eq!(frame.len(), f.len());
+    assert_eq!(o.gso.unwrap().mss, 1448);
+    assert_eq!(
+        u16::from_be_bytes([frame[16], frame[17]]) as usize,
+        f.len() - 14,
+        "the IPv4 total length is filled in"
+    );
 }
