@@ -302,11 +302,16 @@ async fn steps(cli: &Cli<'_>, target: &Target, live: &mut Live, checks: &mut Che
             );
             std::thread::sleep(Duration::from_secs(1));
         }
-        let mut c = client::connect(target).await?;
-        let serial =
-            parvis_tests::client::serial_until(&mut c, &a, "PARVIS-SHUTDOWN-REQUEST", false, 30)
-                .await?;
-        ensure!(serial.contains("PARVIS-SHUTDOWN-REQUEST"));
+        // The guest heard the request from its shutdown service, not the ACPI button.
+        let (rc, out) = live.exec(
+            &format!(
+                "grep -h 'shutdown requested through the shutdown service' \
+                 \"$(cat state.path)/vms/{a}/worker.log\" && \
+                 grep -c PARVIS-SHUTDOWN-REQUEST \"$(cat state.path)/vms/{a}/serial.log\""
+            ),
+            Duration::from_secs(30),
+        )?;
+        ensure!(rc == 0, "not through the shutdown service: {out}");
         anyhow::Ok(())
     }
     .await;
