@@ -21,13 +21,9 @@ async fn find(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
     match links.try_next().await {
         Ok(l) => Ok(l),
         // No such device.
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc_enodev() => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
         Err(e) => Err(e).context(format!("cannot look up {name}")),
     }
-}
-
-const fn libc_enodev() -> i32 {
-    19
 }
 
 fn is_bridge_msg(l: &LinkMessage) -> bool {
