@@ -4,9 +4,53 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use proto::client::{Clients, Target};
 use proto::v1::SerialInput;
+
+/// The text after the first `key` in `text`, to the end of its line, trimmed.
+pub fn value_after(text: &str, key: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.split(key).nth(1))
+        .map(|v| v.trim().to_string())
+}
+
+/// The agent at `addr` as a client reaches it: its token and pinned TLS certificate, read
+/// from what a first start printed (`agent_out`).
+pub fn agent_target(addr: &str, agent_out: &str) -> Result<Target> {
+    Ok(Target {
+        addr: addr.to_string(),
+        fingerprint: Some(
+            value_after(agent_out, "TLS certificate SHA-256 fingerprint: ")
+                .context("no fingerprint printed")?,
+        ),
+        token: value_after(agent_out, "token: ").context("no token printed")?,
+    })
+}
+
+/// The `parvis` CLI pointed at one agent.
+pub struct Cli<'a> {
+    pub target: &'a Target,
+}
+
+impl Cli<'_> {
+    /// (success, stdout, stderr) of `parvis ARGS`.
+    pub fn run(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        parvis(self.target, args)
+    }
+
+    /// Stdout of `parvis ARGS`, which must succeed.
+    pub fn ok(&self, args: &[&str]) -> Result<String> {
+        let (ok, out, err) = self.run(args)?;
+        ensure!(ok, "parvis {args:?} failed: {err}{out}");
+        Ok(out)
+    }
+
+    /// The JSON `parvis ARGS` prints.
+    pub fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.ok(args)?)?)
+    }
+}
 
 /// Run the `parvis` CLI (the test build) against `target`: (success, stdout, stderr).
 pub fn parvis(target: &Target, args: &[&str]) -> Result<(bool, String, String)> {

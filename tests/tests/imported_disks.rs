@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use parvis_tests::checks::{Checks, Run, record};
+use parvis_tests::client::Cli;
 use parvis_tests::live::Live;
-use proto::client::{self, Clients, Target};
+use proto::client::{self, Clients};
 use proto::v1::{VmRef, VmState};
 
 /// The agent's state stays in the test host's memory, but its disks and uploads live in the
@@ -66,12 +67,6 @@ impl Manifest {
     }
 }
 
-fn marker_value(text: &str, key: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.split(key).nth(1))
-        .map(|v| v.trim().to_string())
-}
-
 /// The fields of the disks' `PARVIS-DISK-BOOTED key=value ...` line.
 fn booted_fields(serial: &str) -> Option<BTreeMap<String, String>> {
     let line = serial
@@ -85,50 +80,30 @@ fn booted_fields(serial: &str) -> Option<BTreeMap<String, String>> {
     )
 }
 
-struct Cli<'a> {
-    target: &'a Target,
-}
-
-impl Cli<'_> {
-    fn run(&self, args: &[&str]) -> Result<(bool, String, String)> {
-        parvis_tests::client::parvis(self.target, args)
-    }
-
-    fn ok(&self, args: &[&str]) -> Result<String> {
-        let (ok, out, err) = self.run(args)?;
-        ensure!(ok, "parvis {args:?} failed: {err}{out}");
-        Ok(out)
-    }
-
-    fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
-        Ok(serde_json::from_str(&self.ok(args)?)?)
-    }
-
-    /// Upload `file` as `name` and wait for the agent to read what it boots.
-    fn import(&self, file: &Path, name: &str) -> Result<serde_json::Value> {
-        let started = Instant::now();
-        self.ok(&[
-            "disk",
-            "upload",
-            &file.to_string_lossy(),
-            "--name",
-            name,
-            "-q",
-        ])?;
-        eprintln!(
-            "imported {name} ({} MB) in {:.0} s",
-            std::fs::metadata(file)?.len() >> 20,
-            started.elapsed().as_secs_f64()
-        );
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            let d = self.json(&["disk", "get", name, "--json"])?;
-            if d["boot"]["inspected"] == true {
-                return Ok(d);
-            }
-            ensure!(Instant::now() < deadline, "{name} was never read: {d}");
-            std::thread::sleep(Duration::from_millis(500));
+/// Upload `file` as `name` and wait for the agent to read what it boots.
+fn import(cli: &Cli<'_>, file: &Path, name: &str) -> Result<serde_json::Value> {
+    let started = Instant::now();
+    cli.ok(&[
+        "disk",
+        "upload",
+        &file.to_string_lossy(),
+        "--name",
+        name,
+        "-q",
+    ])?;
+    eprintln!(
+        "imported {name} ({} MB) in {:.0} s",
+        std::fs::metadata(file)?.len() >> 20,
+        started.elapsed().as_secs_f64()
+    );
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let d = cli.json(&["disk", "get", name, "--json"])?;
+        if d["boot"]["inspected"] == true {
+            return Ok(d);
         }
+        ensure!(Instant::now() < deadline, "{name} was never read: {d}");
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -137,14 +112,7 @@ fn run(checks: &mut Checks) -> Result<()> {
     let manifest = Manifest(std::fs::read_to_string(disks.join("manifest.txt"))?);
     let mut live = Live::start("imported_disks", SCRIPT, Duration::from_secs(3600), 3072)?;
     let out = live.wait_file("agent.out", "token: ", Duration::from_secs(300))?;
-    let target = Target {
-        addr: live.addr.clone(),
-        fingerprint: Some(
-            marker_value(&out, "TLS certificate SHA-256 fingerprint: ")
-                .context("no fingerprint printed")?,
-        ),
-        token: marker_value(&out, "token: ").context("no token printed")?,
-    };
+    let target = parvis_tests::client::agent_target(&live.addr, &out)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -203,7 +171,7 @@ async fn boots(
     name: &str,
     file: &str,
 ) -> Result<()> {
-    let d = cli.import(&disks.join(file), name)?;
+    let d = import(cli, &disks.join(file), name)?;
     let b = &d["boot"];
     ensure!(b["bootable"] == true, "{name} is not bootable: {b}");
     ensure!(
@@ -310,7 +278,7 @@ fn worker_log(live: &mut Live, id: &str) -> String {
 }
 
 fn no_linux(cli: &Cli<'_>, disks: &Path) -> Result<()> {
-    let d = cli.import(&disks.join("no-linux.vhdx"), "data")?;
+    let d = import(cli, &disks.join("no-linux.vhdx"), "data")?;
     let why = "no Linux kernel found on the disk";
     ensure!(d["boot"]["bootable"] == false, "{d}");
     ensure!(

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use parvis_tests::checks::{Checks, Run, record};
+use parvis_tests::client::{Cli, value_after};
 use parvis_tests::live::Live;
 use parvis_tests::testhost::tail;
 use proto::client::{self, Clients, Target};
@@ -48,51 +49,25 @@ fn results() -> &'static Run {
     RUN.get_or_init(|| Run::of(run))
 }
 
-fn marker_value(text: &str, key: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.split(key).nth(1))
-        .map(|v| v.trim().to_string())
-}
-
-struct Cli<'a> {
-    target: &'a Target,
-}
-
-impl Cli<'_> {
-    fn run(&self, args: &[&str]) -> Result<(bool, String, String)> {
-        parvis_tests::client::parvis(self.target, args)
-    }
-
-    fn ok(&self, args: &[&str]) -> Result<String> {
-        let (ok, out, err) = self.run(args)?;
-        ensure!(ok, "parvis {args:?} failed: {err}{out}");
-        Ok(out)
-    }
-
-    fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
-        Ok(serde_json::from_str(&self.ok(args)?)?)
-    }
-
-    /// Create VM `name` on `switch` running the guest's `net` action with `ip`, pinging
-    /// `ping`, then holding; returns its id.
-    fn vm(&self, name: &str, switch: &str, ip: &str, ping: &str) -> Result<String> {
-        let cmdline =
-            format!("console=ttyS0 quiet parvis.test=net,hold parvis.ip={ip} parvis.ping={ping}");
-        self.ok(&[
-            "vm",
-            "create",
-            "--name",
-            name,
-            "--memory",
-            "256M",
-            "--cmdline",
-            &cmdline,
-            "--nic",
-            switch,
-        ])?;
-        let v = self.json(&["vm", "get", name, "--json"])?;
-        Ok(v["id"].as_str().context("no VM id")?.to_string())
-    }
+/// Create VM `name` on `switch` running the guest's `net` action with `ip`, pinging
+/// `ping`, then holding; returns its id.
+fn vm(cli: &Cli<'_>, name: &str, switch: &str, ip: &str, ping: &str) -> Result<String> {
+    let cmdline =
+        format!("console=ttyS0 quiet parvis.test=net,hold parvis.ip={ip} parvis.ping={ping}");
+    cli.ok(&[
+        "vm",
+        "create",
+        "--name",
+        name,
+        "--memory",
+        "256M",
+        "--cmdline",
+        &cmdline,
+        "--nic",
+        switch,
+    ])?;
+    let v = cli.json(&["vm", "get", name, "--json"])?;
+    Ok(v["id"].as_str().context("no VM id")?.to_string())
 }
 
 /// The guest's serial output up to the result of its `boot`-th boot's ping to `addr`;
@@ -112,14 +87,7 @@ async fn pinged(c: &mut Clients, id: &str, addr: &str, boot: usize) -> Result<St
 fn run(checks: &mut Checks) -> Result<()> {
     let mut live = Live::start("switches", SCRIPT, Duration::from_secs(2400), 2048)?;
     let out = live.wait_file("agent.out", "token: ", Duration::from_secs(300))?;
-    let target = Target {
-        addr: live.addr.clone(),
-        fingerprint: Some(
-            marker_value(&out, "TLS certificate SHA-256 fingerprint: ")
-                .context("no fingerprint printed")?,
-        ),
-        token: marker_value(&out, "token: ").context("no token printed")?,
-    };
+    let target = parvis_tests::client::agent_target(&live.addr, &out)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -172,9 +140,9 @@ async fn steps(cli: &Cli<'_>, target: &Target, live: &mut Live, checks: &mut Che
         })(),
     );
 
-    let a = cli.vm("a", "lab", "10.79.0.2/24", "10.79.0.3")?;
-    let b = cli.vm("b", "lab", "10.79.0.3/24", "10.79.0.2")?;
-    let vm_c = cli.vm("c", "hostnet", "10.78.0.2/24", "10.78.0.1")?;
+    let a = vm(cli, "a", "lab", "10.79.0.2/24", "10.79.0.3")?;
+    let b = vm(cli, "b", "lab", "10.79.0.3/24", "10.79.0.2")?;
+    let vm_c = vm(cli, "c", "hostnet", "10.78.0.2/24", "10.78.0.1")?;
     for n in ["a", "b", "c"] {
         cli.ok(&["vm", "start", n])?;
     }
@@ -183,13 +151,13 @@ async fn steps(cli: &Cli<'_>, target: &Target, live: &mut Live, checks: &mut Che
         let serial = pinged(&mut c, &b, "10.79.0.2", 1).await?;
         let v = cli.json(&["vm", "get", "b", "--json"])?;
         let mac = v["nics"][0]["mac"].as_str().context("no MAC in the VM")?;
-        let seen = marker_value(&serial, "PARVIS-NET-MAC=");
+        let seen = value_after(&serial, "PARVIS-NET-MAC=");
         ensure!(
             seen.as_deref() == Some(mac),
             "guest sees {seen:?}, agent gave {mac}"
         );
         ensure!(
-            marker_value(&serial, "PARVIS-NET-DRIVER=").as_deref() == Some("hv_netvsc"),
+            value_after(&serial, "PARVIS-NET-DRIVER=").as_deref() == Some("hv_netvsc"),
             "{}",
             tail(&serial, 20)
         );
